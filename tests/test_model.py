@@ -1,0 +1,69 @@
+"""Model stage: precision plan, attention fallback, vocabulary left alone."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tuning.config.args import DataArgs, ModelArgs
+from tuning.model import load_model, load_model_config, load_tokenizer, precision_plan
+from tuning.model.loading import attention_candidates, why_unusable
+
+
+@pytest.mark.parametrize(
+    ("dtype", "half_master", "load", "autocast", "save"),
+    [
+        ("bfloat16", False, torch.float32, torch.bfloat16, torch.bfloat16),  # float32 master weights
+        ("bfloat16", True, torch.bfloat16, None, torch.bfloat16),
+        ("float32", False, torch.float32, None, torch.float32),
+        ("auto", False, torch.float32, None, torch.float32),  # the tiny checkpoint is float32
+    ],
+)
+def test_precision_plan(tiny_model_dir, dtype, half_master, load, autocast, save):
+    args = ModelArgs(
+        model_name_or_path=str(tiny_model_dir), torch_dtype=dtype, half_precision_master_weights=half_master
+    )
+    plan = precision_plan(args, load_model_config(args))
+    assert (plan.load_dtype, plan.autocast, plan.save_dtype) == (load, autocast, save)
+
+
+def test_attention_candidates_fall_back_to_sdpa_then_eager():
+    assert attention_candidates(ModelArgs()) == ["flash_attention_2", "sdpa", "eager"]
+    assert attention_candidates(ModelArgs(use_flash_attn=False)) == ["sdpa", "eager"]
+    assert attention_candidates(ModelArgs(flash_attn_implementation="kernels-community/vllm-flash-attn3"))[
+        0
+    ] == ("kernels-community/vllm-flash-attn3")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_flash_attention_falls_back_with_one_warning(tiny_model_dir, caplog):
+    args = ModelArgs(model_name_or_path=str(tiny_model_dir), torch_dtype="float32")
+    tokenizer = load_tokenizer(args, DataArgs())
+    assert why_unusable("flash_attention_2") == "no CUDA GPU is available"
+    with caplog.at_level(logging.WARNING, logger="tuning"):
+        model = load_model(args, precision_plan(args, load_model_config(args)), tokenizer)
+    assert model.config._attn_implementation == "sdpa"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "attention: asked for flash_attention_2, using sdpa (flash_attention_2: no CUDA GPU is available)"
+    ]
+    assert model.config.use_cache is False
+
+
+def test_no_pad_token_is_added(tiny_model_dir):
+    args = ModelArgs(model_name_or_path=str(tiny_model_dir), torch_dtype="float32")
+    tokenizer = load_tokenizer(args, DataArgs())
+    model = load_model(args, precision_plan(args, load_model_config(args)), tokenizer)
+    assert tokenizer.pad_token is None
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == 362
+
+
+def test_added_special_tokens_resize_embeddings(tiny_model_dir):
+    args = ModelArgs(model_name_or_path=str(tiny_model_dir), torch_dtype="float32")
+    tokenizer = load_tokenizer(args, DataArgs(add_special_tokens=["<|tool|>", "</s>"]))
+    model = load_model(args, precision_plan(args, load_model_config(args)), tokenizer)
+    assert len(tokenizer) == 363  # only the new one; </s> already exists
+    assert model.get_input_embeddings().weight.shape[0] == 363
+    assert tokenizer("<|tool|>", add_special_tokens=False).input_ids == [362]

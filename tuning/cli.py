@@ -1,0 +1,24 @@
+"""The ``tuning`` command: subcommands sharing the ``sft_trainer`` configuration.
+
+``tuning train ARGS`` is ``python -m tuning.sft_trainer ARGS``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tuning import sft_trainer
+
+COMMANDS = {"train": sft_trainer.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: tuning {{{','.join(COMMANDS)}}} [ARGS]  (tuning COMMAND --help)", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 1
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Rows → (text, trained character spans), one small function per data format.
+
+The format is chosen explicitly (``--data_format``) or, with ``auto``, by one written rule
+(:func:`resolve_format`, documented in docs/data.md). Nothing here tokenizes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment
+
+from tuning.config.args import DataArgs
+from tuning.data.tokenize import Span
+from tuning.errors import UserError
+
+DEFAULT_CONVERSATION_FIELD = "messages"
+
+
+def resolve_format(args: DataArgs, columns: list[str]) -> str:
+    """The data format for a dataset with ``columns``: flags first, then the columns."""
+    fmt = args.data_format
+    if fmt == "auto":
+        if args.data_formatter_template:
+            fmt = "template"
+        elif args.dataset_text_field:
+            fmt = "text"
+        elif args.dataset_conversation_field:
+            fmt = "chat"
+        elif "input_ids" in columns:
+            fmt = "pretokenized"
+        elif DEFAULT_CONVERSATION_FIELD in columns:
+            fmt = "chat"
+        elif {"input", "output"} <= set(columns):
+            fmt = "input_output"
+        else:
+            raise UserError(
+                f"cannot tell how to train on columns {columns}: pass --dataset_text_field COLUMN, "
+                "--data_formatter_template '...{{column}}...', or provide input/output, messages or "
+                "input_ids columns"
+            )
+    _check_columns(fmt, args, columns)
+    return fmt
+
+
+def _check_columns(fmt: str, args: DataArgs, columns: list[str]) -> None:
+    needed = {
+        "text": [args.dataset_text_field],
+        "pretokenized": ["input_ids"],
+        "input_output": ["input", "output"],
+        "chat": [args.dataset_conversation_field or DEFAULT_CONVERSATION_FIELD],
+    }.get(fmt, [])
+    for col in needed:
+        if col not in columns:
+            raise UserError(f"column '{col}' (needed for {fmt} data) is not in the data; columns: {columns}")
+
+
+def response_spans(text: str, response: str | None, instruction: str | None) -> list[Span]:
+    """Trained spans of a text: all of it without a response marker; else from the end of the first
+    marker to the end, or, with an instruction marker, from each response to the next instruction."""
+    if not response:
+        return [(0, len(text))]
+    spans: list[Span] = []
+    pos = 0
+    while (found := text.find(response, pos)) >= 0:
+        start = found + len(response)
+        end = text.find(instruction, start) if instruction else -1
+        end = end if end >= 0 else len(text)
+        spans.append((start, end))
+        if not instruction:
+            break
+        pos = end
+    return spans
+
+
+def combine_input_output(source: str, target: str) -> tuple[str, Span]:
+    """Input and output joined by one space unless either side already has whitespace at the seam.
+
+    The joining space is trained with the output: at inference the prompt is the input alone, so the
+    model must learn to produce it."""
+    source, target = str(source), str(target)
+    sep = "" if source.endswith((" ", "\n")) or target.startswith((" ", "\n")) or not source else " "
+    text = source + sep + target
+    return text, (len(source), len(text))
+
+
+class RowTemplate:
+    """``{{column}}`` placeholders rendered with sandboxed, strict Jinja; a missing column is an error.
+
+    Columns whose names are not identifiers (``{{Tweet text}}``, accepted by the reference tool) are
+    rewritten to ``{{ row["Tweet text"] }}`` before compiling.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.source = template
+        rewritten = re.sub(
+            r"{{\s*([\w ]*?\w)\s*}}",
+            lambda m: m.group(0) if m.group(1).isidentifier() else "{{ row[" + repr(m.group(1)) + "] }}",
+            template,
+        )
+        try:
+            self.template = SandboxedEnvironment(undefined=StrictUndefined).from_string(rewritten)
+        except TemplateError as e:
+            raise UserError(f"--data_formatter_template is not valid Jinja: {e}") from None
+
+    def render(self, row: dict[str, Any]) -> str:
+        try:
+            return self.template.render(**row, row=row)
+        except UndefinedError as e:
+            raise UserError(
+                f"--data_formatter_template refers to a missing column ({e.message}); "
+                f"available columns: {list(row)}"
+            ) from None
+
+
+def chat_text_and_spans(
+    messages: list[dict[str, Any]], tokenizer: Any, chat_template: str | None
+) -> tuple[str, list[Span]]:
+    """Render a conversation with the chat template; the assistant turns (with their end-of-turn
+    tokens) are the trained spans. Spans come from rendering each prefix, which must be a prefix of
+    the whole rendering: checked, since a template that rewrites earlier turns would mis-mask."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError("a conversation is empty or not a list of {role, content} messages")
+
+    def render(msgs: list, generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
+        )
+
+    full = render(messages)
+    spans: list[Span] = []
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        prompt, upto = render(messages[:i], True), render(messages[: i + 1])
+        if not (full.startswith(prompt) and full.startswith(upto)):
+            raise UserError(
+                "the chat template renders earlier turns differently once later turns follow, so "
+                "assistant turns can't be located; pass a prefix-stable --chat_template"
+            )
+        spans.append((len(prompt), len(upto)))
+    return full, spans

@@ -1,0 +1,137 @@
+"""Data paths → ``datasets.Dataset``: files by extension, folders, globs, else a hub dataset id."""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import logging
+from pathlib import Path
+
+import datasets
+
+from tuning.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+_GLOB_CHARS = set("*?[")
+
+
+def resolve_files(path: str) -> list[Path] | None:
+    """The data files ``path`` names, or None when it is a hub dataset id."""
+    p = Path(path).expanduser()
+    if _GLOB_CHARS & set(path):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise UserError(f"data path {path} matched no files; check the pattern")
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in BUILDERS)
+        if not files:
+            raise UserError(f"data folder {path} holds no {'/'.join(BUILDERS)} files")
+    elif p.is_file():
+        files = [p]
+    elif p.suffix in BUILDERS or path.startswith((".", "/", "~")):
+        raise UserError(f"data file {path} does not exist; check the path (relative to {Path.cwd()})")
+    else:
+        return None
+    unsupported = [f for f in files if f.suffix not in BUILDERS]
+    if unsupported:
+        raise UserError(
+            f"data file {unsupported[0]} has an unsupported extension; use one of {', '.join(BUILDERS)}"
+        )
+    builders = {BUILDERS[f.suffix] for f in files}
+    if len(builders) > 1:
+        raise UserError(f"data path {path} mixes formats ({', '.join(sorted(builders))}); use one format")
+    return files
+
+
+def load_data(path: str) -> datasets.Dataset:
+    """Load one data path (file, folder, glob or hub id) as a single training split."""
+    files = resolve_files(path)
+    if files is None:
+        return _load_hub_dataset(path)
+    for f in files:
+        if f.stat().st_size == 0:
+            raise UserError(f"data file {f} is empty; it needs at least one row")
+    builder = BUILDERS[files[0].suffix]
+    if builder in ("json", "csv"):
+        for f in files:
+            _check_utf8(f)
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # datasets wraps parse errors in several types; find the real cause ourselves
+        raise UserError(_explain_load_failure(files, builder, e)) from None
+    if len(ds) == 0:
+        raise UserError(f"data path {path} has no rows; it needs at least one")
+    logger.info("loaded %d rows from %s (%s)", len(ds), path, builder)
+    return ds
+
+
+def _load_hub_dataset(name: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise UserError(
+            f"could not load dataset '{name}': it is not a local file or folder, and as a hub id it "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path"
+        ) from None
+
+
+def _check_utf8(path: Path, chunk_size: int = 1 << 24) -> None:
+    """pyarrow silently replaces invalid bytes in text files; a user should hear about them instead."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                pos = offset + e.start
+                line = lines + chunk[: e.start].count(b"\n")
+                raise UserError(
+                    f"data file {path} is not UTF-8 text (byte {pos}, line {line}); re-encode it as UTF-8"
+                ) from None
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+
+
+def _explain_load_failure(files: list[Path], builder: str, error: Exception) -> str:
+    """One line naming the file, the line and the cause of a failed load."""
+    for f in files:
+        raw = f.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            return f"data file {f} is not UTF-8 text (byte {e.start}, line {line}); re-encode it as UTF-8"
+        if builder == "json":
+            if not text.strip("[] \n\r\t"):
+                return f"data file {f} has no rows; it needs at least one"
+            problem = _json_problem(text)
+            if problem:
+                return f"data file {f} is malformed: {problem}; fix the JSON there"
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"could not read data {', '.join(map(str, files))} as {builder}: {cause}"
+
+
+def _json_problem(text: str) -> str | None:
+    """Where a JSON array or JSON-lines text fails to parse, or None if it parses."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno} column {e.colno}: {e.msg}"
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        return None if bad is None else f"item {bad} of the array is not an object"
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {lineno} column {e.colno}: {e.msg}"
+        if not isinstance(row, dict):
+            return f"line {lineno} is not a JSON object"
+    return None

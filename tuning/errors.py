@@ -1,0 +1,45 @@
+"""User errors and internal failures, and how the entry point reports them.
+
+Every user-facing failure is raised as ``UserError("what; where; how to fix")`` at the point where the
+fact is known and rendered once by the entry point: one line on stderr, exit code 1, and the same line
+appended to the termination log. Anything else is an internal failure (exit 203).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+USER_ERROR_EXIT_CODE = 1
+INTERNAL_ERROR_EXIT_CODE = 203
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, bad data, bad path). Exit code 1, no traceback."""
+
+
+def termination_log_path(output_dir: str | None) -> Path | None:
+    """Where the one-line failure reason goes: ``$TERMINATION_LOG_FILE`` (the Kubernetes convention is
+    /dev/termination-log), else ``output_dir/error.log`` when output_dir is (or can be) a directory."""
+    env = os.environ.get("TERMINATION_LOG_FILE")
+    if env:
+        return Path(env)
+    if not output_dir:
+        return None
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        return None
+    return out / "error.log"
+
+
+def write_termination_log(line: str, output_dir: str | None) -> None:
+    """Append ``line`` to the termination log; never raises (we are already failing)."""
+    path = termination_log_path(output_dir)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+    except OSError:
+        pass

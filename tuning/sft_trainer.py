@@ -1,0 +1,83 @@
+"""Entry point: ``python -m tuning.sft_trainer ARGS`` (also ``python tuning/sft_trainer.py``,
+``sft_trainer``, and under ``accelerate launch``). Reads like the pipeline it runs:
+config → data → model → train → outputs. Exit codes: 0 done, 1 user error, 203 internal failure."""
+
+from __future__ import annotations
+
+import sys
+
+if __package__ in (None, ""):  # run as a file: import the package, not sibling folders as top-level
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import logging
+import time
+import traceback
+
+from tuning.config import SFTConfig, parse_config, save_resolved_config
+from tuning.data import build_datasets
+from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
+from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
+from tuning.report import build_summary, log_run_start, setup_logging
+from tuning.train import build_trainer, save_final_model, summary_line, write_summary
+
+logger = logging.getLogger("tuning")
+
+
+def run(config: SFTConfig) -> dict:
+    """Run one fine-tuning job; returns the run summary."""
+    args = config.train
+    save_resolved_config(config, args.output_dir)
+    tokenizer = load_tokenizer(config.model, config.data)
+    model_config = load_model_config(config.model)
+    max_len = context_length(model_config, config.data.max_seq_length)
+    data = build_datasets(config.data, tokenizer, max_len)
+    plan = precision_plan(config.model, model_config)
+    model = load_model(config.model, plan, tokenizer)
+    trainer = build_trainer(args, model, tokenizer, data, plan)
+    log_run_start(config, model, data, trainer, plan)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    seconds = time.perf_counter() - start
+    saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
+    summary = build_summary(trainer, result, seconds, data, saved)
+    write_summary(args.output_dir, summary)
+    logger.info(summary_line(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = setup_logging(argv)
+    try:
+        run(parse_config(argv))
+        return 0
+    except UserError as e:
+        line, code = f"error: {e}", USER_ERROR_EXIT_CODE
+        if debug:
+            traceback.print_exc()
+    except Exception as e:  # anything not a user mistake is ours to fix: 203, with the traceback
+        traceback.print_exc()
+        kind = "out of memory" if "OutOfMemoryError" in type(e).__name__ else "internal error"
+        line, code = (
+            f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            INTERNAL_ERROR_EXIT_CODE,
+        )
+    print(line, file=sys.stderr)
+    write_termination_log(line, _output_dir_hint(argv))
+    return code
+
+
+def _output_dir_hint(argv: list[str]) -> str | None:
+    """``--output_dir`` from the raw command line, for the termination log when parsing itself failed."""
+    for i, arg in enumerate(argv):
+        if arg == "--output_dir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--output_dir="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
