@@ -211,6 +211,7 @@ def test_bf16_learns_like_float32(tmp_path, tiny_model_dir):
         assert losses[-1] < 0.8 * losses[0], (dtype, losses)  # both really learn
         finals[dtype] = losses[-1]
     assert abs(finals["bfloat16"] - finals["float32"]) / finals["float32"] < 0.05, finals
+    assert finals["bfloat16"] != finals["float32"], "identical losses: bf16 autocast was not applied"
 
 
 def test_python_file_entry_imports_the_package_not_siblings():

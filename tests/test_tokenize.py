@@ -4,6 +4,8 @@ merges ".\\n"=99, ":\\n"=100, "##"=101, "###"=102, "th"=103, "e "=104, " t"=105.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from tuning.config.args import DataArgs
@@ -142,3 +144,10 @@ def test_pretokenized_rows_are_used_as_is():
         {"input_ids": [[5, 6]]}, fmt="pretokenized", args=DataArgs(), tokenizer=None, max_len=8
     )
     assert out["labels"] == [[5, 6]]
+
+
+def test_chat_data_without_a_chat_template_is_a_user_error(tokenizer):
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(UserError, match="chat data needs a chat template.*pass --chat_template"):
+        chat_text_and_spans([{"role": "user", "content": "hi"}], bare, None)

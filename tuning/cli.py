@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import sys
 
-from tuning import sft_trainer
+from tuning import launch, merge, plot, preview, sft_trainer
 
-COMMANDS = {"train": sft_trainer.main}
+COMMANDS = {"train": sft_trainer.main, "merge": merge.main, "preview": preview.main, "plot": plot.main}
+COMMANDS["launch"] = launch.main  # one job file → accelerate launch (docs/distributed.md)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,22 @@ from pathlib import Path
 
 USER_ERROR_EXIT_CODE = 1
 INTERNAL_ERROR_EXIT_CODE = 203
+# Stopped by SIGTERM/SIGINT after writing a checkpoint: 128 + signal number, the shell convention
+# (143 for SIGTERM, 130 for SIGINT); rerunning the same command resumes. See docs/checkpoints.md.
+SIGTERM_EXIT_CODE = 143
+SIGINT_EXIT_CODE = 130
 
 
 class UserError(Exception):
     """A mistake the user can fix (bad flag, bad data, bad path). Exit code 1, no traceback."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after committing a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def termination_log_path(output_dir: str | None) -> Path | None:

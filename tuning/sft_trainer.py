@@ -1,6 +1,7 @@
 """Entry point: ``python -m tuning.sft_trainer ARGS`` (also ``python tuning/sft_trainer.py``,
 ``sft_trainer``, and under ``accelerate launch``). Reads like the pipeline it runs:
-config → data → model → train → outputs. Exit codes: 0 done, 1 user error, 203 internal failure."""
+config → data → model → train → outputs. Exit codes: 0 done, 1 user error, 203 internal failure,
+143/130 stopped by SIGTERM/SIGINT after saving a checkpoint (docs/checkpoints.md)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,21 @@ import traceback
 
 from tuning.config import SFTConfig, parse_config, save_resolved_config
 from tuning.data import build_datasets
-from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
+from tuning.data.data_config import write_processed
+from tuning.errors import (
+    INTERNAL_ERROR_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    TrainingInterrupted,
+    UserError,
+    write_termination_log,
+)
 from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
+from tuning.model.peft import apply_peft
+from tuning.model.quantization import quantization_config
 from tuning.report import build_summary, log_run_start, setup_logging
-from tuning.train import build_trainer, save_final_model, summary_line, write_summary
+from tuning.trackers import build_trackers
+from tuning.train import build_trainer, resume_checkpoint, save_final_model, summary_line, write_summary
+from tuning.train.distributed import leave_process_group, select_cpu_backend, set_seed
 
 logger = logging.getLogger("tuning")
 
@@ -28,22 +40,31 @@ logger = logging.getLogger("tuning")
 def run(config: SFTConfig) -> dict:
     """Run one fine-tuning job; returns the run summary."""
     args = config.train
-    save_resolved_config(config, args.output_dir)
+    if args.should_save:  # rank 0 only: every path below is written once, even across machines
+        save_resolved_config(config, args.output_dir)
+    tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
+    quant = quantization_config(config.quant, model_config, config.peft.peft_method)  # fails before the data
     max_len = context_length(model_config, config.data.max_seq_length)
-    data = build_datasets(config.data, tokenizer, max_len)
-    plan = precision_plan(config.model, model_config)
-    model = load_model(config.model, plan, tokenizer)
-    trainer = build_trainer(args, model, tokenizer, data, plan)
+    with args.main_process_first(desc="dataset"):  # one rank per machine tokenizes; the rest read its cache
+        data = build_datasets(config.data, tokenizer, max_len)
+    if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
+        return write_processed(data, config.data, args.output_dir) if args.should_save else {}
+    plan = precision_plan(config.model, model_config, config.peft.peft_method)
+    set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
+    model = load_model(config.model, plan, tokenizer, quant)
+    model = apply_peft(config.peft, model, tokenizer, plan)
+    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking])
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     seconds = time.perf_counter() - start
     saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
     summary = build_summary(trainer, result, seconds, data, saved)
-    write_summary(args.output_dir, summary)
-    logger.info(summary_line(summary))
+    if args.should_save:
+        write_summary(args.output_dir, summary)
+        logger.info(summary_line(summary))
     return summary
 
 
@@ -51,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = setup_logging(argv)
     try:
+        select_cpu_backend()  # before the training arguments set up devices
         run(parse_config(argv))
         return 0
+    except TrainingInterrupted as e:  # a checkpoint is saved: the scheduler reruns the command to resume
+        line, code = f"interrupted: {e}", e.exit_code
     except UserError as e:
         line, code = f"error: {e}", USER_ERROR_EXIT_CODE
         if debug:
@@ -64,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
             INTERNAL_ERROR_EXIT_CODE,
         )
+    finally:
+        leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
     print(line, file=sys.stderr)
     write_termination_log(line, _output_dir_hint(argv))
     return code

@@ -7,6 +7,7 @@ text.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -59,8 +60,8 @@ class ModelArgs:
         default="flash_attention_2",
         metadata={
             "help": "Attention kernel when use_flash_attn: flash_attention_2, flash_attention_3, sdpa, "
-            "eager, or a hub kernel id (kernels-community/...). Falls back to sdpa, then eager, with "
-            "one warning, when it can't run here."
+            "eager, or a hub kernel id (kernels-community/...). When it can't run here: the model's own "
+            "flash kernel (gpt-oss), flash_attention_2, sdpa, eager, as the model allows; one warning."
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repo's own code."})
@@ -73,6 +74,25 @@ class DataArgs:
         metadata={"help": "Training data: .json/.jsonl/.parquet/.arrow/.csv file, folder, glob or hub id."},
     )
     validation_data_path: str | None = field(default=None, metadata={"help": "Validation data, same forms."})
+    data_config_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML/JSON data config (several datasets, named handlers, mixing, splits) instead of "
+            "--training_data_path; see docs/data_config.md."
+        },
+    )
+    do_dataprocessing_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Write the processed train/validation sets as parquet shards to output_dir and exit."
+        },
+    )
+    num_train_dataset_shards: int = field(
+        default=1, metadata={"help": "Parquet shards for the train set with --do_dataprocessing_only."}
+    )
+    num_eval_dataset_shards: int = field(
+        default=1, metadata={"help": "Parquet shards for the validation set with --do_dataprocessing_only."}
+    )
     data_format: DataFormat = field(
         default="auto",
         metadata={
@@ -107,6 +127,13 @@ class DataArgs:
     max_seq_length: int = field(
         default=4096, metadata={"help": "Longest sample in tokens (capped by the model's context)."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pretraining-style packing: concatenate all samples and cut rows of max_seq_length "
+            "tokens; samples in a row attend to each other."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.response_template = unescape(self.response_template)
@@ -132,6 +159,28 @@ class TrainArgs(TrainingArguments):
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Linear warmup over this fraction of the total steps."}
     )
+    # speed and memory (docs/performance.md)
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Concatenate each batch into one row with position_ids restarting per sample: no "
+            "padding, no cross-sample attention. On where exact; --padding_free false pads instead."
+        },
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Form each batch by a token budget (samples of similar length together) instead of "
+            "per_device_train_batch_size samples."
+        },
+    )
+    loss_implementation: Literal["auto", "label_only", "standard"] = field(
+        default="auto",
+        metadata={
+            "help": "label_only: logits and cross-entropy only at trained positions, in chunks (exact); "
+            "standard: the model's own loss over full logits; auto: label_only where it applies."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.warmup_ratio is not None:
@@ -150,3 +199,165 @@ class SFTConfig:
     model: ModelArgs
     data: DataArgs
     train: TrainArgs
+    peft: PeftArgs = field(default_factory=lambda: PeftArgs())  # defined below; the lambda defers the lookup
+    trackers: TrackerArgs = field(default_factory=lambda: TrackerArgs())
+    quant: QuantArgs = field(default_factory=lambda: QuantArgs())
+
+
+PeftMethod = Literal["none", "lora", "alora", "pt"]
+
+
+@dataclass
+class PeftArgs:
+    """Parameter-efficient fine-tuning. Field names are ``peft.LoraConfig``'s (``lora_r`` is its ``r``)."""
+
+    peft_method: PeftMethod = field(
+        default="none",
+        metadata={"help": "none (full fine-tuning), lora, alora (activated LoRA) or pt (prompt tuning)."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank.", "aliases": ["--r"]})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt (suffixes such as q_proj v_proj), or all-linear: every linear "
+            "layer except the output head (name lm_head as well to include it). Default: peft's choice "
+            "for the architecture."
+        },
+    )
+    exclude_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names never to adapt, even when a target matches them."}
+    )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Parameters (not modules) to adapt, e.g. the experts of a mixture-of-experts."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved in the adapter (e.g. score)."}
+    )
+    bias: Literal["none", "all", "lora_only"] = field(
+        default="none", metadata={"help": "Which biases train: none, all, or lora_only."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha / sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    init_lora_weights: str = field(
+        default="true",
+        metadata={
+            "help": "true (B=0, the adapter starts as a no-op), false, gaussian, pissa, olora, orthogonal, "
+            "or another peft init name."
+        },
+    )
+    layers_to_transform: list[int] | None = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    lora_bias: bool = field(default=False, metadata={"help": "Give the LoRA B matrix a bias."})
+    alora_invocation_string: str | None = field(
+        default=None,
+        metadata={
+            "help": "alora: the text (e.g. '<|assistant|>') after which the adapter switches on; its "
+            "tokens must appear in every training sample."
+        },
+    )
+    num_virtual_tokens: int = field(default=8, metadata={"help": "pt: number of soft prompt tokens."})
+    prompt_tuning_init: Literal["RANDOM", "TEXT"] = field(
+        default="RANDOM", metadata={"help": "pt: initialise the soft prompt randomly or from text."}
+    )
+    prompt_tuning_init_text: str | None = field(
+        default=None, metadata={"help": "pt with --prompt_tuning_init TEXT: the text to start from."}
+    )
+    embedding_size_multiple_of: int = field(
+        default=1,
+        metadata={
+            "help": "With --add_special_tokens on an adapter: round the resized vocabulary up to a "
+            "multiple of this (64 suits tensor cores)."
+        },
+    )
+    save_new_embeddings_separately: bool = field(
+        default=False,
+        metadata={
+            "help": "With added tokens: write the new embedding rows to new_embeddings.safetensors next to "
+            "an adapter without them (for servers such as vLLM that can't load embeddings in an adapter)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.alora_invocation_string = unescape(self.alora_invocation_string)
+        if self.peft_method == "alora" and not self.alora_invocation_string:
+            raise ValueError(
+                "--peft_method alora needs --alora_invocation_string (the text that activates it)"
+            )
+        if (
+            self.peft_method == "pt"
+            and self.prompt_tuning_init == "TEXT"
+            and not self.prompt_tuning_init_text
+        ):
+            raise ValueError("--prompt_tuning_init TEXT needs --prompt_tuning_init_text")
+        if self.lora_r <= 0 or self.num_virtual_tokens <= 0 or self.embedding_size_multiple_of <= 0:
+            raise ValueError(
+                "--lora_r, --num_virtual_tokens and --embedding_size_multiple_of must be positive"
+            )
+
+
+TRACKERS = ("file_logger", "aim", "tensorboard", "mlflow")
+
+
+@dataclass
+class TrackerArgs:
+    """Experiment trackers (docs/tracking.md). ``file_logger`` (training_logs.jsonl) is always on."""
+
+    trackers: list[str] = field(
+        default_factory=lambda: ["file_logger"],
+        metadata={"help": "file_logger (always on), aim, tensorboard, mlflow.", "choices": TRACKERS},
+    )
+    experiment: str | None = field(
+        default=None, metadata={"help": "Experiment name in the trackers (default: the output_dir name)."}
+    )
+    aim_repo: str | None = field(
+        default=None, metadata={"help": "aim repository folder (default: output_dir)."}
+    )
+    aim_remote_server_ip: str | None = field(
+        default=None, metadata={"help": "aim remote tracking server host (instead of --aim_repo)."}
+    )
+    aim_remote_server_port: int | None = field(
+        default=None, metadata={"help": "aim remote tracking server port (default 53800)."}
+    )
+    mlflow_tracking_uri: str | None = field(
+        default=None, metadata={"help": "MLflow tracking URI (default: sqlite:///OUTPUT_DIR/mlflow.db)."}
+    )
+    mlflow_experiment: str | None = field(
+        default=None, metadata={"help": "MLflow experiment name (default: --experiment)."}
+    )
+    exp_metadata: dict | str | None = field(
+        default=None, metadata={"help": 'JSON object recorded as run parameters, e.g. {"team": "nlp"}.'}
+    )
+
+    def __post_init__(self) -> None:
+        self.trackers = list(dict.fromkeys(["file_logger", *self.trackers]))
+        if isinstance(self.exp_metadata, str):
+            try:
+                self.exp_metadata = json.loads(self.exp_metadata)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--exp_metadata is not valid JSON: {e}") from None
+        if self.exp_metadata is not None and not isinstance(self.exp_metadata, dict):
+            raise ValueError('--exp_metadata must be a JSON object, e.g. {"team": "nlp"}')
+
+
+@dataclass
+class QuantArgs:
+    """Quantized checkpoints (docs/gpt-oss.md). Only MXFP4 (gpt-oss) for now."""
+
+    quantization_method: Literal["none", "mxfp4"] = field(
+        default="none",
+        metadata={
+            "help": "mxfp4: the checkpoint's expert weights are MXFP4 (openai/gpt-oss-*). An MXFP4 "
+            "checkpoint is treated this way even without the flag."
+        },
+    )
+    dequantize: bool = field(
+        default=True,
+        metadata={
+            "help": "Expand MXFP4 weights to torch_dtype on load and train them like any model (true, "
+            "default). false keeps MXFP4, which needs a Hopper-class GPU and an adapter."
+        },
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -14,12 +15,27 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from tuning.config.args import DataArgs, ModelArgs, SFTConfig, TrainArgs
+from tuning.config.args import DataArgs, ModelArgs, PeftArgs, QuantArgs, SFTConfig, TrackerArgs, TrainArgs
 from tuning.errors import UserError
 
 # SFTConfig field → dataclass; a new stage's arguments are one more entry here.
-ARG_GROUPS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs}
+ARG_GROUPS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "train": TrainArgs,
+    "peft": PeftArgs,
+    "trackers": TrackerArgs,
+    "quant": QuantArgs,
+}
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
+# A step count given without its strategy means "every N steps": the fms-hf-tuning commands rely on it.
+STEP_FLAGS = {
+    "logging_steps": "logging_strategy",
+    "save_steps": "save_strategy",
+    "eval_steps": "eval_strategy",
+}
+
+logger = logging.getLogger(__name__)
 
 
 def closest(name: str, candidates: list[str]) -> str:
@@ -54,19 +70,30 @@ def _config_file_arg(argv: list[str]) -> str | None:
     return None
 
 
-def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
-    """Read a flat YAML/JSON mapping of flag names to values; reject unknown keys."""
-    file = Path(path)
+def read_mapping_file(path: str | Path, what: str, shown: str | None = None) -> dict[str, Any]:
+    """The mapping a YAML or JSON file holds (``.json`` is read as JSON, anything else as YAML, both
+    without running code), or a UserError naming ``what`` and the file (``shown``: how the user typed it).
+    Shared by ``--config``, data configs and launcher job files."""
+    file, shown = Path(path), shown or str(path)
     if not file.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing YAML or JSON file to --config")
+        raise UserError(f"{what} {shown} does not exist; pass an existing YAML or JSON file")
+    kind = "JSON" if file.suffix == ".json" else "YAML"
     try:
         text = file.read_text(encoding="utf-8")
-        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"config file {path} is not valid {file.suffix.lstrip('.') or 'YAML'}: {e}") from None
-    values = values or {}
+        raise UserError(f"{what} {shown} is not valid {kind}: {' '.join(str(e).split())}") from None
+    values = {} if values is None else values
     if not isinstance(values, dict):
-        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+        raise UserError(
+            f"{what} {shown} must hold a mapping of keys to values, not a {type(values).__name__}"
+        )
+    return values
+
+
+def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
+    """Read a flat YAML/JSON mapping of flag names to values; reject unknown keys."""
+    values = read_mapping_file(path, "config file")
     for key in values:
         if key not in valid_keys:
             raise UserError(f"unknown key '{key}' in config file {path}{closest(key, valid_keys)}")
@@ -78,8 +105,9 @@ def parse_config(argv: list[str]) -> SFTConfig:
     parser = build_parser()
     dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
     config_file = _config_file_arg(argv)
-    if config_file:
-        parser.set_defaults(**load_config_file(config_file, dests))
+    file_values = load_config_file(config_file, dests) if config_file else {}
+    parser.set_defaults(**file_values)
+    imply_step_strategies(parser, argv, file_values)
     try:
         *groups, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # raised by the dataclasses' own validation (e.g. TrainingArguments)
@@ -93,13 +121,33 @@ def parse_config(argv: list[str]) -> SFTConfig:
     return config
 
 
+def imply_step_strategies(parser: HfArgumentParser, argv: list[str], file_values: dict[str, Any]) -> None:
+    """``--logging_steps N`` without ``--logging_strategy`` switches that strategy to steps (same for save
+    and eval). Whether a flag was given is asked of argparse itself (a sentinel it never overwrites
+    unless the flag is present), so abbreviations and ``--flag=value`` count too."""
+    unset = object()
+    probe = argparse.Namespace(**{d: unset for pair in STEP_FLAGS.items() for d in pair})
+    given, _ = parser.parse_known_args(argv, namespace=probe)
+    explicit = {d for d in vars(probe) if getattr(given, d) is not unset} | set(file_values)
+    for steps, strategy in STEP_FLAGS.items():
+        if steps in explicit and strategy not in explicit:
+            parser.set_defaults(**{strategy: "steps"})
+            value = file_values[steps] if getattr(given, steps) is unset else getattr(given, steps)
+            shown = f"{value:g}" if isinstance(value, (int, float)) else value
+            logger.info("--%s %s without --%s: %s is steps", steps, shown, strategy, strategy)
+
+
 def validate(config: SFTConfig) -> None:
     """Cross-field checks that no single dataclass can do."""
     if not config.model.model_name_or_path:
         raise UserError("--model_name_or_path is required: a local model folder or a hub id")
-    if not config.data.training_data_path:
-        raise UserError("--training_data_path is required: a data file, folder, glob or hub id")
+    if not config.data.training_data_path and not config.data.data_config_path:
+        raise UserError(
+            "--training_data_path is required: a data file, folder, glob or hub id (or pass --data_config_path)"
+        )
     train = config.train
+    if config.data.data_config_path:
+        _validate_data_config(config)
     if not train.output_dir:
         raise UserError("--output_dir is required: the folder for checkpoints and logs")
     out = Path(train.output_dir)
@@ -114,6 +162,25 @@ def validate(config: SFTConfig) -> None:
         raise UserError(f"--max_seq_length must be positive, got {config.data.max_seq_length}")
     if config.data.instruction_template and not config.data.response_template:
         raise UserError("--instruction_template needs --response_template (loss starts after it)")
+
+
+def _validate_data_config(config: SFTConfig) -> None:
+    """Read and check the whole data config now, before any model or data is loaded."""
+    from tuning.data.data_config import load_data_config  # the data stage owns the file's schema
+
+    data = config.data
+    for flag in ("training_data_path", "validation_data_path"):
+        if getattr(data, flag):
+            raise UserError(
+                f"--{flag} and --data_config_path both name data; put every dataset in the data config "
+                "(a validation-only dataset is one with split: {validation: 1.0})"
+            )
+    data_config = load_data_config(data.data_config_path)
+    if data_config.dataprocessor.streaming and config.train.max_steps <= 0:
+        raise UserError(
+            f"data config {data.data_config_path} streams its datasets, so epochs have no length; "
+            "pass --max_steps"
+        )
 
 
 def resolved_config_dict(config: SFTConfig) -> dict[str, Any]:

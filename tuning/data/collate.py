@@ -1,4 +1,4 @@
-"""Batches of variable-length samples → padded tensors, masked by position.
+"""Batches of variable-length samples → padded tensors masked by position, or one padding-free row.
 
 Padding is masked by position (attention mask 0, label -100), never by token id, so the pad id may
 be any existing token (EOS when the tokenizer has no pad token) without ever masking a real EOS.
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DataCollatorWithFlattening
 
 from tuning.data.tokenize import IGNORE_INDEX
 
@@ -47,3 +48,18 @@ class PaddingCollator:
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
         return batch
+
+
+class PaddingFreeCollator(DataCollatorWithFlattening):
+    """Concatenates a batch into one row of shape ``[1, total_tokens]``, with no padding.
+
+    ``position_ids`` restart at 0 for every sample and each sample's first label is -100, so no token
+    predicts across a boundary. transformers turns restarting ``position_ids`` into a block-diagonal
+    mask (sdpa/eager/flex, only when no KV cache is passed: the model stage sets ``use_cache=False``) or
+    varlen boundaries (flash-attention), so samples never attend to each other. We reuse transformers'
+    collator rather than writing our own; this subclass only fixes the tensor type.
+    """
+
+    def __init__(self) -> None:
+        # flash-attention derives its varlen boundaries from the restarting position_ids itself
+        super().__init__(return_position_ids=True, return_tensors="pt")

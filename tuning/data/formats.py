@@ -7,6 +7,7 @@ The format is chosen explicitly (``--data_format``) or, with ``auto``, by one wr
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, UndefinedError
@@ -115,30 +116,118 @@ class RowTemplate:
             ) from None
 
 
+# A chat template that marks assistant text itself ({% generation %} ... {% endgeneration %}) is trusted
+# over prefix rendering: it is exact even for templates that rewrite earlier turns.
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
 def chat_text_and_spans(
-    messages: list[dict[str, Any]], tokenizer: Any, chat_template: str | None
+    messages: list[dict[str, Any]],
+    tokenizer: Any,
+    chat_template: str | None,
+    *,
+    tools: list | None = None,
+    documents: list | None = None,
 ) -> tuple[str, list[Span]]:
     """Render a conversation with the chat template; the assistant turns (with their end-of-turn
-    tokens) are the trained spans. Spans come from rendering each prefix, which must be a prefix of
-    the whole rendering: checked, since a template that rewrites earlier turns would mis-mask."""
+    tokens) are the trained spans. ``tools`` and ``documents`` are passed to the template.
+
+    With ``{% generation %}`` markers the template says which characters are assistant text. Otherwise
+    spans come from rendering each prefix: a turn starts where the rendering with a generation prompt
+    stops agreeing with the whole, and ends where the rendering up to that turn does. Working on
+    characters, not token ids, keeps this right when the assistant header tokenizes differently in
+    context. A template that rewrites earlier turns would mis-mask, so overlapping spans are an error."""
     if not isinstance(messages, list) or not messages:
         raise UserError("a conversation is empty or not a list of {role, content} messages")
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and _GENERATION_TAG.search(template):
+        return _generation_spans(messages, tokenizer, template, tools, documents)
 
-    def render(msgs: list, generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
-        )
-
+    render = _chat_renderer(tokenizer, template, tools, documents)
     full = render(messages)
     spans: list[Span] = []
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
             continue
-        prompt, upto = render(messages[:i], True), render(messages[: i + 1])
-        if not (full.startswith(prompt) and full.startswith(upto)):
+        start = _common_prefix_length(full, render(messages[:i], True))
+        end = _common_prefix_length(full, render(messages[: i + 1]))
+        content = msg.get("content")
+        # a template that rewrites a turn once later turns follow (gpt-oss drops earlier reasoning) can
+        # leave a span that misses the turn's own text: refuse rather than train on the wrong tokens
+        lost = isinstance(content, str) and content.strip() not in full[start:end]
+        if end <= start or lost or (spans and start < spans[-1][1]):
             raise UserError(
                 "the chat template renders earlier turns differently once later turns follow, so "
-                "assistant turns can't be located; pass a prefix-stable --chat_template"
+                "assistant turns can't be located; pass a prefix-stable chat template or one that marks "
+                "assistant text with {% generation %} ... {% endgeneration %}"
             )
-        spans.append((len(prompt), len(upto)))
+        spans.append((start, end))
     return full, spans
+
+
+def _chat_renderer(
+    tokenizer: Any, template: Any, tools: list | None, documents: list | None
+) -> Callable[..., str]:
+    """``render(messages, generation_prompt=False)`` with the chat template.
+
+    Masking renders every conversation 1 + 2 × (assistant turns) times, and ``apply_chat_template``
+    spends ~4x the template's own time per call on checks, so a plain string template is rendered
+    directly with the compiled template transformers itself caches and uses (same sandbox, globals and
+    special-token variables)."""
+    if template is None:
+        raise UserError(
+            f"chat data needs a chat template, and tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has "
+            "none; pass --chat_template (a Jinja string) or use a tokenizer that ships one"
+        )
+    if not isinstance(template, str):  # a dict of named templates: the tokenizer picks one
+
+        def via_tokenizer(msgs: list, generation_prompt: bool = False) -> str:
+            return tokenizer.apply_chat_template(
+                msgs,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                tools=tools,
+                documents=documents,
+            )
+
+        return via_tokenizer
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    compiled = _compile_jinja_template(template)
+    specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+
+    def direct(msgs: list, generation_prompt: bool = False) -> str:
+        return compiled.render(
+            messages=msgs,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=generation_prompt,
+            **specials,
+        )
+
+    return direct
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
+def _generation_spans(
+    messages: list[dict[str, Any]], tokenizer: Any, template: str, tools: list | None, documents: list | None
+) -> tuple[str, list[Span]]:
+    # transformers computes the character spans of {% generation %} blocks while rendering (the same
+    # machinery as return_assistant_tokens_mask); using them directly keeps our offset-based masking.
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, indices = render_jinja_template(
+        conversations=[messages],
+        tools=tools,
+        documents=documents,
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    return rendered[0], [(int(a), int(b)) for a, b in indices[0] if b > a]

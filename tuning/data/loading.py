@@ -58,10 +58,15 @@ def load_data(path: str) -> datasets.Dataset:
     if builder in ("json", "csv"):
         for f in files:
             _check_utf8(f)
+    # datasets logs its own multi-line error before raising; we explain the failure in one line instead
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # datasets wraps parse errors in several types; find the real cause ourselves
         raise UserError(_explain_load_failure(files, builder, e)) from None
+    finally:
+        datasets.logging.set_verbosity(level)
     if len(ds) == 0:
         raise UserError(f"data path {path} has no rows; it needs at least one")
     logger.info("loaded %d rows from %s (%s)", len(ds), path, builder)

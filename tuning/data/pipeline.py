@@ -12,6 +12,7 @@ import datasets
 
 from tuning.config.args import DataArgs
 from tuning.data import formats
+from tuning.data.batching import pack_fixed_length
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
 from tuning.errors import UserError
@@ -39,10 +40,16 @@ class PreparedData:
 
 def build_datasets(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData:
     """Load, format, tokenize and mask the training (and validation) data."""
+    if args.data_config_path:
+        from tuning.data.data_config import build_from_data_config  # built on this module's prepare()
+
+        return build_from_data_config(args, tokenizer, max_len)
     assert args.training_data_path, "validated by the config stage"
     raw = load_data(args.training_data_path)
     fmt = formats.resolve_format(args, raw.column_names)
     train, stats = prepare(raw, fmt, args, tokenizer, max_len, name=args.training_data_path)
+    if args.packing:
+        train = pack_fixed_length(train, max_len)
     validation = None
     if args.validation_data_path:
         raw_val = load_data(args.validation_data_path)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from tuning.config.args import ModelArgs
 from tuning.errors import UserError
@@ -52,8 +53,12 @@ def context_length(config: PretrainedConfig, requested: int) -> int:
     return requested
 
 
-def precision_plan(args: ModelArgs, config: PretrainedConfig) -> PrecisionPlan:
-    """Resolve ``torch_dtype`` (and ``auto``) into storage, compute and save dtypes."""
+def precision_plan(args: ModelArgs, config: PretrainedConfig, peft_method: str = "none") -> PrecisionPlan:
+    """Resolve ``torch_dtype`` (and ``auto``) into storage, compute and save dtypes.
+
+    With an adapter (``peft_method`` not none) the frozen base weights never receive updates, so they
+    stay in the half dtype; only the adapter's trainable weights are upcast to float32 (tuning/model/peft.py).
+    """
     name = args.torch_dtype
     if name == "auto":
         native = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
@@ -65,18 +70,47 @@ def precision_plan(args: ModelArgs, config: PretrainedConfig) -> PrecisionPlan:
         dtype = torch.bfloat16
     if dtype == torch.float32 or args.half_precision_master_weights:
         return PrecisionPlan(load_dtype=dtype, autocast=None, save_dtype=dtype)
+    if peft_method != "none":
+        return PrecisionPlan(load_dtype=dtype, autocast=dtype, save_dtype=dtype)
     return PrecisionPlan(load_dtype=torch.float32, autocast=dtype, save_dtype=dtype)
 
 
-def attention_candidates(args: ModelArgs) -> list[str]:
+def attention_candidates(args: ModelArgs, model_class: type | None = None) -> list[str]:
+    """Kernels to try, in order: the requested one; for a flash request, the model's own first listed
+    flash kernel (gpt-oss names kernels-community/vllm-flash-attn3) and flash_attention_2; sdpa; eager."""
     requested = args.flash_attn_implementation if args.use_flash_attn else "sdpa"
-    return list(dict.fromkeys([requested, "sdpa", "eager"]))
+    chain = [requested]
+    if _is_flash(requested):
+        chain += (getattr(model_class, "_compatible_flash_implementations", None) or [])[:1]
+        chain.append("flash_attention_2")
+    return list(dict.fromkeys([*chain, "sdpa", "eager"]))
 
 
-def why_unusable(impl: str) -> str | None:
-    """Why an attention implementation can't run here (None: it may; the model still has a say)."""
-    if impl in ("sdpa", "eager", "flex_attention"):
+def _is_flash(impl: str) -> bool:
+    return impl.startswith("flash_attention") or "/" in impl  # "/": a hub kernel id
+
+
+def _model_refuses(impl: str, model_class: type) -> str | None:
+    """Why the model class itself can't run ``impl`` (checked before loading, so no weights are read twice)."""
+    name = model_class.__name__
+    if impl == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
+        return f"{name} does not support sdpa"
+    if not _is_flash(impl):
         return None
+    if not getattr(model_class, "_supports_flash_attn", True):
+        return f"{name} does not support flash attention"
+    compatible = getattr(model_class, "_compatible_flash_implementations", None)
+    if compatible and impl not in compatible:
+        # gpt-oss: its attention sinks (a learned per-head logit) are only in these kernels
+        return f"{name} runs flash attention only with {', '.join(compatible)} (attention sinks)"
+    return None
+
+
+def why_unusable(impl: str, model_class: type | None = None) -> str | None:
+    """Why an attention implementation can't run here (None: it may; loading still has a say)."""
+    refused = _model_refuses(impl, model_class) if model_class is not None else None
+    if refused or impl in ("sdpa", "eager", "flex_attention"):
+        return refused
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
     if "/" in impl:
@@ -87,12 +121,24 @@ def why_unusable(impl: str) -> str | None:
     return None
 
 
-def load_model(args: ModelArgs, plan: PrecisionPlan, tokenizer: Any) -> Any:
-    """Load the model with the first usable attention kernel; one warning line on fallback."""
-    candidates = attention_candidates(args)
+def causal_lm_class(config: PretrainedConfig) -> type | None:
+    """The transformers class AutoModelForCausalLM picks (None for remote code: loading decides)."""
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def load_model(args: ModelArgs, plan: PrecisionPlan, tokenizer: Any, quantization: Any = None) -> Any:
+    """Load the model with the first usable attention kernel; one warning line on fallback.
+
+    ``quantization``: a transformers quantization config (tuning/model/quantization.py), or None.
+    """
+    model_class = causal_lm_class(load_model_config(args))
+    candidates = attention_candidates(args, model_class)
     reasons: list[str] = []
     for impl in candidates:
-        reason = why_unusable(impl)
+        reason = why_unusable(impl, model_class)
         if reason is None:
             try:
                 model = AutoModelForCausalLM.from_pretrained(
@@ -100,24 +146,47 @@ def load_model(args: ModelArgs, plan: PrecisionPlan, tokenizer: Any) -> Any:
                     dtype=plan.load_dtype,
                     attn_implementation=impl,
                     trust_remote_code=args.trust_remote_code,
+                    quantization_config=quantization,
                 )
                 break
-            except (ValueError, ImportError) as e:
-                if "attn" not in str(e).lower() and "attention" not in str(e).lower():
-                    raise UserError(f"cannot load model {args.model_name_or_path}: {e}") from None
-                reason = str(e).splitlines()[0]
-            except OSError as e:
-                raise UserError(
-                    f"cannot load model weights from {args.model_name_or_path}: {str(e).splitlines()[0]}"
-                ) from None
+            except Exception as e:  # noqa: BLE001 (sorted by _load_failure: a kernel's failure is a fallback)
+                reason = _load_failure(args, impl, e)
         reasons.append(f"{impl}: {reason}")
     else:
         raise UserError(f"no attention implementation works for this model ({'; '.join(reasons)})")
     if impl != candidates[0]:
-        logger.warning("attention: asked for %s, using %s (%s)", candidates[0], impl, reasons[0])
+        logger.warning("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
+    drop_stale_quantization_config(model)
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
     _resize_for_added_tokens(model, tokenizer)
     return model
+
+
+def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:
+    """The reason to try the next kernel, or a UserError / the original error when it isn't the kernel's.
+
+    A hub kernel fails in many ways (offline, no build for this GPU, missing package) and the next
+    candidate loads the same weights, so any real model error still surfaces there.
+    """
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    about_attention = "attn" in first.lower() or "attention" in first.lower()
+    if "/" in impl or (isinstance(e, (ValueError, ImportError)) and about_attention):
+        return first
+    if isinstance(e, OSError):
+        raise UserError(f"cannot load model weights from {args.model_name_or_path}: {first}") from None
+    if isinstance(e, (ValueError, ImportError)):
+        raise UserError(f"cannot load model {args.model_name_or_path}: {e}") from None
+    raise e
+
+
+def drop_stale_quantization_config(model: Any) -> None:
+    """A model whose weights were dequantized must not say it is quantized: saved with a stale
+    ``quantization_config`` it would be reloaded as MXFP4 (transformers 5 drops it itself when it
+    dequantizes on load; earlier releases kept it, and a later save wrote it out)."""
+    stale = getattr(model.config, "quantization_config", None) is not None
+    if stale and not getattr(model, "is_quantized", False):
+        del model.config.quantization_config
+        logger.info("weights are dequantized: removed quantization_config from the model config")
 
 
 def _resize_for_added_tokens(model: Any, tokenizer: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,14 @@ class TrainingLogCallback(TrainerCallback):
 
     def __init__(self, output_dir: str) -> None:
         self.path = Path(output_dir) / TRAINING_LOGS_NAME
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # A resumed run re-logs every step after its checkpoint: drop the killed run's records past it
+        # (and all of them on a fresh start) so the file stays one history, no duplicates, no gaps.
+        if state.is_world_process_zero and self.path.is_file():
+            truncate_training_logs(self.path, state.global_step)
 
     def on_log(
         self,
@@ -44,6 +53,24 @@ class TrainingLogCallback(TrainerCallback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
+
+
+def truncate_training_logs(path: Path, last_step: int) -> None:
+    """Keep only the records with ``step <= last_step``; rewritten under a temporary name, then renamed."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and _record_step(line) <= last_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["data"]["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write: drop it
+        return 1 << 62
 
 
 def read_training_logs(output_dir: str | Path, name: str = "training_loss") -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 from tuning.model import PrecisionPlan
+from tuning.model.peft import write_adapter_extras
+from tuning.train.distributed import barrier, full_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -23,25 +26,50 @@ RUN_SUMMARY_NAME = "run_summary.json"
 def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: PrecisionPlan) -> Path:
     """Write the final model (safetensors, config, generation config, tokenizer) to ``save_dir``.
 
-    Files are written to a temporary sibling folder and then renamed into place one by one, so a crash
-    mid-save never leaves a half-written model file where a loader would pick it up.
+    Files are written to a temporary sibling folder, flushed to disk, then the folder is renamed to
+    ``save_dir`` in one step; when ``save_dir`` already exists (a rerun, or ``save_dir == output_dir``)
+    the files are renamed in one by one. Either way a crash mid-save never leaves a half-written model
+    file where a loader would pick it up.
     """
     target = Path(save_dir)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    # keep_fp32_wrapper=False also strips the autocast wrapper accelerate put on forward: training is
+    # over, and the model in memory should compute like the saved one when reloaded
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     if plan.save_dtype != plan.load_dtype:
         # training is over: cast in place (halves memory) so the saved weights use the requested dtype
         model.to(plan.save_dtype)
     model.config.dtype = plan.save_dtype
-    trainer.save_model(str(tmp))
+    with full_state_dict(trainer):  # under FSDP every rank joins the gather; the Trainer writes on rank 0
+        trainer.save_model(str(tmp))  # for an adapter (PeftModel) this writes the adapter only
+    if not trainer.args.should_save:  # the other ranks only took part in the gather
+        barrier()
+        return target
+    write_adapter_extras(model, tmp)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the args
-    target.mkdir(parents=True, exist_ok=True)
+    for item in tmp.iterdir():
+        _fsync(item)
+    if not target.exists():
+        os.rename(tmp, target)
+        _fsync(target.parent)
+        barrier()  # released only once the model is in place: no rank reloads or reports it earlier
+        return target
     for item in tmp.iterdir():
         os.replace(item, target / item.name)
     tmp.rmdir()
+    barrier()
     return target
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):  # directories can't be fsynced everywhere; the rename still is atomic
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def peak_memory_bytes() -> int:

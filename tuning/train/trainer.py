@@ -9,23 +9,48 @@ import logging
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config.args import TrainArgs
-from tuning.data import PaddingCollator, PreparedData, pad_token_id
+from tuning.data import PreparedData
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.model import PrecisionPlan
 from tuning.train.callbacks import TrainingLogCallback
+from tuning.train.checkpoints import SafeCheckpointsMixin
+from tuning.train.distributed import ShardingReport, route_cpu_fsdp
+from tuning.train.loss import label_only_loss, resolve_loss_implementation
+from tuning.train.speed import choose_collator, token_budget_loader
 
 logger = logging.getLogger(__name__)
 
 
-class SFTTrainer(Trainer):
-    """Counts the tokens that carried loss, for the run summary and tokens/s."""
+class SFTTrainer(SafeCheckpointsMixin, Trainer):
+    """Counts the tokens that carried loss, for the run summary and tokens/s; checkpoints are committed
+    atomically and a stop signal saves one (``tuning/train/checkpoints.py``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trained_tokens = 0
+        self.loss_implementation = resolve_loss_implementation(
+            getattr(self.args, "loss_implementation", "standard"),
+            self.model,
+            self.args,
+            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
+        )
+
+    def get_train_dataloader(self) -> Any:
+        budget = getattr(self.args, "max_tokens_per_batch", None)
+        return token_budget_loader(self, budget) if budget else super().get_train_dataloader()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if route_cpu_fsdp(self.accelerator):  # CPU + FSDP config: accelerate alone would pick DDP
+            self.is_fsdp_enabled = True
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # trackers and the progress line read the token count from the log record
+            logs["trained_tokens"] = self.trained_tokens
+        super().log(logs, start_time)
 
     def compute_loss(
         self,
@@ -37,21 +62,36 @@ class SFTTrainer(Trainer):
         if model.training and "labels" in inputs:
             # the model shifts labels by one: the first position never carries loss
             self.trained_tokens += int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        if self.loss_implementation == "label_only" and "labels" in inputs:
+            loss, outputs = label_only_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts all ranks and DDP averages gradients: undo the average, as HF does
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
 
 def configure_precision(args: TrainArgs, plan: PrecisionPlan) -> None:
-    """Turn the precision plan into the Trainer's mixed-precision switches."""
+    """Turn the precision plan into the Trainer's mixed-precision switches.
+
+    ``TrainingArguments.__post_init__`` derives ``mixed_precision`` (what accelerate's autocast reads)
+    from bf16/fp16 once; setting the switches later must set it too, or the run computes in float32.
+    """
     if plan.autocast == torch.bfloat16:
-        args.bf16 = True
+        args.bf16, args.mixed_precision = True, "bf16"
     elif plan.autocast == torch.float16:
-        args.fp16 = True
+        args.fp16, args.mixed_precision = True, "fp16"
 
 
 def build_trainer(
-    args: TrainArgs, model: Any, tokenizer: Any, data: PreparedData, plan: PrecisionPlan
+    args: TrainArgs,
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    plan: PrecisionPlan,
+    callbacks: list[Any] | None = None,
 ) -> SFTTrainer:
     configure_precision(args, plan)
     if not torch.cuda.is_available():
@@ -62,12 +102,18 @@ def build_trainer(
     if data.validation is None and args.eval_strategy != "no":
         logger.warning("eval_strategy=%s but no --validation_data_path; not evaluating", args.eval_strategy)
         args.eval_strategy = "no"
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=PaddingCollator(pad_id=pad_token_id(tokenizer)),
+        data_collator=choose_collator(args.padding_free, model, tokenizer),
         processing_class=tokenizer,
-        callbacks=[TrainingLogCallback(args.output_dir)],
+        callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
     )
+    from tuning.report import RunProgress  # report imports this package: import at call time
+
+    trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RunProgress())
+    return trainer

@@ -1,0 +1,187 @@
+"""Two processes on CPU (gloo) through ``accelerate launch`` with the shipped FSDP fixture.
+
+Equivalence, not just "it runs": a 2-process job with global batch 8 (2 per rank x 2 accumulation x 2
+ranks) must end at the loss of a 1-process job with global batch 8 (4 x 2). Both see the same 8 rows
+per optimizer step in the same order (accelerate hands batch i to rank i mod 2), and the loss is a
+token-weighted mean, so the only difference is float32 summation order in the gradient reduce-scatter:
+relative error ~1e-7 per step (measured: final losses equal to the last bit, epoch 1 differs by 1e-6).
+The tolerance, 1e-4 absolute on a loss of ~5.5, is 100x that and far below what one step at lr 1e-3
+moves the loss (> 0.05), so a run that skipped or doubled a step fails.
+
+The 2-process runs are the slowest tests in the suite: three launches in all, tiny model, 12 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import REPO, text_rows, write_json
+from tuning import sft_trainer
+from tuning.train import read_training_logs
+from tuning.train.distributed import select_cpu_backend
+
+FIXTURE = REPO / "fixtures" / "accelerate_fsdp_defaults.yaml"
+TOLERANCE = 1e-4  # see the module docstring
+TINY_PARAMETERS = 41760  # the tiny Llama: what one rank holds unsharded
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def training_args(model_dir: Path, data: Path, out: Path, per_device: int, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path",
+        str(model_dir),
+        "--training_data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--dataset_text_field",
+        "output",
+        "--response_template",
+        "\n### Label:",
+        "--torch_dtype",
+        "float32",
+        "--num_train_epochs",
+        "3",
+        "--per_device_train_batch_size",
+        str(per_device),
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--save_model_dir",
+        str(out / "final"),
+        *extra,
+    ]
+
+
+def accelerate_launch(entry: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FIXTURE)]
+    cmd += ["--num_processes", "2", "--main_process_port", str(free_port()), *entry, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def final_losses(out: Path) -> list[float]:
+    return [r["value"] for r in read_training_logs(out)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_json(tmp_path_factory.mktemp("fsdp-data") / "data.json", text_rows())  # 32 rows
+
+
+def test_cpu_backend_selected_only_for_a_multi_process_fsdp_launch(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    select_cpu_backend()
+    assert "ACCELERATE_USE_CPU" not in os.environ
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    select_cpu_backend()
+    assert os.environ.get("ACCELERATE_USE_CPU") == (None if torch.accelerator.is_available() else "true")
+
+
+def test_fixture_is_fsdp2_full_shard_by_decoder_layer():
+    fsdp = yaml.safe_load(FIXTURE.read_text())["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp  # taken from the model's _no_split_modules
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+@pytest.mark.slow
+def test_full_finetuning_on_two_processes_shards_and_matches_one(tmp_path, tiny_model_dir, data):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sft_trainer.main(training_args(tiny_model_dir, data, one, 4)) == 0
+    result = accelerate_launch(
+        [str(REPO / "tuning" / "sft_trainer.py")], training_args(tiny_model_dir, data, two, 2)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # If this fails, accelerate now routes CPU + FSDP itself: drop route_cpu_fsdp (tuning/train/distributed.py).
+    assert "accelerate chose MULTI_CPU (DDP) for an FSDP launch on CPU: routing it to FSDP" in result.stderr
+    # really sharded: each rank holds half of the parameters, not a full replica (DDP would say 41760 twice)
+    assert f"parameters held per rank {TINY_PARAMETERS // 2}, {TINY_PARAMETERS // 2}" in result.stderr
+
+    losses_one, losses_two = final_losses(one), final_losses(two)
+    assert len(losses_two) == 3  # rank 0 alone writes training_logs.jsonl: one line per epoch, not two
+    assert losses_two == pytest.approx(losses_one, abs=TOLERANCE)
+    assert losses_two[-1] < losses_two[0] - 0.1
+    summary = json.loads((two / "run_summary.json").read_text())
+    assert summary["steps"] == 12  # 32 rows x 3 epochs / global batch 8
+    assert summary["trained_tokens"] == json.loads((one / "run_summary.json").read_text())["trained_tokens"]
+
+    # the final folder is an ordinary unsharded model, equal to the 1-process one
+    saved_one, saved_two = (
+        load_file(one / "final" / "model.safetensors"),
+        load_file(two / "final" / "model.safetensors"),
+    )
+    assert saved_two.keys() == saved_one.keys()
+    assert max((saved_two[k] - saved_one[k]).abs().max().item() for k in saved_one) < 1e-4
+    model = AutoModelForCausalLM.from_pretrained(two / "final")
+    assert sum(p.numel() for p in model.parameters()) == TINY_PARAMETERS
+    assert not list(two.glob(".final.tmp-*"))
+
+
+def _kill_tree_after(proc: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+    """SIGKILL every process under ``proc`` (accelerate, the ranks) once ``marker`` exists."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_lora_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, data):
+    """Through ``tuning launch`` (which applies the FSDP fixture by itself for 2 processes): a rank
+    killed mid-run is an internal failure (203, no ``.complete``); the same job again resumes from the
+    committed checkpoint and ends exactly where an uninterrupted run ends."""
+    # no dropout: its masks are drawn per rank, so 2 ranks could never equal 1 process bit for bit
+    lora = ("--peft_method", "lora", "--lora_dropout", "0", "--learning_rate", "1e-2")
+    reference = tmp_path / "reference"
+    assert sft_trainer.main(training_args(tiny_model_dir, data, reference, 4, *lora)) == 0
+
+    out = tmp_path / "two"
+    flags = training_args(tiny_model_dir, data, out, 2, *lora)
+    job = {key.removeprefix("--"): value for key, value in zip(flags[::2], flags[1::2], strict=True)}
+    job["accelerate_launch_args"] = {"num_processes": 2, "main_process_port": free_port()}
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    launcher = [sys.executable, "-m", "tuning.launch", str(job_file)]
+
+    first = subprocess.Popen(launcher, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _kill_tree_after(first, out / "checkpoint-4" / "checkpoint_complete.json")
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 203, stderr[-3000:]
+    assert not (out / ".complete").exists() and not (out / "final").exists()
+
+    second = subprocess.run(launcher, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resum" in second.stderr and "checkpoint-4" in second.stderr
+    assert (out / ".complete").is_file()
+    assert final_losses(out)[-1] == pytest.approx(final_losses(reference)[-1], abs=TOLERANCE)
+    # adapter only, in the final folder and in every checkpoint: the base model is never copied
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert not (out / "final" / "model.safetensors").exists()
+    for checkpoint in out.glob("checkpoint-*"):
+        assert not (checkpoint / "model.safetensors").exists(), checkpoint

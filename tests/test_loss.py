@@ -1,0 +1,113 @@
+"""Label-only chunked loss equals transformers' loss; trained-token normalisation across accumulation."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+
+from tuning.config.args import TrainArgs
+from tuning.data import PreparedData
+from tuning.data.collate import PaddingCollator, PaddingFreeCollator
+from tuning.data.pipeline import DataStats
+from tuning.errors import UserError
+from tuning.model.loading import PrecisionPlan
+from tuning.tiny_model import build_model
+from tuning.train.loss import chunked_cross_entropy, label_only_loss, resolve_loss_implementation
+from tuning.train.trainer import build_trainer
+
+X = -100
+FEATURES = [
+    {"input_ids": [1, 5, 6, 7, 8, 9], "labels": [X, X, X, 7, 8, 9]},
+    {"input_ids": [1, 10, 11, 12], "labels": [X, X, 11, 12]},
+    {"input_ids": [1, 13, 14, 15, 16, 17, 18, 19], "labels": [X, X, X, X, X, 17, 18, 19]},
+]
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 2048])
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_label_only_loss_equals_full_logits_loss(tokenizer, chunk_tokens, padding_free):
+    model = build_model(len(tokenizer))
+    model.config.use_cache = False
+    batch = (PaddingFreeCollator() if padding_free else PaddingCollator(pad_id=2))(FEATURES)
+    full = model(**batch).loss
+    full.backward()
+    full_grads = _grads(model)
+    model.zero_grad()
+    ours, outputs = label_only_loss(model, batch, chunk_tokens=chunk_tokens)
+    ours.backward()
+    assert outputs.logits.shape[-2] == 1  # the model itself projected only the last position
+    assert torch.allclose(ours, full, atol=1e-6, rtol=0)
+    assert torch.allclose(_grads(model), full_grads, atol=1e-6, rtol=0)
+
+
+def test_normalised_by_num_items_in_batch():
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 5, 8), torch.nn.Linear(8, 11, bias=False)
+    labels = torch.tensor([[X, 3, X, 4, 5], [X, X, X, X, 1]])
+    logits = head(hidden)[:, :-1].reshape(-1, 11)
+    summed = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), reduction="sum")
+    assert torch.allclose(chunked_cross_entropy(hidden, labels, head, num_items_in_batch=10), summed / 10)
+    assert torch.allclose(chunked_cross_entropy(hidden, labels, head, chunk_tokens=2), summed / 4)
+    nothing = chunked_cross_entropy(
+        hidden.requires_grad_(), torch.full_like(labels, X), head, num_items_in_batch=4
+    )
+    assert nothing.item() == 0.0
+    nothing.backward()  # a micro-batch without labels still takes part in the step
+    assert hidden.grad.abs().sum().item() == 0.0
+
+
+def test_auto_picks_label_only_unless_another_loss_applies(tokenizer):
+    model = build_model(len(tokenizer))
+    plain = TrainArgs(output_dir="unused", report_to="none")
+    assert resolve_loss_implementation("auto", model, plain) == "label_only"
+    assert resolve_loss_implementation("auto", model, plain, sharded=True) == "standard"
+    assert resolve_loss_implementation("standard", model, plain) == "standard"
+    liger = TrainArgs(output_dir="unused", report_to="none", use_liger_kernel=True)
+    assert resolve_loss_implementation("auto", model, liger) == "standard"
+    with pytest.raises(UserError, match="use_liger_kernel"):
+        resolve_loss_implementation("label_only", model, liger)
+
+
+def _one_step(tokenizer, tmp_path, batch_size, accumulation, loss_implementation, padding_free):
+    """Parameters after one optimizer step over the same 8 samples."""
+    rows = [
+        {"input_ids": [1, *range(5, 5 + n)], "labels": [X] * (n + 1 - k) + list(range(5 + n - k, 5 + n))}
+        for n, k in [(3, 1), (9, 7), (4, 2), (12, 1), (5, 5), (7, 3), (2, 1), (10, 6)]
+    ]
+    data = PreparedData(datasets.Dataset.from_list(rows), None, "pretokenized", DataStats())
+    args = TrainArgs(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        loss_implementation=loss_implementation,
+        padding_free=padding_free,
+    )
+    model = build_model(len(tokenizer))
+    model.config.use_cache = False
+    trainer = build_trainer(args, model, tokenizer, data, PrecisionPlan(torch.float32, None, torch.float32))
+    trainer.train()
+    assert trainer.loss_implementation == loss_implementation
+    assert trainer.trained_tokens == 26
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize(("loss_implementation", "padding_free"), [("label_only", True), ("standard", False)])
+def test_batch_1_accumulate_8_equals_batch_8(tokenizer, tmp_path, loss_implementation, padding_free):
+    # samples train 1 to 7 tokens: a mean of per-batch means would weight them differently
+    big = _one_step(tokenizer, tmp_path / "a", 8, 1, loss_implementation, padding_free)
+    small = _one_step(tokenizer, tmp_path / "b", 1, 8, loss_implementation, padding_free)
+    start = torch.cat([p.detach().flatten() for p in build_model(len(tokenizer)).parameters()])
+    assert (big - start).abs().max() > 1e-3  # the step moved the weights
+    assert torch.allclose(small, big, atol=1e-5, rtol=0)

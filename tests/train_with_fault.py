@@ -1,0 +1,67 @@
+"""Run the real CLI with one fault at an exact moment (tests only; kept out of the package on purpose).
+
+    python tests/train_with_fault.py FAULT STEP CLI-ARGS...
+
+FAULT is ``kill-in-step`` (SIGKILL after the first micro-batch of optimizer step STEP), ``kill-in-save``
+(SIGKILL inside the save of ``checkpoint-STEP``, after the model and optimizer files, before the RNG
+state and ``trainer_state.json``), or ``sigterm-in-step`` (SIGTERM to itself at the same moment as
+kill-in-step; the process must finish the step, save and exit 143). The process signals itself, so
+the fault lands at the same place on every machine, however loaded. Tests that don't need a fresh
+interpreter call :func:`inject` in a forked child instead (no import cost).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformers import Trainer  # noqa: E402
+
+from tuning.sft_trainer import main  # noqa: E402
+from tuning.train.trainer import SFTTrainer  # noqa: E402
+
+
+def _signal_in_step(step: int, signum: int) -> None:
+    original = SFTTrainer.training_step
+    sent = []
+
+    def training_step(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        if self.state.global_step + 1 == step and not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return loss
+
+    SFTTrainer.training_step = training_step
+
+
+def _kill_in_save(step: int) -> None:
+    original = Trainer._save_rng_state
+
+    def save_rng_state(self, output_dir):
+        if self.state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, output_dir)
+
+    Trainer._save_rng_state = save_rng_state
+
+
+def inject(fault: str, step: int) -> None:
+    """Patch this process so that ``fault`` happens at ``step`` (see the module docstring)."""
+    if fault == "kill-in-step":
+        _signal_in_step(step, signal.SIGKILL)
+    elif fault == "sigterm-in-step":
+        _signal_in_step(step, signal.SIGTERM)
+    elif fault == "kill-in-save":
+        _kill_in_save(step)
+    else:
+        raise ValueError(f"unknown fault {fault}")
+
+
+if __name__ == "__main__":
+    inject(sys.argv[1], int(sys.argv[2]))
+    sys.exit(main(sys.argv[3:]))

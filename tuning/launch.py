@@ -1,0 +1,172 @@
+"""Cluster and container launcher: one job file in, one ``accelerate launch`` of ``tuning.sft_trainer`` out.
+
+``tuning launch JOB.yaml`` (or ``python -m tuning.launch JOB.json``; with no argument the path is read
+from ``$SFT_TRAINER_CONFIG_JSON_PATH``). The job file is a YAML or JSON mapping of training flags plus
+an optional ``accelerate_launch_args`` mapping of ``accelerate launch`` flags. Read with
+``yaml.safe_load``/``json.loads`` only: no pickle, no code.
+
+Why this exists next to plain ``accelerate launch``: accelerate reports every failure as exit code 1, so
+a scheduler could not tell a user error (1: fix the job) from an internal failure (203: retry or report).
+Each rank writes its one-line reason to the termination log; the launcher points that log at a file of
+its own, maps the reason back to the exit code, and copies the lines where the user expects them
+(``$TERMINATION_LOG_FILE`` or ``output_dir/error.log``). Guide: docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tuning.config.parser import read_mapping_file
+from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
+
+ACCELERATE_KEY = "accelerate_launch_args"
+JOB_PATH_ENV = "SFT_TRAINER_CONFIG_JSON_PATH"
+COMPLETE_MARKER = ".complete"
+FSDP_DEFAULTS = Path(__file__).resolve().parent.parent / "fixtures" / "accelerate_fsdp_defaults.yaml"
+# accelerate flags that choose the distributed mode themselves: then our FSDP defaults stay out of the way
+_MODE_FLAGS = ("config_file", "use_fsdp", "multi_gpu", "use_deepspeed", "use_megatron_lm", "cpu", "tpu")
+
+
+def read_job(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training flags, accelerate launch flags) from a YAML/JSON job file."""
+    job = read_mapping_file(path, "job file")
+    launch = job.pop(ACCELERATE_KEY, None) or {}
+    if not isinstance(launch, dict):
+        raise UserError(f"{ACCELERATE_KEY} in {path} must be a mapping of accelerate launch flags")
+    return job, {k.replace("-", "_"): v for k, v in launch.items()}
+
+
+def visible_gpus() -> int:
+    import torch  # deferred: reading the job must not pay for importing torch
+
+    return torch.cuda.device_count()
+
+
+def resolve_launch_args(launch: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """Fill in ``num_processes`` (visible GPUs on each machine) and, for several processes without a mode
+    of the user's own, the FSDP defaults."""
+    resolved = dict(launch)
+    if resolved.get("num_processes") is None:
+        resolved["num_processes"] = max(gpus, 1) * int(resolved.get("num_machines") or 1)
+    if int(resolved["num_processes"]) > 1 and not any(resolved.get(k) for k in _MODE_FLAGS):
+        if not FSDP_DEFAULTS.is_file():
+            raise UserError(
+                f"no FSDP defaults at {FSDP_DEFAULTS} (installed without the fixtures folder); set "
+                f"{ACCELERATE_KEY}.config_file to an accelerate config"
+            )
+        resolved["config_file"] = str(FSDP_DEFAULTS)
+    return resolved
+
+
+def accelerate_flags(launch: dict[str, Any]) -> list[str]:
+    """``--key=value`` per flag (true booleans as bare ``--key``); unknown flags are a user error."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from tuning.config.parser import closest
+
+    known = {a.dest for a in launch_command_parser()._actions}
+    flags = []
+    for key, value in launch.items():
+        if key not in known:
+            raise UserError(f"unknown key '{key}' in {ACCELERATE_KEY}{closest(key, sorted(known))}")
+        if value is True:
+            flags.append(f"--{key}")
+        elif value not in (None, False):
+            flags.append(f"--{key}={','.join(map(str, value)) if isinstance(value, list) else value}")
+    return flags
+
+
+def build_command(launch: dict[str, Any], config_path: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *accelerate_flags(launch),
+        "--module",
+        "tuning.sft_trainer",
+        "--config",
+        str(config_path),
+    ]
+
+
+def exit_code_for(returncode: int, reasons: list[str], signum: int | None) -> int:
+    """The job's exit code from accelerate's (always 1 on failure) and the ranks' termination lines."""
+    if returncode == 0:
+        return 0
+    if signum is not None:
+        return 128 + signum  # the shell convention, as the trainer itself uses when it is signalled
+    if reasons and all(r.startswith("error:") for r in reasons):
+        return USER_ERROR_EXIT_CODE
+    return INTERNAL_ERROR_EXIT_CODE  # an internal error, or a crash that left no reason at all
+
+
+def run_job(path: str) -> int:
+    training, launch = read_job(path)
+    launch = resolve_launch_args(launch, visible_gpus())
+    output_dir = training.get("output_dir")
+    with tempfile.TemporaryDirectory(prefix="tuning-launch-") as tmp:
+        config_path = Path(tmp) / "training_args.json"
+        config_path.write_text(json.dumps(training), encoding="utf-8")
+        reasons_path = Path(tmp) / "termination.log"
+        env = {**os.environ, "TERMINATION_LOG_FILE": str(reasons_path)}
+        returncode, signum = _run_forwarding_signals(build_command(launch, config_path), env)
+        reasons = _read_lines(reasons_path)
+    for line in reasons:  # where the user (or Kubernetes) looks for them
+        write_termination_log(line, output_dir)
+    code = exit_code_for(returncode, reasons, signum)
+    if code == 0 and output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / COMPLETE_MARKER).touch()
+    return code
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run ``cmd``; a SIGTERM/SIGINT sent to us goes on to it (the trainer checkpoints and stops)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # signals reach it once: from us
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return returncode, (received[0] if received else None)
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    path = argv[0] if argv else os.environ.get(JOB_PATH_ENV)
+    try:
+        if not path or len(argv) > 1:
+            raise UserError(f"usage: tuning launch JOB.yaml (or set ${JOB_PATH_ENV}); got {argv}")
+        return run_job(path)
+    except UserError as e:
+        line = f"error: {e}"
+        print(line, file=sys.stderr)
+        write_termination_log(line, None)
+        return USER_ERROR_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

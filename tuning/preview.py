@@ -1,0 +1,123 @@
+"""``tuning preview``: what the model will be trained on, before training.
+
+Takes the training flags (``--data_config_path`` or ``--training_data_path``, ``--model_name_or_path``,
+the format flags) plus ``--preview N`` (default 3). Per dataset it prints counts (samples, tokens,
+trained tokens, truncated samples, samples dropped for having no trained token) and the first N
+processed samples with the trained tokens marked: green on a terminal, ``[[...]]`` otherwise. Nothing
+is trained and no model weights are loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tuning.config import parse_config
+from tuning.config.args import DataArgs
+from tuning.data import formats
+from tuning.data.data_config import process_all
+from tuning.data.loading import load_data
+from tuning.data.pipeline import DataStats, prepare
+from tuning.data.tokenize import IGNORE_INDEX
+from tuning.errors import USER_ERROR_EXIT_CODE, UserError
+from tuning.model import context_length, load_model_config, load_tokenizer
+
+DEFAULT_SAMPLES = 3
+_GREEN, _RESET = "\033[32;1m", "\033[0m"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        n, rest = _pop_preview_flag(argv)
+        if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in rest):
+            rest += ["--output_dir", str(Path(tempfile.gettempdir()) / "tuning-preview")]  # never written
+        config = parse_config(rest)
+        tokenizer = load_tokenizer(config.model, config.data)
+        max_len = context_length(load_model_config(config.model), config.data.max_seq_length)
+        parts = preview_parts(config.data, tokenizer, max_len)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    print(render_preview(parts, tokenizer, n, color=sys.stdout.isatty()))
+    return 0
+
+
+def _pop_preview_flag(argv: list[str]) -> tuple[int, list[str]]:
+    rest, n, i = [], DEFAULT_SAMPLES, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--preview" or arg.startswith("--preview="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit():
+                raise UserError(f"--preview takes a number of samples, got {value!r}")
+            n = int(value)
+            continue
+        rest.append(arg)
+        i += 1
+    return n, rest
+
+
+def preview_parts(args: DataArgs, tokenizer: Any, max_len: int) -> list[tuple[str, Any, DataStats | None]]:
+    """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data."""
+    if args.data_config_path:
+        _, processed = process_all(args, tokenizer, max_len)
+        return [(p.name, p.dataset, None if _streams(p.dataset) else p.stats) for p in processed]
+    assert args.training_data_path, "validated by the config stage"
+    raw = load_data(args.training_data_path)
+    ds, stats = prepare(
+        raw,
+        formats.resolve_format(args, raw.column_names),
+        args,
+        tokenizer,
+        max_len,
+        name=args.training_data_path,
+    )
+    return [(args.training_data_path, ds, stats)]
+
+
+def _streams(dataset: Any) -> bool:
+    return not hasattr(dataset, "__len__")
+
+
+def render_preview(
+    parts: list[tuple[str, Any, DataStats | None]], tokenizer: Any, n: int, *, color: bool
+) -> str:
+    legend = f"{_GREEN}trained tokens{_RESET}" if color else "[[trained tokens]]"
+    lines = [f"preview: {legend} carry loss; everything else is context only"]
+    for name, dataset, stats in parts:
+        lines.append(f"== {name}: {counts_line(stats)}")
+        for i, row in enumerate(itertools.islice(iter(dataset), n)):
+            ids, labels = row["input_ids"], row["labels"]
+            trained = sum(1 for t in labels if t != IGNORE_INDEX)
+            lines.append(f"-- sample {i}: {len(ids)} tokens, {trained} trained")
+            lines.append(mark_trained(ids, labels, tokenizer, color=color))
+    return "\n".join(lines)
+
+
+def counts_line(stats: DataStats | None) -> str:
+    if stats is None:
+        return "streaming: counts are not computed"
+    return (
+        f"{stats.kept} samples (of {stats.rows} rows), {stats.total_tokens} tokens, {stats.trained_tokens} "
+        f"trained, {stats.truncated} truncated, {sum(stats.dropped.values())} dropped with no trained token"
+    )
+
+
+def mark_trained(ids: list[int], labels: list[int], tokenizer: Any, *, color: bool) -> str:
+    """The sample's text with each run of trained tokens marked. Runs are cut out of the decoded
+    prefixes, not decoded alone, so spaces that a tokenizer attaches to a token's start survive."""
+    out, start, previous = [], 0, ""
+    for trained, group in itertools.groupby(range(len(ids)), key=lambda k: labels[k] != IGNORE_INDEX):
+        end = start + len(list(group))
+        text = tokenizer.decode(ids[:end], skip_special_tokens=False)
+        piece = text[len(previous) :] if text.startswith(previous) else tokenizer.decode(ids[start:end])
+        if trained:
+            piece = f"{_GREEN}{piece}{_RESET}" if color else f"[[{piece}]]"
+        out.append(piece)
+        start, previous = end, text
+    return "".join(out)

@@ -1,0 +1,202 @@
+"""Experiment trackers: one small protocol, one Trainer callback in front of all of them.
+
+Why our own callbacks rather than transformers' ``report_to`` integrations: those configure themselves
+from process-wide environment variables, record every TrainingArguments field but not our config,
+data or token counts, and an exception in them (a tracking server gone) ends the training run. Here a
+failing tracker is logged once and dropped; the run goes on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tuning.config import SFTConfig
+from tuning.config.args import TrackerArgs
+from tuning.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# tracker name → (package that must import, pip extra, "module:Class" of our implementation)
+REGISTRY: dict[str, tuple[str | None, str | None, str]] = {
+    "file_logger": (None, None, "tuning.trackers.file_logger:FileLoggerTracker"),
+    "aim": ("aim", "aim", "tuning.trackers.aim_tracker:AimTracker"),
+    "tensorboard": ("tensorboard", "tensorboard", "tuning.trackers.tensorboard_tracker:TensorBoardTracker"),
+    "mlflow": ("mlflow", "mlflow", "tuning.trackers.mlflow_tracker:MlflowTracker"),
+}
+
+
+@dataclass
+class RunInfo:
+    """What every tracker records about the run before the first step."""
+
+    experiment: str
+    run_name: str
+    output_dir: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class Tracker(Protocol):
+    name: str
+
+    def start(self, info: RunInfo) -> dict[str, Any]:
+        """Open the run; return ``{"run_id": ..., ...}``, written to ``<name>_tracker.json``."""
+
+    def log(self, metrics: dict[str, float], step: int, epoch: float) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NullTracker:
+    """What every process but rank 0 holds: the same trackers, recording nothing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def start(self, info: RunInfo) -> dict[str, Any]:
+        return {}
+
+    def log(self, metrics: dict[str, float], step: int, epoch: float) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def tracker_class(name: str) -> type:
+    """Import a tracker's implementation; a missing package is a UserError with the install command."""
+    package, extra, target = REGISTRY[name]
+    if package is not None:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise UserError(
+                f"--trackers {name}: the {package} package is not installed; "
+                f"install it with: pip install 'tuning[{extra}]'"
+            ) from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_trackers(config: SFTConfig) -> TrackerCallback:
+    """The trackers ``--trackers`` asks for, as one callback. Imports happen here, before the model loads,
+    so a missing package fails in seconds; every rank checks, only rank 0 records."""
+    targs, output_dir = config.trackers, config.train.output_dir
+    classes = {name: tracker_class(name) for name in targs.trackers}
+    main = config.train.process_index == 0
+    trackers = [cls(targs, output_dir) if main else NullTracker(name) for name, cls in classes.items()]
+    return TrackerCallback(trackers, run_info(config))
+
+
+def run_info(config: SFTConfig) -> RunInfo:
+    from tuning.config.parser import resolved_config_dict  # the parser imports args only; no cycle
+
+    targs: TrackerArgs = config.trackers
+    output_dir = config.train.output_dir
+    experiment = targs.experiment or Path(output_dir).resolve().name
+    params = {
+        **resolved_config_dict(config),
+        "model": config.model.model_name_or_path,
+        "datasets": [p for p in (config.data.training_data_path, config.data.validation_data_path) if p],
+        **{f"exp_metadata.{k}": v for k, v in (targs.exp_metadata or {}).items()},
+    }
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return RunInfo(
+        experiment=experiment, run_name=f"{experiment}-{stamp}", output_dir=output_dir, params=params
+    )
+
+
+def loggable(logs: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a Trainer log record, without the epoch (passed on its own)."""
+    return {
+        k: float(v)
+        for k, v in logs.items()
+        if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+class TrackerCallback(TrainerCallback):
+    """Starts, feeds and finishes every tracker; a tracker that raises is warned about and dropped."""
+
+    def __init__(self, trackers: list[Any], info: RunInfo) -> None:
+        self.trackers = list(trackers)
+        self.info = info
+        self.run_ids: dict[str, Any] = {}
+        self._start = time.perf_counter()
+        self._started = False
+
+    def _guard(self, tracker: Any, action: str, call: Any) -> Any:
+        try:
+            return call()
+        except Exception as e:  # a tracker must never cost the run: warn once, stop using it
+            logger.warning(
+                "tracker %s failed to %s (%s: %s); training continues without it",
+                tracker.name,
+                action,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
+            self.trackers.remove(tracker)
+            return None
+
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # opening runs (aim repo, mlflow database migrations) takes seconds: do it before train() starts
+        # its clock, so the run's time and tokens/s measure training only
+        self.start()
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.start()  # no-op when on_init_end already did it (a callback added after the Trainer was built)
+        self._start = time.perf_counter()
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for tracker in list(self.trackers):
+            link = self._guard(tracker, "start", lambda t=tracker: t.start(self.info))
+            if link:
+                self.run_ids[tracker.name] = link.get("run_id")
+                write_tracker_json(self.info.output_dir, tracker.name, link)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        metrics = loggable(logs or {})
+        if "trained_tokens" in metrics:
+            elapsed = time.perf_counter() - self._start
+            metrics["trained_tokens_per_second"] = metrics["trained_tokens"] / elapsed if elapsed > 0 else 0.0
+        if not metrics:
+            return
+        epoch = float(state.epoch or 0.0)
+        for tracker in list(self.trackers):
+            self._guard(tracker, "log", lambda t=tracker: t.log(metrics, state.global_step, epoch))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        for tracker in list(self.trackers):
+            self._guard(tracker, "finish", tracker.finish)
+
+
+def write_tracker_json(output_dir: str, name: str, link: dict[str, Any]) -> Path:
+    path = Path(output_dir) / f"{name}_tracker.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"tracker": name, **link}, indent=2, default=str) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,49 @@
+"""aim: a local repository (default: output_dir) or a remote aim server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aim import Run
+
+from tuning.config.args import TrackerArgs
+from tuning.trackers import RunInfo
+
+AIM_DEFAULT_PORT = 53800
+
+
+class AimTracker:
+    name = "aim"
+
+    def __init__(self, args: TrackerArgs, output_dir: str) -> None:
+        if args.aim_remote_server_ip:
+            self.repo = f"aim://{args.aim_remote_server_ip}:{args.aim_remote_server_port or AIM_DEFAULT_PORT}"
+        else:
+            self.repo = str(Path(args.aim_repo or output_dir).resolve())
+        self.run: Run | None = None
+
+    def start(self, info: RunInfo) -> dict[str, Any]:
+        # system params need pkg_resources (gone from new setuptools), and the terminal capture and
+        # system-stats threads outlive failures: all off
+        self.run = Run(
+            repo=self.repo,
+            experiment=info.experiment,
+            log_system_params=False,
+            system_tracking_interval=None,
+            capture_terminal_logs=False,
+        )
+        self.run.name = info.run_name
+        self.run["hparams"] = info.params
+        return {"run_id": self.run.hash, "repo": self.repo, "experiment": info.experiment}
+
+    def log(self, metrics: dict[str, float], step: int, epoch: float) -> None:
+        for key, value in metrics.items():
+            subset = "eval" if key.startswith("eval_") else "train"
+            self.run.track(
+                value, name=key.removeprefix("eval_"), step=step, epoch=epoch, context={"subset": subset}
+            )
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.close()

@@ -1,0 +1,136 @@
+"""What accelerate's FSDP needs from us: a CPU compatibility layer, and rank-aware helpers for writes.
+
+The distributed engine is accelerate over ``torch.distributed`` FSDP; nothing here shards or gathers
+weights. Our own communication is limited to barriers and gathering one integer per rank (token and
+parameter counts).
+
+Why a compatibility layer: accelerate 1.15 turns on FSDP only for accelerator backends. Under
+``accelerate launch`` with an FSDP config on CPU (gloo), ``AcceleratorState`` leaves the job as
+``MULTI_CPU`` and ``prepare`` silently wraps the model in DDP, so every rank holds the whole model and
+CI would "pass" without ever sharding. ``distributed_type: MULTI_CPU`` is no way out either: it starts
+one process. :func:`route_cpu_fsdp` moves that one case over to FSDP, exactly as accelerate does for
+GPUs (plugin from the ``FSDP_*`` environment, mixed precision applied to it). It is a no-op whenever
+accelerate already chose FSDP, so on GPUs it never runs; ``tests/test_distributed.py`` fails loudly if
+accelerate starts routing CPU jobs itself (then this module can go).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather
+from transformers import TrainerCallback
+
+logger = logging.getLogger("tuning")
+
+
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (it exports ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def select_cpu_backend() -> None:
+    """Before the training arguments exist: on a machine without accelerators, tell accelerate that a
+    multi-process FSDP launch is a CPU job.
+
+    Without this, ``TrainingArguments`` sets up a non-CPU ``PartialState`` that finds no GPU and reports
+    one process: every rank then trains alone on all the data. accelerate reads ``ACCELERATE_USE_CPU``
+    itself (it is what ``accelerate launch --cpu`` exports), so this is configuration, not a patch.
+    """
+    if fsdp_requested() and _world_size() > 1 and not torch.accelerator.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def route_cpu_fsdp(accelerator: Any) -> bool:
+    """Make a CPU job launched with an FSDP config really use FSDP. Returns whether it changed anything.
+
+    Must run right after the ``Accelerator`` is built and before ``prepare``.
+    """
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested():
+        return False
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch exported
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    logger.info("accelerate chose MULTI_CPU (DDP) for an FSDP launch on CPU: routing it to FSDP")
+    state.distributed_type = DistributedType.FSDP
+    # as AcceleratorState does at the end of its own set-up: a later AcceleratorState() copies the
+    # PartialState fields back, which would otherwise silently undo the routing
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+@contextlib.contextmanager
+def full_state_dict(trainer: Any) -> Iterator[None]:
+    """Gather full weights for the final save even when checkpoints are sharded.
+
+    ``Trainer.save_model`` under FSDP writes nothing unless the plugin's state dict type is
+    ``FULL_STATE_DICT``; with ``SHARDED_STATE_DICT`` (the sensible choice for 70B+ checkpoints) the final
+    folder would be empty. Every rank must enter this, since gathering is collective.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if not trainer.is_fsdp_enabled or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        yield
+        return
+    saved = (plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config)
+    plugin.state_dict_config = plugin.optim_state_dict_config = None
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        yield
+    finally:
+        plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = saved
+
+
+def local_parameter_count(model: Any) -> int:
+    """Parameters this rank holds: its shard of each FSDP2 (DTensor) parameter, all of a plain one."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+
+
+def per_rank(value: int) -> list[int]:
+    """``value`` from every rank, in rank order (just ``[value]`` when not distributed)."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return [value]
+    return [int(v) for v in gather(torch.tensor([value], device=state.device)).tolist()]
+
+
+class ShardingReport(TrainerCallback):
+    """One line at the start of training: how many parameters each rank holds, so "is it really
+    sharded?" is answered by the log (and asserted by the tests) rather than assumed."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or PartialState().num_processes == 1:
+            return
+        counts = per_rank(local_parameter_count(model))
+        if state.is_world_process_zero:
+            kind = PartialState().distributed_type.value
+            logger.info("%s: parameters held per rank %s", kind, ", ".join(map(str, counts)))
+
+
+def set_seed(seed: int) -> None:
+    """Seed every RNG before the model is built. The Trainer seeds only once it exists, after LoRA
+    has already drawn its initial weights from whatever state each process's RNG happened to be in."""
+    transformers.set_seed(seed)
+
+
+def leave_process_group() -> None:
+    """End this rank's part in ``torch.distributed`` (a local call: no rank waits for the others)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    PartialState().wait_for_everyone()
