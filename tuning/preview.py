@@ -17,10 +17,8 @@ from typing import Any
 
 from tuning.config import parse_config
 from tuning.config.args import DataArgs
-from tuning.data import formats
 from tuning.data.data_config import process_all
-from tuning.data.loading import load_data
-from tuning.data.pipeline import DataStats, prepare
+from tuning.data.pipeline import DataStats, prepare_path
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.errors import USER_ERROR_EXIT_CODE, UserError
 from tuning.model import context_length, load_model_config, load_tokenizer
@@ -68,15 +66,7 @@ def preview_parts(args: DataArgs, tokenizer: Any, max_len: int) -> list[tuple[st
         _, processed = process_all(args, tokenizer, max_len)
         return [(p.name, p.dataset, None if _streams(p.dataset) else p.stats) for p in processed]
     assert args.training_data_path, "validated by the config stage"
-    raw = load_data(args.training_data_path)
-    ds, stats = prepare(
-        raw,
-        formats.resolve_format(args, raw.column_names),
-        args,
-        tokenizer,
-        max_len,
-        name=args.training_data_path,
-    )
+    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
     return [(args.training_data_path, ds, stats)]
 
 

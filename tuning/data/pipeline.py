@@ -45,23 +45,23 @@ def build_datasets(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData
 
         return build_from_data_config(args, tokenizer, max_len)
     assert args.training_data_path, "validated by the config stage"
-    raw = load_data(args.training_data_path)
-    fmt = formats.resolve_format(args, raw.column_names)
-    train, stats = prepare(raw, fmt, args, tokenizer, max_len, name=args.training_data_path)
+    train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
     if args.packing:
         train = pack_fixed_length(train, max_len)
     validation = None
     if args.validation_data_path:
-        raw_val = load_data(args.validation_data_path)
-        validation, _ = prepare(
-            raw_val,
-            formats.resolve_format(args, raw_val.column_names),
-            args,
-            tokenizer,
-            max_len,
-            name=args.validation_data_path,
-        )
+        validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len)
     return PreparedData(train, validation, fmt, stats)
+
+
+def prepare_path(
+    path: str, args: DataArgs, tokenizer: Any, max_len: int
+) -> tuple[datasets.Dataset, str, DataStats]:
+    """Load one data path, pick its format by the rule, tokenize: (dataset, format, counts)."""
+    raw = load_data(path)
+    fmt = formats.resolve_format(args, raw.column_names)
+    ds, stats = prepare(raw, fmt, args, tokenizer, max_len, name=path)
+    return ds, fmt, stats
 
 
 def prepare(
