@@ -121,7 +121,7 @@ def test_failing_tracker_warns_once_and_is_dropped(tmp_path, caplog):
             callback.on_log(None, state, control, logs={"loss": 1.5, "trained_tokens": 10})
         callback.on_train_end(None, state, control)
     assert broken.logged == 1
-    assert callback.trackers == [null]
+    assert callback.trackers == []  # finished and released: a second close() finishes nothing twice
     assert [r.getMessage() for r in caplog.records] == [
         "tracker broken failed to log (ConnectionError: server gone); training continues without it"
     ]
@@ -197,3 +197,38 @@ def test_mlflow_records_losses_and_params_in_sqlite(tracked):
     assert mlflow_run.data.params["exp_metadata.team"] == "nlp"
     assert mlflow_run.data.params["datasets"] == json.dumps([str(out.parent / "train.json")])
     assert client.get_experiment(info["experiment_id"]).name == "tiny"
+
+
+class Counting(NullTracker):
+    finished = 0
+
+    def finish(self) -> None:
+        Counting.finished += 1
+
+
+def test_trackers_are_finished_when_training_fails(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    from tests.conftest import write_jsonl
+    from tuning import sft_trainer
+    from tuning.train.trainer import SFTTrainer
+
+    real_build = build_trackers
+
+    def build_with_counting(config):
+        callback = real_build(config)
+        callback.trackers.append(Counting("counting"))
+        return callback
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("boom mid-training")
+
+    monkeypatch.setattr(sft_trainer, "build_trackers", build_with_counting)
+    monkeypatch.setattr(SFTTrainer, "train", crash)
+    Counting.finished = 0
+    data = write_jsonl(tmp_path / "d.jsonl", io_rows(1))
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--training_data_path", str(data),
+            "--output_dir", str(tmp_path / "out"), "--torch_dtype", "float32", "--max_steps", "1"]  # fmt: skip
+    assert sft_trainer.main(argv) == 203
+    assert Counting.finished == 1
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == "internal error: RuntimeError: boom mid-training"
+    )

@@ -58,7 +58,10 @@ def run(config: SFTConfig) -> dict:
     trainer = build_trainer(args, model, tokenizer, data, plan, [tracking])
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    finally:
+        tracking.close()  # also when training fails; a no-op after a normal end
     seconds = time.perf_counter() - start
     saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
     summary = build_summary(trainer, result, seconds, data, saved)

@@ -191,8 +191,14 @@ class TrackerCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish every tracker, once. The entry point also calls it when training raises: the Trainer
+        skips on_train_end then, and a tracker run left open looks like it is still going."""
         for tracker in list(self.trackers):
             self._guard(tracker, "finish", tracker.finish)
+        self.trackers.clear()
 
 
 def write_tracker_json(output_dir: str, name: str, link: dict[str, Any]) -> Path:
