@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a file: import the package, not sibling 
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import logging
+import os
 import time
 import traceback
 
@@ -32,7 +33,7 @@ from tuning.model.quantization import quantization_config
 from tuning.report import build_summary, log_run_start, setup_logging
 from tuning.trackers import build_trackers
 from tuning.train import build_trainer, resume_checkpoint, save_final_model, summary_line, write_summary
-from tuning.train.distributed import leave_process_group, select_cpu_backend, set_seed
+from tuning.train.distributed import exit_process, leave_process_group, select_cpu_backend, set_seed
 
 logger = logging.getLogger("tuning")
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         select_cpu_backend()  # before the training arguments set up devices
         run(parse_config(argv))
+        leave_process_group(wait=True)
         return 0
     except TrainingInterrupted as e:  # a checkpoint is saved: the scheduler reruns the command to resume
         line, code = f"interrupted: {e}", e.exit_code
@@ -109,4 +111,7 @@ def _output_dir_hint(argv: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate/torchrun
+        exit_process(exit_code)
+    sys.exit(exit_code)

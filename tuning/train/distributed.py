@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,10 +126,28 @@ def set_seed(seed: int) -> None:
     transformers.set_seed(seed)
 
 
-def leave_process_group() -> None:
-    """End this rank's part in ``torch.distributed`` (a local call: no rank waits for the others)."""
+def leave_process_group(wait: bool = False) -> None:
+    """End this rank's part in ``torch.distributed``. ``wait`` (only after a successful run, when every
+    rank gets here) first waits for all ranks, so no rank exits and closes its gloo connections while
+    another still holds the group: seen here as rank 0 aborting ("terminate called without an active
+    exception") after a finished run. After a failure it is a local call: no rank waits for a dead one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Exit a rank of a multi-process run without interpreter teardown.
+
+    The run is over, its files are written and the group is left, but torch.distributed's C++ threads
+    can still abort the process while Python finalizes (SIGABRT turning a finished run into a failure;
+    pytorch/pytorch#179291 describes the gloo case). Flushing and ``os._exit`` keep the exit code true.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
