@@ -79,3 +79,19 @@ def run_cli(args: list[str], *, as_file: bool = False, env: dict | None = None, 
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def run_keeping_model(monkeypatch: pytest.MonkeyPatch, argv: list[str]):
+    """Run ``sft_trainer.main(argv)`` in-process; returns (exit code, the model it trained), the model
+    captured where the adapter stage hands it on (the trained object itself, not a reload)."""
+    from tuning import sft_trainer
+    from tuning.model.peft import apply_peft
+
+    kept = {}
+
+    def spy(*args):
+        kept["model"] = apply_peft(*args)
+        return kept["model"]
+
+    monkeypatch.setattr(sft_trainer, "apply_peft", spy)
+    return sft_trainer.main(argv), kept.get("model")

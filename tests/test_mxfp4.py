@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Mxfp4Config
 
-from tests.conftest import text_rows, write_json
+from tests.conftest import run_keeping_model, text_rows, write_json
 from tuning import sft_trainer
 from tuning.config import parse_config
 from tuning.config.args import DataArgs, ModelArgs, QuantArgs
@@ -270,13 +270,6 @@ def data_file(tmp_path_factory):
 
 
 def train(tmp_path, gpt_oss_dir, data_file, monkeypatch, *extra):
-    kept = {}
-
-    def spy(*args):
-        kept["model"] = apply_peft(*args)
-        return kept["model"]
-
-    monkeypatch.setattr(sft_trainer, "apply_peft", spy)
     out = tmp_path / "out"
     argv = [
         *("--model_name_or_path", str(gpt_oss_dir), "--training_data_path", str(data_file)),
@@ -286,8 +279,9 @@ def train(tmp_path, gpt_oss_dir, data_file, monkeypatch, *extra):
         *("--quantization_method", "mxfp4", "--dequantize", "True", "--logging_steps", "1"),
         *extra,
     ]
-    assert sft_trainer.main(argv) == 0
-    return out / "final", kept["model"]
+    code, model = run_keeping_model(monkeypatch, argv)
+    assert code == 0
+    return out / "final", model
 
 
 @pytest.mark.slow

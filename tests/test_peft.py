@@ -15,13 +15,13 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import TWEETS, text_rows, write_json
-from tuning import merge, sft_trainer
+from tests.conftest import TWEETS, run_keeping_model, text_rows, write_json
+from tuning import merge
 from tuning.config import parse_config
 from tuning.config.args import ModelArgs
 from tuning.errors import UserError
 from tuning.model import load_model_config, precision_plan
-from tuning.model.peft import apply_peft, resolve_target_modules
+from tuning.model.peft import resolve_target_modules
 from tuning.train import read_training_logs
 
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors"}
@@ -42,13 +42,6 @@ def train(tmp_path, tiny_model_dir, data_file, monkeypatch):
     """Run the trainer in-process; returns (exit code, output dir, the trained model)."""
 
     def _train(*extra: str, data=data_file):
-        kept = {}
-
-        def spy(*args):
-            kept["model"] = apply_peft(*args)
-            return kept["model"]
-
-        monkeypatch.setattr(sft_trainer, "apply_peft", spy)
         out = tmp_path / "out"
         argv = [
             *("--model_name_or_path", str(tiny_model_dir), "--training_data_path", str(data)),
@@ -58,7 +51,8 @@ def train(tmp_path, tiny_model_dir, data_file, monkeypatch):
             *("--use_flash_attn", "false", "--lora_dropout", "0.0"),
             *extra,
         ]
-        return sft_trainer.main(argv), out, kept.get("model")
+        code, model = run_keeping_model(monkeypatch, argv)
+        return code, out, model
 
     return _train
 
