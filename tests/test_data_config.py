@@ -15,6 +15,7 @@ from tuning import preview, sft_trainer
 from tuning.config import parse_config
 from tuning.config.args import DataArgs
 from tuning.data.data_config import build_from_data_config
+from tuning.data.pipeline import build_datasets
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.tiny_model import build_tokenizer
 
@@ -326,8 +327,6 @@ def test_training_with_split_evaluates_on_the_validation_union(tmp_path, io_file
 def test_packing_applies_to_the_mixed_train_set(tmp_path, io_file):
     config = io_config(tmp_path, io_file, "")
     plain = build(config, max_len=64)
-    packed = build_from_data_config(
-        DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64
-    )
+    packed = build_datasets(DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64)
     assert [len(r) for r in packed.train["input_ids"]][:-1] == [64] * (len(packed.train) - 1)
     assert sum(map(len, packed.train["input_ids"])) == sum(map(len, plain.train["input_ids"]))

@@ -28,7 +28,6 @@ import datasets
 from tuning.config.args import DataArgs
 from tuning.config.parser import read_mapping_file
 from tuning.data import formats, loading
-from tuning.data.batching import pack_fixed_length
 from tuning.data.handlers import Handler, get_handler, resolve_kwargs
 from tuning.data.handlers.registry import did_you_mean, input_columns, type_matches
 from tuning.data.pipeline import DataStats, PreparedData, prepare, process_batch
@@ -456,10 +455,6 @@ def build_from_data_config(args: DataArgs, tokenizer: Any, max_len: int) -> Prep
         )
     validation = datasets.concatenate_datasets(align_features(validation_parts)) if validation_parts else None
     train = mix(train_parts, config)
-    if args.packing:
-        if not isinstance(train, datasets.Dataset):
-            raise UserError(f"data config {config.path}: --packing needs row counts; set streaming: false")
-        train = pack_fixed_length(train, max_len)
     return PreparedData(train, validation, "data_config", _total_stats(processed))
 
 

@@ -43,15 +43,19 @@ def build_datasets(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData
     if args.data_config_path:
         from tuning.data.data_config import build_from_data_config  # built on this module's prepare()
 
-        return build_from_data_config(args, tokenizer, max_len)
-    assert args.training_data_path, "validated by the config stage"
-    train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
-    if args.packing:
-        train = pack_fixed_length(train, max_len)
-    validation = None
-    if args.validation_data_path:
-        validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len)
-    return PreparedData(train, validation, fmt, stats)
+        data = build_from_data_config(args, tokenizer, max_len)
+    else:
+        assert args.training_data_path, "validated by the config stage"
+        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
+        validation = None
+        if args.validation_data_path:
+            validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len)
+        data = PreparedData(train, validation, fmt, stats)
+    if args.packing:  # one place for both paths: packing cuts the final (mixed) training set
+        if not isinstance(data.train, datasets.Dataset):
+            raise UserError("--packing needs row counts, and streamed data has none; set streaming: false")
+        data.train = pack_fixed_length(data.train, max_len)
+    return data
 
 
 def prepare_path(
