@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -22,6 +21,7 @@ from tuning.data import PreparedData
 from tuning.model import PrecisionPlan
 from tuning.plot import LOSS_PLOT_NAME
 from tuning.trackers import TrackerCallback
+from tuning.train.checkpoints import is_complete, list_checkpoints
 from tuning.train.distributed import per_rank
 from tuning.train.outputs import peak_memory_bytes
 
@@ -113,20 +113,12 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
         "rows": data.stats.rows,
         "rows_kept": data.stats.kept,
         "output_dir": str(out),
-        "checkpoints": [str(p) for p in checkpoint_dirs(out)],
+        "checkpoints": [str(p) for p in list_checkpoints(out) if is_complete(p)],
         "best_model_checkpoint": trainer.state.best_model_checkpoint,
         "save_model_dir": str(saved) if saved else None,
         "loss_plot": str(out / LOSS_PLOT_NAME) if (out / LOSS_PLOT_NAME).is_file() else None,
         "trackers": dict(trackers.run_ids) if trackers else {},
     }
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """``checkpoint-N`` folders, by step."""
-    found = [
-        p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def _clock(seconds: float) -> str:

@@ -54,7 +54,7 @@ def run(config: SFTConfig) -> dict:
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
     plan = precision_plan(config.model, model_config, config.peft.peft_method)
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
-    model = load_model(config.model, plan, tokenizer, quant)
+    model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)
     trainer = build_trainer(args, model, tokenizer, data, plan, [tracking])
     log_run_start(config, model, data, trainer, plan)

@@ -129,12 +129,19 @@ def causal_lm_class(config: PretrainedConfig) -> type | None:
         return None
 
 
-def load_model(args: ModelArgs, plan: PrecisionPlan, tokenizer: Any, quantization: Any = None) -> Any:
+def load_model(
+    args: ModelArgs,
+    plan: PrecisionPlan,
+    tokenizer: Any,
+    quantization: Any = None,
+    config: PretrainedConfig | None = None,
+) -> Any:
     """Load the model with the first usable attention kernel; one warning line on fallback.
 
     ``quantization``: a transformers quantization config (tuning/model/quantization.py), or None.
+    ``config``: the model config when the caller already loaded it (read again otherwise).
     """
-    model_class = causal_lm_class(load_model_config(args))
+    model_class = causal_lm_class(config or load_model_config(args))
     candidates = attention_candidates(args, model_class)
     reasons: list[str] = []
     for impl in candidates:
