@@ -62,7 +62,7 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,10 +70,10 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # some filesystems (and Windows) can't fsync a directory; the rename is still atomic
     with contextlib.suppress(OSError):
-        _fsync_file(path)
+        fsync_file(path)
 
 
 def commit_checkpoint(path: str | Path, step: int, epoch: float | None) -> Path:
@@ -81,12 +81,12 @@ def commit_checkpoint(path: str | Path, step: int, epoch: float | None) -> Path:
     folder = Path(path)
     for file in folder.rglob("*"):
         if file.is_file():
-            _fsync_file(file)
+            fsync_file(file)
     tmp = folder / f".{COMPLETE_MARKER}.tmp"
     tmp.write_text(json.dumps({"step": step, "epoch": epoch}) + "\n", encoding="utf-8")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, folder / COMPLETE_MARKER)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return folder
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import torch
 
 from tuning.model import PrecisionPlan
 from tuning.model.peft import write_adapter_extras
+from tuning.train.checkpoints import fsync_dir, fsync_file
 from tuning.train.distributed import barrier, full_state_dict
 
 logger = logging.getLogger(__name__)
@@ -50,10 +50,10 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     tokenizer.save_pretrained(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the args
     for item in tmp.iterdir():
-        _fsync(item)
+        (fsync_dir if item.is_dir() else fsync_file)(item)
     if not target.exists():
         os.rename(tmp, target)
-        _fsync(target.parent)
+        fsync_dir(target.parent)
         barrier()  # released only once the model is in place: no rank reloads or reports it earlier
         return target
     for item in tmp.iterdir():
@@ -61,15 +61,6 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     tmp.rmdir()
     barrier()
     return target
-
-
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):  # directories can't be fsynced everywhere; the rename still is atomic
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def peak_memory_bytes() -> int:
