@@ -94,8 +94,7 @@ def run_case(args, workload: str, lora: bool, path: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from tuning.config.args import TrainArgs
-    from tuning.data import PreparedData
-    from tuning.data.pipeline import DataStats
+    from tuning.data import DataStats, PreparedData
     from tuning.model.loading import PrecisionPlan
     from tuning.train.trainer import build_trainer
 

@@ -3,7 +3,7 @@ bf16 with a real flash kernel, with timings. NOT RUN YET: written without a GPU;
 whoever runs it.
 
 A small gpt-oss (random weights, 8 experts, attention sinks, written in the real MXFP4 checkpoint
-layout by tuning/tiny_gpt_oss.py; nothing is downloaded except the attention kernel) is checked for:
+layout by tuning/testing/tiny_gpt_oss.py; nothing is downloaded except the attention kernel) is checked for:
 
 1. dequantized load: every expert weight equals the MXFP4 values exactly, in bf16;
 2. attention: which kernel ``--flash_attn_implementation kernels-community/vllm-flash-attn3`` really
@@ -45,7 +45,7 @@ def check_exact_load(path: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from tuning.tiny_gpt_oss import unpack_mxfp4
+    from tuning.testing.tiny_gpt_oss import unpack_mxfp4
 
     model = load(path, "eager", lora=True)
     files = load_file(path / "model.safetensors")
@@ -184,7 +184,7 @@ def main() -> None:
     opts = parser.parse_args()
     import torch
 
-    from tuning.tiny_gpt_oss import write_tiny_gpt_oss
+    from tuning.testing.tiny_gpt_oss import write_tiny_gpt_oss
 
     device = "cuda" if torch.cuda.is_available() and not opts.smoke else "cpu"
     seq_len, steps = (64, 2) if opts.smoke else (opts.seq_len, opts.steps)

@@ -99,7 +99,7 @@ def run_setting(
     from transformers import AutoTokenizer
 
     from tuning.config.args import DataArgs
-    from tuning.data.data_config import build_from_data_config
+    from tuning.data.mixing import build_from_data_config
 
     datasets.config.HF_DATASETS_CACHE = cache
     config = work / f"config-{abs(hash((template, num_proc, str(cache))))}.json"

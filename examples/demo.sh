@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 work="${DEMO_DIR:-$(mktemp -d)}"
-python -m tuning.tiny_model "$work/tiny-llama" >/dev/null
+python -m tuning.testing.tiny_model "$work/tiny-llama" >/dev/null
 
 python -m tuning.sft_trainer \
   --model_name_or_path "$work/tiny-llama" \

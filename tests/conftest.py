@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from tuning.tiny_model import build_tokenizer, write_tiny_model  # noqa: E402
+from tuning.testing.tiny_model import build_tokenizer, write_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ from conftest import io_rows, write_jsonl
 from tuning import preview, sft_trainer
 from tuning.config import parse_config
 from tuning.config.args import DataArgs
-from tuning.data.data_config import build_from_data_config
-from tuning.data.pipeline import build_datasets
+from tuning.data import build_datasets
+from tuning.data.mixing import build_from_data_config
 from tuning.data.tokenize import IGNORE_INDEX
-from tuning.tiny_model import build_tokenizer
+from tuning.testing.tiny_model import build_tokenizer
 
 X = IGNORE_INDEX
 CHATS = [

@@ -60,7 +60,7 @@ if __name__ == "__main__" and "--record" in sys.argv:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tuning.tiny_model import write_tiny_model
+    from tuning.testing.tiny_model import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         losses = golden_run(write_tiny_model(Path(tmp) / "model"), Path(tmp))

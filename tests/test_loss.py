@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from tuning.config.args import TrainArgs
-from tuning.data import PreparedData
+from tuning.data import DataStats, PreparedData
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator
-from tuning.data.pipeline import DataStats
 from tuning.errors import UserError
 from tuning.model.loading import PrecisionPlan
-from tuning.tiny_model import build_model
+from tuning.testing.tiny_model import build_model
 from tuning.train.loss import chunked_cross_entropy, label_only_loss, resolve_loss_implementation
 from tuning.train.trainer import build_trainer
 

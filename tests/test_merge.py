@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tuning import cli
-from tuning.tiny_model import build_tokenizer
+from tuning.testing.tiny_model import build_tokenizer
 
 PROMPT = torch.tensor([[1, 55, 72, 69, 82, 4, 102, 4, 48, 69, 70, 73, 80, 30]])
 

@@ -29,7 +29,7 @@ from tuning.model.loading import (
 )
 from tuning.model.peft import apply_peft, wrapped_summary
 from tuning.model.quantization import quantization_config
-from tuning.tiny_gpt_oss import pack_mxfp4, unpack_mxfp4, write_tiny_gpt_oss
+from tuning.testing.tiny_gpt_oss import pack_mxfp4, unpack_mxfp4, write_tiny_gpt_oss
 from tuning.train.loss import resolve_loss_implementation
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"

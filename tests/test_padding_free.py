@@ -9,7 +9,7 @@ import torch
 from tuning.data.batching import TokenBudgetBatchSampler, pack_fixed_length, sample_lengths
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator
 from tuning.errors import UserError
-from tuning.tiny_model import build_model
+from tuning.testing.tiny_model import build_model
 from tuning.train.speed import choose_collator, padding_free_blocker
 
 X = -100
@@ -91,8 +91,7 @@ def test_fixed_length_packing_and_lengths():
 
 def test_trainer_steps_follow_the_token_budget(tokenizer, tmp_path):
     from tuning.config.args import TrainArgs
-    from tuning.data import PreparedData
-    from tuning.data.pipeline import DataStats
+    from tuning.data import DataStats, PreparedData
     from tuning.model.loading import PrecisionPlan
     from tuning.train.trainer import build_trainer
 

@@ -13,10 +13,10 @@ from transformers import TrainerControl, TrainerState
 from tests.conftest import io_rows, write_json
 from tuning.cli import main as cli
 from tuning.config import parse_config
-from tuning.plot import write_loss_plot
-from tuning.report import RunProgress
+from tuning.outputs import write_loss_plot
 from tuning.sft_trainer import run
 from tuning.train.callbacks import TRAINING_LOGS_NAME
+from tuning.train.progress import RunProgress
 
 BASE = ["--model_name_or_path", "m", "--training_data_path", "d", "--output_dir", "o"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

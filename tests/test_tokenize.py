@@ -10,7 +10,7 @@ import pytest
 
 from tuning.config.args import DataArgs
 from tuning.data.formats import RowTemplate, chat_text_and_spans, combine_input_output, response_spans
-from tuning.data.pipeline import process_batch
+from tuning.data.prepare import process_batch
 from tuning.data.tokenize import NO_TEMPLATE, OK, tokenize_batch
 from tuning.errors import UserError
 

@@ -23,13 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.config.parser import read_mapping_file
 from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
+from tuning.files import read_mapping_file
 
 ACCELERATE_KEY = "accelerate_launch_args"
 JOB_PATH_ENV = "SFT_TRAINER_CONFIG_JSON_PATH"
 COMPLETE_MARKER = ".complete"
-FSDP_DEFAULTS = Path(__file__).resolve().parent.parent / "fixtures" / "accelerate_fsdp_defaults.yaml"
+# shipped inside the package (package data), so a wheel install has it; fixtures/ at the repo root links to it
+FSDP_DEFAULTS = Path(__file__).resolve().parent / "fixtures" / "accelerate_fsdp_defaults.yaml"
 # accelerate flags that choose the distributed mode themselves: then our FSDP defaults stay out of the way
 _MODE_FLAGS = ("config_file", "use_fsdp", "multi_gpu", "use_deepspeed", "use_megatron_lm", "cpu", "tpu")
 
@@ -56,11 +57,6 @@ def resolve_launch_args(launch: dict[str, Any], gpus: int) -> dict[str, Any]:
     if resolved.get("num_processes") is None:
         resolved["num_processes"] = max(gpus, 1) * int(resolved.get("num_machines") or 1)
     if int(resolved["num_processes"]) > 1 and not any(resolved.get(k) for k in _MODE_FLAGS):
-        if not FSDP_DEFAULTS.is_file():
-            raise UserError(
-                f"no FSDP defaults at {FSDP_DEFAULTS} (installed without the fixtures folder); set "
-                f"{ACCELERATE_KEY}.config_file to an accelerate config"
-            )
         resolved["config_file"] = str(FSDP_DEFAULTS)
     return resolved
 

@@ -1,67 +1,12 @@
-"""``loss.png``: training (and validation) loss against step, from ``training_logs.jsonl``.
-
-Written by the file_logger tracker at the end of every run, and by ``tuning plot OUTPUT_DIR`` for any
-run folder (also one still training, or one from another machine). A missing matplotlib or an
-unreadable log never fails a training run: the plot is skipped with one line saying why.
-"""
+"""``tuning plot OUTPUT_DIR [--out FILE]``: draw ``loss.png`` for any run folder."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
 from tuning.errors import UserError
-from tuning.train.callbacks import TRAINING_LOGS_NAME, read_training_logs
-
-logger = logging.getLogger(__name__)
-
-LOSS_PLOT_NAME = "loss.png"
-
-
-def render_loss_plot(output_dir: str | Path, target: str | Path | None = None) -> Path:
-    """Draw the losses of ``output_dir/training_logs.jsonl`` to ``target`` (default ``output_dir/loss.png``)."""
-    out = Path(output_dir)
-    if not (out / TRAINING_LOGS_NAME).is_file():
-        raise UserError(f"no {TRAINING_LOGS_NAME} in {out}; pass the output_dir of a training run")
-    train = read_training_logs(out, "training_loss")
-    valid = read_training_logs(out, "validation_loss")
-    if not train and not valid:
-        raise UserError(f"{out / TRAINING_LOGS_NAME} has no loss records yet; plot again after a log step")
-    try:
-        # the object API, not pyplot: no global figure state, no GUI backend picked from the environment
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("matplotlib is not installed; install it with: pip install matplotlib") from None
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for records, label, style in ((train, "training", "-"), (valid, "validation", "o--")):
-        if records:
-            style = "o" if len(records) == 1 else style  # a one-point line is invisible
-            ax.plot([r["step"] for r in records], [r["value"] for r in records], style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"loss: {out.resolve().name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(target) if target else out / LOSS_PLOT_NAME
-    fig.savefig(path)
-    return path
-
-
-def write_loss_plot(output_dir: str | Path) -> Path | None:
-    """End-of-run plot; never raises (the run is done, a plot is not worth failing it)."""
-    try:
-        return render_loss_plot(output_dir)
-    except UserError as e:
-        logger.info("%s not written: %s", LOSS_PLOT_NAME, e)
-    except Exception as e:  # a plotting bug must not turn a finished run into a failed one
-        logger.warning("%s not written: %s: %s", LOSS_PLOT_NAME, type(e).__name__, e)
-    return None
+from tuning.outputs import render_loss_plot
 
 
 def main(argv: list[str] | None = None) -> int:

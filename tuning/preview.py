@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuning.config import parse_config
-from tuning.config.args import DataArgs
-from tuning.data.data_config import process_all
-from tuning.data.pipeline import DataStats, prepare_path
-from tuning.data.tokenize import IGNORE_INDEX
+from tuning.data import IGNORE_INDEX, DataStats, check_data_config, preview_parts
 from tuning.errors import USER_ERROR_EXIT_CODE, UserError
 from tuning.model import context_length, load_model_config, load_tokenizer
 
@@ -34,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in rest):
             rest += ["--output_dir", str(Path(tempfile.gettempdir()) / "tuning-preview")]  # never written
         config = parse_config(rest)
+        check_data_config(config.data, config.train.max_steps)
         tokenizer = load_tokenizer(config.model, config.data)
         max_len = context_length(load_model_config(config.model), config.data.max_seq_length)
         parts = preview_parts(config.data, tokenizer, max_len)
@@ -58,20 +56,6 @@ def _pop_preview_flag(argv: list[str]) -> tuple[int, list[str]]:
         rest.append(arg)
         i += 1
     return n, rest
-
-
-def preview_parts(args: DataArgs, tokenizer: Any, max_len: int) -> list[tuple[str, Any, DataStats | None]]:
-    """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data."""
-    if args.data_config_path:
-        _, processed = process_all(args, tokenizer, max_len)
-        return [(p.name, p.dataset, None if _streams(p.dataset) else p.stats) for p in processed]
-    assert args.training_data_path, "validated by the config stage"
-    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
-    return [(args.training_data_path, ds, stats)]
-
-
-def _streams(dataset: Any) -> bool:
-    return not hasattr(dataset, "__len__")
 
 
 def render_preview(

@@ -18,8 +18,7 @@ import time
 import traceback
 
 from tuning.config import SFTConfig, parse_config, save_resolved_config
-from tuning.data import build_datasets
-from tuning.data.data_config import write_processed
+from tuning.data import build_datasets, check_data_config, write_processed
 from tuning.errors import (
     INTERNAL_ERROR_EXIT_CODE,
     USER_ERROR_EXIT_CODE,
@@ -27,12 +26,13 @@ from tuning.errors import (
     UserError,
     write_termination_log,
 )
+from tuning.logs import setup_logging
 from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
 from tuning.model.peft import apply_peft
 from tuning.model.quantization import quantization_config
-from tuning.report import build_summary, log_run_start, setup_logging
+from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
 from tuning.trackers import build_trackers
-from tuning.train import build_trainer, resume_checkpoint, save_final_model, summary_line, write_summary
+from tuning.train import build_trainer, log_run_start, resume_checkpoint
 from tuning.train.distributed import exit_process, leave_process_group, select_cpu_backend, set_seed
 
 logger = logging.getLogger("tuning")
@@ -63,6 +63,8 @@ def run(config: SFTConfig) -> dict:
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     finally:
         tracking.close()  # also when training fails; a no-op after a normal end
+        if args.should_save:
+            write_loss_plot(args.output_dir)  # also for a failed run: the curve up to the failure
     seconds = time.perf_counter() - start
     saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
     summary = build_summary(trainer, result, seconds, data, saved)
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = setup_logging(argv)
     try:
         select_cpu_backend()  # before the training arguments set up devices
-        run(parse_config(argv))
+        config = parse_config(argv)
+        check_data_config(config.data, config.train.max_steps)
+        run(config)
         leave_process_group(wait=True)
         return 0
     except TrainingInterrupted as e:  # a checkpoint is saved: the scheduler reruns the command to resume

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import logging
 import math
 from dataclasses import asdict
@@ -17,6 +16,7 @@ from transformers import HfArgumentParser
 
 from tuning.config.args import DataArgs, ModelArgs, PeftArgs, QuantArgs, SFTConfig, TrackerArgs, TrainArgs
 from tuning.errors import UserError
+from tuning.files import read_mapping_file
 
 # SFTConfig field → dataclass; a new stage's arguments are one more entry here.
 ARG_GROUPS: dict[str, type] = {
@@ -68,27 +68,6 @@ def _config_file_arg(argv: list[str]) -> str | None:
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
     return None
-
-
-def read_mapping_file(path: str | Path, what: str, shown: str | None = None) -> dict[str, Any]:
-    """The mapping a YAML or JSON file holds (``.json`` is read as JSON, anything else as YAML, both
-    without running code), or a UserError naming ``what`` and the file (``shown``: how the user typed it).
-    Shared by ``--config``, data configs and launcher job files."""
-    file, shown = Path(path), shown or str(path)
-    if not file.is_file():
-        raise UserError(f"{what} {shown} does not exist; pass an existing YAML or JSON file")
-    kind = "JSON" if file.suffix == ".json" else "YAML"
-    try:
-        text = file.read_text(encoding="utf-8")
-        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{what} {shown} is not valid {kind}: {' '.join(str(e).split())}") from None
-    values = {} if values is None else values
-    if not isinstance(values, dict):
-        raise UserError(
-            f"{what} {shown} must hold a mapping of keys to values, not a {type(values).__name__}"
-        )
-    return values
 
 
 def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
@@ -165,9 +144,8 @@ def validate(config: SFTConfig) -> None:
 
 
 def _validate_data_config(config: SFTConfig) -> None:
-    """Read and check the whole data config now, before any model or data is loaded."""
-    from tuning.data.data_config import load_data_config  # the data stage owns the file's schema
-
+    """What the command line alone can tell about ``--data_config_path``; the file's own schema is the
+    data stage's (:func:`tuning.data.check_data_config`, run by the entry point right after parsing)."""
     data = config.data
     for flag in ("training_data_path", "validation_data_path"):
         if getattr(data, flag):
@@ -175,12 +153,6 @@ def _validate_data_config(config: SFTConfig) -> None:
                 f"--{flag} and --data_config_path both name data; put every dataset in the data config "
                 "(a validation-only dataset is one with split: {validation: 1.0})"
             )
-    data_config = load_data_config(data.data_config_path)
-    if data_config.dataprocessor.streaming and config.train.max_steps <= 0:
-        raise UserError(
-            f"data config {data.data_config_path} streams its datasets, so epochs have no length; "
-            "pass --max_steps"
-        )
 
 
 def resolved_config_dict(config: SFTConfig) -> dict[str, Any]:

@@ -1,6 +1,23 @@
-"""Data stage: paths → rows → (text, trained spans) → input_ids + labels → padded batches."""
+"""Data stage: paths → rows → (text, trained spans) → input_ids + labels → batches.
 
-from tuning.data.collate import PaddingCollator, pad_token_id
-from tuning.data.pipeline import DataStats, PreparedData, build_datasets
+The surface the later stages and the commands use; everything else is this package's own.
+"""
 
-__all__ = ["DataStats", "PaddingCollator", "PreparedData", "build_datasets", "pad_token_id"]
+from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
+from tuning.data.pipeline import build_datasets, check_data_config, preview_parts
+from tuning.data.prepare import DataStats, PreparedData
+from tuning.data.shards import write_processed
+from tuning.data.tokenize import IGNORE_INDEX
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataStats",
+    "PaddingCollator",
+    "PaddingFreeCollator",
+    "PreparedData",
+    "build_datasets",
+    "check_data_config",
+    "pad_token_id",
+    "preview_parts",
+    "write_processed",
+]

@@ -4,8 +4,9 @@ The file is read and validated whole before any data is touched: unknown keys, h
 arguments are errors naming the file, the dataset and the key, with the closest valid name. Configs
 written for fms-hf-tuning run unchanged (its old argument names are accepted with a warning).
 
-After its handlers, a dataset goes through the same last step as ``--training_data_path`` data
-(:func:`tuning.data.pipeline.prepare`): tokenized rows are truncated to ``max_seq_length`` and rows with
+This module is the file's schema and its validation; ``config_datasets`` runs a dataset's handlers and
+``mixing`` splits and mixes the results. After its handlers, a dataset goes through the same last step
+as ``--training_data_path`` data (:func:`tuning.data.prepare.prepare`): tokenized rows are truncated to ``max_seq_length`` and rows with
 nothing to train are dropped and counted; text rows are formatted and masked by the CLI's rules.
 """
 
@@ -13,10 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import inspect
 import logging
-import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
@@ -25,22 +24,17 @@ from typing import Any, Literal
 
 import datasets
 
-from tuning.config.args import DataArgs
-from tuning.config.parser import read_mapping_file
-from tuning.data import formats, loading
 from tuning.data.handlers import Handler, get_handler, resolve_kwargs
-from tuning.data.handlers.registry import did_you_mean, input_columns, type_matches
-from tuning.data.pipeline import DataStats, PreparedData, prepare, process_batch
-from tuning.data.tokenize import OK
+from tuning.data.handlers.registry import did_you_mean, type_matches
 from tuning.errors import UserError
+from tuning.files import read_mapping_file
 
 logger = logging.getLogger(__name__)
 
 # ``datasets``' own map/filter keywords a config may pass through (num_proc, batch_size, ...).
-_OWN = {"self", "function", "fn_kwargs", "batched", "remove_columns", "with_indices", "with_rank"}
-MAP_KEYWORDS = set(inspect.signature(datasets.Dataset.map).parameters) - _OWN
-FILTER_KEYWORDS = set(inspect.signature(datasets.Dataset.filter).parameters) - _OWN
-STREAMING_KEYWORDS = set(inspect.signature(datasets.IterableDataset.map).parameters) - _OWN
+OWN_KEYWORDS = {"self", "function", "fn_kwargs", "batched", "remove_columns", "with_indices", "with_rank"}
+MAP_KEYWORDS = set(inspect.signature(datasets.Dataset.map).parameters) - OWN_KEYWORDS
+FILTER_KEYWORDS = set(inspect.signature(datasets.Dataset.filter).parameters) - OWN_KEYWORDS
 
 
 @dataclass
@@ -83,17 +77,6 @@ class DataConfig:
     dataprocessor: DataProcessorConfig
     datasets: list[DatasetConfig]
     chat_template: str | None = None
-
-
-@dataclass
-class ProcessedDataset:
-    name: str
-    dataset: Any  # datasets.Dataset, or IterableDataset when streaming
-    stats: DataStats
-    config: DatasetConfig
-
-
-# --------------------------------------------------------------------------------------------- schema
 
 
 def load_data_config(path: str) -> DataConfig:
@@ -212,7 +195,7 @@ def _chat_template(proc: DataProcessorConfig, base: Path, where: str) -> str | N
     if len(given) > 1:
         raise UserError(f"{where}: dataprocessor sets {' and '.join(given)}; set only one")
     if proc.chat_template_path:
-        path = _local_path(proc.chat_template_path, base)
+        path = local_path(proc.chat_template_path, base)
         if not path.is_file():
             raise UserError(f"{where}: chat_template_path {proc.chat_template_path} does not exist")
         return path.read_text(encoding="utf-8")
@@ -246,249 +229,9 @@ def _check_mixing(config: DataConfig, where: str) -> None:
         raise UserError(f"{where}: the sampling ratios sum to 0; at least one must be positive")
 
 
-def _local_path(path: str, base: Path) -> Path:
+def local_path(path: str, base: Path) -> Path:
     """Relative paths are tried from the working directory, then from the data config's folder."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists() or not (base / p).exists():
         return p
     return base / p
-
-
-# --------------------------------------------------------------------------------------- processing
-
-
-def load_dataset_paths(ds: DatasetConfig, config: DataConfig) -> Any:
-    """A dataset's ``data_paths`` loaded and concatenated (in order)."""
-    base = Path(config.path).resolve().parent
-    parts = [
-        _load_one(str(_local_path(p, base)) if not set("*?[") & set(p) else p, ds, config)
-        for p in ds.data_paths
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    try:
-        return datasets.concatenate_datasets(parts)
-    except ValueError as e:
-        raise UserError(
-            f"data config {config.path}: dataset '{ds.name}': its data_paths have different columns ({e})"
-        ) from None
-
-
-def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
-    streaming = config.dataprocessor.streaming
-    if not streaming and ds.builder is None and ds.dataset_split_name in (None, "train"):
-        return loading.load_data(path)  # the CLI's loader, with its line-numbered error messages
-    files = [Path(path)] if Path(path).is_file() else loading.resolve_files(path)
-    try:
-        if files is None:
-            return datasets.load_dataset(path, split=ds.dataset_split_name or "train", streaming=streaming)
-        builder = ds.builder or loading.BUILDERS[files[0].suffix]
-        return datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", streaming=streaming
-        )
-    except Exception as e:  # datasets raises many types; the user needs the path and the first line
-        raise UserError(
-            f"data config {config.path}: dataset '{ds.name}': could not load {path} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path and builder"
-        ) from None
-
-
-def apply_step(data: Any, step: HandlerStep, context: dict[str, Any], where: str) -> Any:
-    """Run one handler over a dataset; input columns are checked against the data first."""
-    handler = step.handler
-    assert handler is not None, "validated by load_data_config"
-    columns = column_names(data)
-    for col in input_columns(handler, step.kwargs):
-        if col not in columns:
-            raise UserError(
-                f"{where}: column '{col}' is not in the data{did_you_mean(col, columns)}; columns: {columns}"
-            )
-    kwargs = {**step.kwargs, **{k: context[k] for k in handler.context}}
-    if handler.kind == "dataset":
-        return handler.fn(data, **kwargs)
-    extra = dict(step.map_kwargs)
-    if isinstance(data, datasets.IterableDataset):
-        extra = {k: v for k, v in extra.items() if k in STREAMING_KEYWORDS}
-    elif handler.kind == "map":
-        extra.setdefault("desc", step.name)
-    try:
-        if handler.kind == "filter":
-            before = len(data) if isinstance(data, datasets.Dataset) else None
-            data = data.filter(handler.fn, batched=handler.batched, fn_kwargs=kwargs, **extra)
-            if before is not None and len(data) < before:
-                logger.info("%s: skipped %d of %d rows", where, before - len(data), before)
-            return data
-        remove = columns if step.remove_columns == "all" else step.remove_columns
-        return data.map(handler.fn, batched=handler.batched, fn_kwargs=kwargs, remove_columns=remove, **extra)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-
-
-def process_dataset(
-    ds: DatasetConfig, config: DataConfig, args: DataArgs, tokenizer: Any, max_len: int
-) -> ProcessedDataset:
-    """Load one dataset, run its handlers, then tokenize/truncate/drop as the CLI path does."""
-    data = load_dataset_paths(ds, config)
-    context = {"tokenizer": tokenizer, "chat_template": config.chat_template}
-    for i, step in enumerate(ds.steps):
-        where = f"data config {config.path}: dataset '{ds.name}': data_handlers[{i}] ({step.name})"
-        data = apply_step(data, step, context, where)
-    if isinstance(data, datasets.Dataset) and len(data) == 0:
-        raise UserError(
-            f"data config {config.path}: dataset '{ds.name}' has no rows left after its data handlers; "
-            "check their arguments"
-        )
-    fmt, fmt_args = final_format(column_names(data), _text_columns(data), args)
-    if isinstance(data, datasets.IterableDataset):
-        return ProcessedDataset(
-            ds.name, _finalize_stream(data, fmt, fmt_args, tokenizer, max_len), DataStats(), ds
-        )
-    processed, stats = prepare(data, fmt, fmt_args, tokenizer, max_len, name=f"dataset '{ds.name}'")
-    return ProcessedDataset(ds.name, processed, stats, ds)
-
-
-def column_names(data: Any) -> list[str]:
-    if data.column_names is not None:
-        return list(data.column_names)
-    first = next(iter(data), None)  # a streamed dataset knows its columns only once a row is read
-    return list(first) if first else []
-
-
-def _text_columns(data: Any) -> list[str]:
-    if isinstance(data, datasets.Dataset):
-        return [
-            c for c, f in data.features.items() if getattr(f, "dtype", None) in ("string", "large_string")
-        ]
-    first = next(iter(data), None) or {}
-    return [c for c, v in first.items() if isinstance(v, str)]
-
-
-def final_format(columns: list[str], text_columns: list[str], args: DataArgs) -> tuple[str, DataArgs]:
-    """How a dataset's rows become training samples after its handlers: tokenized rows are used as they
-    are; a single text column (what a template handler writes) is the training text; otherwise the
-    CLI's format rule (``--dataset_text_field``, ``--response_template``, ...) applies."""
-    if "input_ids" in columns:
-        return "pretokenized", args
-    flags = args.dataset_text_field or args.data_formatter_template or args.dataset_conversation_field
-    if args.data_format == "auto" and not flags and len(columns) == 1 and columns == text_columns:
-        args = copy.copy(args)
-        args.dataset_text_field = columns[0]
-    return formats.resolve_format(args, columns), args
-
-
-def _finalize_stream(data: Any, fmt: str, args: DataArgs, tokenizer: Any, max_len: int) -> Any:
-    def process(batch: dict[str, list]) -> dict[str, list]:
-        return process_batch(batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len)
-
-    data = data.map(process, batched=True, remove_columns=column_names(data))
-    return data.filter(lambda s: s == OK, input_columns="status").remove_columns(["status", "truncated"])
-
-
-def split_dataset(part: ProcessedDataset, seed: int) -> tuple[Any, Any]:
-    """(train, validation) parts of one processed dataset by its ``split`` fractions (seeded shuffle);
-    rows in neither fraction are left out."""
-    split = part.config.split
-    if not split:
-        return part.dataset, None
-    n = len(part.dataset)
-    shuffled = part.dataset.shuffle(seed=seed)
-    n_val = round(split.get("validation", 0) * n)
-    n_train = min(round(split.get("train", 0) * n), n - n_val)
-    validation = shuffled.select(range(n_val)) if n_val else None
-    train = shuffled.select(range(n_val, n_val + n_train)) if n_train else None
-    return train, validation
-
-
-def mix(parts: list[tuple[Any, float | None]], config: DataConfig) -> Any:
-    """Interleave train parts with their sampling ratios (seeded) or, without ratios, concatenate."""
-    proc = config.dataprocessor
-    parts = [(d, r) for d, r in parts if r is None or r > 0]
-    aligned = align_features([d for d, _ in parts])
-    parts = [(d, r) for d, (_, r) in zip(aligned, parts, strict=True)]
-    if len(parts) == 1:
-        return parts[0][0]
-    if all(r is None for _, r in parts):
-        return datasets.concatenate_datasets([d for d, _ in parts])
-    total = sum(r for _, r in parts if r is not None)
-    if not math.isclose(total, 1.0, abs_tol=1e-6):
-        logger.warning("data config %s: sampling ratios sum to %g; normalised to 1", config.path, total)
-    return datasets.interleave_datasets(
-        [d for d, _ in parts],
-        probabilities=[(r or 0) / total for _, r in parts],
-        seed=proc.seed,
-        stopping_strategy=proc.sampling_stopping_strategy,
-    )
-
-
-def align_features(parts: list[Any]) -> list[Any]:
-    """Cast every part to the first one's features: ``datasets`` refuses to mix ``int32`` token lists
-    from one file with ``int64`` ones from another, though they mean the same."""
-    first = parts[0].features
-    if first is None:
-        return parts
-    return [p if p.features is None or p.features == first else p.cast(first) for p in parts]
-
-
-def process_all(args: DataArgs, tokenizer: Any, max_len: int) -> tuple[DataConfig, list[ProcessedDataset]]:
-    assert args.data_config_path, "validated by the config stage"
-    config = load_data_config(args.data_config_path)
-    if config.chat_template:
-        # the saved tokenizer must carry the template the model was trained with
-        tokenizer.chat_template = config.chat_template
-    return config, [process_dataset(d, config, args, tokenizer, max_len) for d in config.datasets]
-
-
-def build_from_data_config(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData:
-    """The data stage for ``--data_config_path``: every dataset processed, split, mixed."""
-    config, processed = process_all(args, tokenizer, max_len)
-    train_parts, validation_parts = [], []
-    for part in processed:
-        train, validation = split_dataset(part, config.dataprocessor.seed)
-        if train is not None and (not isinstance(train, datasets.Dataset) or len(train)):
-            train_parts.append((train, part.config.sampling))
-        if validation is not None:
-            validation_parts.append(validation)
-    if not train_parts or all(r == 0 for _, r in train_parts):
-        raise UserError(
-            f"data config {config.path}: no training rows are left after split; give at least one "
-            "dataset a positive train fraction (or no split)"
-        )
-    validation = datasets.concatenate_datasets(align_features(validation_parts)) if validation_parts else None
-    train = mix(train_parts, config)
-    return PreparedData(train, validation, "data_config", _total_stats(processed))
-
-
-def _total_stats(parts: list[ProcessedDataset]) -> DataStats:
-    total = DataStats()
-    for p in parts:
-        for name in ("rows", "kept", "trained_tokens", "total_tokens", "truncated"):
-            setattr(total, name, getattr(total, name) + getattr(p.stats, name))
-        for reason, count in p.stats.dropped.items():
-            total.dropped[reason] = total.dropped.get(reason, 0) + count
-    return total
-
-
-def write_processed(data: PreparedData, args: DataArgs, output_dir: str) -> dict[str, Any]:
-    """``--do_dataprocessing_only``: the processed sets as parquet shards under ``output_dir/train`` and
-    ``output_dir/validation``; ``--training_data_path output_dir/train`` trains from them."""
-    if not isinstance(data.train, datasets.Dataset):
-        raise UserError(
-            "--do_dataprocessing_only writes row counts and shards; set streaming: false in the data config"
-        )
-    written: dict[str, Any] = {"rows": {}}
-    for name, ds, shards in (
-        ("train", data.train, args.num_train_dataset_shards),
-        ("validation", data.validation, args.num_eval_dataset_shards),
-    ):
-        if ds is None:
-            continue
-        folder = Path(output_dir) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        shards = max(1, min(shards, len(ds)))
-        for i in range(shards):
-            ds.shard(shards, i, contiguous=True).to_parquet(
-                str(folder / f"{name}-{i:05d}-of-{shards:05d}.parquet")
-            )
-        written["rows"][name] = len(ds)
-        logger.info("wrote %d %s rows as %d parquet shards to %s", len(ds), name, shards, folder)
-    return written

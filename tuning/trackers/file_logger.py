@@ -1,5 +1,5 @@
 """The always-on tracker: ``training_logs.jsonl`` (written by ``tuning/train/callbacks.py``, which also
-keeps it consistent across resumes) and, at the end, ``loss.png`` drawn from it."""
+keeps it consistent across resumes); the entry point draws ``loss.png`` from it at the end."""
 
 from __future__ import annotations
 
@@ -22,6 +22,4 @@ class FileLoggerTracker:
         pass  # TrainingLogCallback writes the records
 
     def finish(self) -> None:
-        from tuning.plot import write_loss_plot
-
-        write_loss_plot(self.output_dir)
+        pass

@@ -1,8 +1,8 @@
-"""Train stage: Trainer assembly, callbacks, and outputs."""
+"""Train stage: Trainer assembly, callbacks, checkpoints, progress."""
 
 from tuning.train.callbacks import TRAINING_LOGS_NAME, TrainingLogCallback, read_training_logs
 from tuning.train.checkpoints import latest_complete_checkpoint, resume_checkpoint
-from tuning.train.outputs import peak_memory_bytes, save_final_model, summary_line, write_summary
+from tuning.train.progress import log_run_start
 from tuning.train.trainer import SFTTrainer, build_trainer
 
 __all__ = [
@@ -11,10 +11,7 @@ __all__ = [
     "TrainingLogCallback",
     "build_trainer",
     "latest_complete_checkpoint",
-    "peak_memory_bytes",
+    "log_run_start",
     "read_training_logs",
     "resume_checkpoint",
-    "save_final_model",
-    "summary_line",
-    "write_summary",
 ]

@@ -16,7 +16,6 @@ What Hugging Face's ``Trainer`` (transformers 5.x) already does, and what it lac
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tuning.errors import TrainingInterrupted, UserError
+from tuning.files import fsync_dir, fsync_file
 from tuning.train.signals import StopOnSignal, interrupted_exit_code
 
 logger = logging.getLogger(__name__)
@@ -60,20 +60,6 @@ def is_complete(path: str | Path) -> bool:
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     complete = [p for p in list_checkpoints(output_dir) if is_complete(p)]
     return complete[-1] if complete else None
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    # some filesystems (and Windows) can't fsync a directory; the rename is still atomic
-    with contextlib.suppress(OSError):
-        fsync_file(path)
 
 
 def commit_checkpoint(path: str | Path, step: int, epoch: float | None) -> Path:

@@ -19,6 +19,7 @@ from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, route_cpu_fsdp
 from tuning.train.loss import label_only_loss, resolve_loss_implementation
+from tuning.train.progress import RunProgress
 from tuning.train.speed import choose_collator, token_budget_loader
 
 logger = logging.getLogger(__name__)
@@ -111,8 +112,6 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
     )
-    from tuning.report import RunProgress  # report imports this package: import at call time
-
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RunProgress())

@@ -1,26 +1,19 @@
-"""Outputs: the final model folder and the run summary."""
+"""The final model folder: written whole or not at all."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import resource
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from tuning.files import fsync_dir, fsync_file
 from tuning.model import PrecisionPlan
 from tuning.model.peft import write_adapter_extras
-from tuning.train.checkpoints import fsync_dir, fsync_file
 from tuning.train.distributed import barrier, full_state_dict
 
 logger = logging.getLogger(__name__)
-
-RUN_SUMMARY_NAME = "run_summary.json"
 
 
 def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: PrecisionPlan) -> Path:
@@ -61,27 +54,3 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     tmp.rmdir()
     barrier()
     return target
-
-
-def peak_memory_bytes() -> int:
-    """Peak GPU memory allocated when on a GPU, else the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def write_summary(output_dir: str, summary: dict[str, Any]) -> Path:
-    path = Path(output_dir) / RUN_SUMMARY_NAME
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    where = summary.get("save_model_dir") or "not saved (no --save_model_dir)"
-    return (
-        f"done: {summary['steps']} steps, {summary['trained_tokens']} trained tokens in "
-        f"{summary['train_seconds']:.1f}s ({summary['trained_tokens_per_second']:.1f} tokens/s), "
-        f"final loss {summary['final_loss']}, peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
-        f"model: {where}"
-    )

@@ -5,7 +5,7 @@ The real ``openai/gpt-oss-*`` checkpoints store each expert weight as two tensor
 biased by 127), one scale per 32 consecutive values along the input dimension. transformers reads that
 layout (``Mxfp4Dequantize``); its own writer (``quantize_to_mxfp4``) needs the triton kernels from the
 hub, which we can't fetch offline on CPU, hence :func:`pack_mxfp4`. Run
-``python -m tuning.tiny_gpt_oss OUT_DIR`` to write a folder that ``--model_name_or_path`` accepts.
+``python -m tuning.testing.tiny_gpt_oss OUT_DIR`` to write a folder that ``--model_name_or_path`` accepts.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def write_tiny_gpt_oss(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     """Save a tiny gpt-oss whose expert weights are MXFP4 blocks + scales, with the tiny tokenizer."""
     from safetensors.torch import save_file
 
-    from tuning.tiny_model import build_tokenizer
+    from tuning.testing.tiny_model import build_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,5 +100,5 @@ def write_tiny_gpt_oss(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m tuning.tiny_gpt_oss OUT_DIR")
+        sys.exit("usage: python -m tuning.testing.tiny_gpt_oss OUT_DIR")
     print(write_tiny_gpt_oss(sys.argv[1]))

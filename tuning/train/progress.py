@@ -1,62 +1,23 @@
-"""What a person watching the run reads: logging set-up, start-of-run lines, progress, the end summary
-(also ``output_dir/run_summary.json``)."""
+"""What a person watching the run reads while it trains: the start-of-run lines and progress (a bar on a
+terminal, plain lines elsewhere)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import datasets
-import transformers
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tuning.config import SFTConfig
 from tuning.data import PreparedData
 from tuning.model import PrecisionPlan
-from tuning.plot import LOSS_PLOT_NAME
-from tuning.trackers import TrackerCallback
-from tuning.train.checkpoints import is_complete, list_checkpoints
-from tuning.train.distributed import per_rank
-from tuning.train.outputs import peak_memory_bytes
 
 logger = logging.getLogger("tuning")
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at emit time, so repeated in-process runs (tests, notebooks)
-    never write to a stream that was replaced and closed since set-up."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: object) -> None:
-        pass
-
-
-def setup_logging(argv: list[str]) -> bool:
-    """Our INFO lines on stderr; the libraries' warnings only. Returns whether ``--log_level debug``."""
-    debug = any(a in ("debug", "--log_level=debug") for a in argv) and any(
-        a.startswith("--log_level") for a in argv
-    )
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug and int(os.environ.get("RANK", "0")) > 0:  # the other ranks would repeat rank 0's lines
-        logger.setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_info() if debug else transformers.logging.set_verbosity_warning()
-    datasets.logging.set_verbosity_warning()
-    if not sys.stderr.isatty():
-        datasets.disable_progress_bars()
-    return debug
 
 
 def log_run_start(
@@ -87,38 +48,6 @@ def log_run_start(
         effective,
     )
     logger.info("outputs: %s (model: %s)", Path(args.output_dir).resolve(), args.save_model_dir or "none")
-
-
-def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData, saved: Path | None) -> dict:
-    """Every number a person asks about after a run; ``run_summary.json`` is this dict."""
-    history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    out = Path(trainer.args.output_dir)
-    trackers = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrackerCallback)), None)
-    tokens = sum(per_rank(trainer.trained_tokens))  # each rank counted its own batches; all ranks call this
-    return {
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "train_seconds": round(seconds, 3),
-        "trained_tokens": tokens,
-        "trained_tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-        "peak_memory_bytes": peak_memory_bytes(),
-        "final_loss": losses[-1] if losses else result.training_loss,
-        "best_loss": min(losses) if losses else result.training_loss,
-        "mean_train_loss": result.training_loss,
-        "final_validation_loss": evals[-1] if evals else None,
-        "best_validation_loss": min(evals) if evals else None,
-        "rows": data.stats.rows,
-        "rows_kept": data.stats.kept,
-        "output_dir": str(out),
-        "checkpoints": [str(p) for p in list_checkpoints(out) if is_complete(p)],
-        "best_model_checkpoint": trainer.state.best_model_checkpoint,
-        "save_model_dir": str(saved) if saved else None,
-        "loss_plot": str(out / LOSS_PLOT_NAME) if (out / LOSS_PLOT_NAME).is_file() else None,
-        "trackers": dict(trackers.run_ids) if trackers else {},
-    }
 
 
 def _clock(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """A tiny Llama and a small, fully specified tokenizer, built offline in seconds.
 
 Used by the tests (literal expected ids) and the README demo: nothing is downloaded. Run
-``python -m tuning.tiny_model OUT_DIR`` to write a model folder that ``--model_name_or_path`` accepts.
+``python -m tuning.testing.tiny_model OUT_DIR`` to write a model folder that ``--model_name_or_path`` accepts.
 
 The tokenizer is a character-level BPE with byte fallback, so its ids can be written by hand:
 ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``"\\n"``=3, printable ASCII ``c`` = ``ord(c) - 28`` (space=4,
@@ -78,5 +78,5 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m tuning.tiny_model OUT_DIR")
+        sys.exit("usage: python -m tuning.testing.tiny_model OUT_DIR")
     print(write_tiny_model(sys.argv[1]))

@@ -1,0 +1,23 @@
+"""Outputs stage: the final model folder, the run summary, the loss plot."""
+
+from tuning.outputs.final_model import save_final_model
+from tuning.outputs.plot import LOSS_PLOT_NAME, render_loss_plot, write_loss_plot
+from tuning.outputs.summary import (
+    RUN_SUMMARY_NAME,
+    build_summary,
+    peak_memory_bytes,
+    summary_line,
+    write_summary,
+)
+
+__all__ = [
+    "LOSS_PLOT_NAME",
+    "RUN_SUMMARY_NAME",
+    "build_summary",
+    "peak_memory_bytes",
+    "render_loss_plot",
+    "save_final_model",
+    "summary_line",
+    "write_loss_plot",
+    "write_summary",
+]

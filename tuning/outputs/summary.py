@@ -1,0 +1,76 @@
+"""The end of a run: every number a person asks about, as ``output_dir/run_summary.json`` and one line."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuning.data import PreparedData
+from tuning.outputs.plot import LOSS_PLOT_NAME
+from tuning.trackers import TrackerCallback
+from tuning.train.checkpoints import is_complete, list_checkpoints
+from tuning.train.distributed import per_rank
+
+RUN_SUMMARY_NAME = "run_summary.json"
+
+
+def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData, saved: Path | None) -> dict:
+    """Every number a person asks about after a run; ``run_summary.json`` is this dict."""
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    out = Path(trainer.args.output_dir)
+    trackers = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrackerCallback)), None)
+    tokens = sum(per_rank(trainer.trained_tokens))  # each rank counted its own batches; all ranks call this
+    return {
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_seconds": round(seconds, 3),
+        "trained_tokens": tokens,
+        "trained_tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "best_loss": min(losses) if losses else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "final_validation_loss": evals[-1] if evals else None,
+        "best_validation_loss": min(evals) if evals else None,
+        "rows": data.stats.rows,
+        "rows_kept": data.stats.kept,
+        "output_dir": str(out),
+        "checkpoints": [str(p) for p in list_checkpoints(out) if is_complete(p)],
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+        "save_model_dir": str(saved) if saved else None,
+        "loss_plot": str(out / LOSS_PLOT_NAME) if (out / LOSS_PLOT_NAME).is_file() else None,
+        "trackers": dict(trackers.run_ids) if trackers else {},
+    }
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated when on a GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def write_summary(output_dir: str, summary: dict[str, Any]) -> Path:
+    path = Path(output_dir) / RUN_SUMMARY_NAME
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    where = summary.get("save_model_dir") or "not saved (no --save_model_dir)"
+    return (
+        f"done: {summary['steps']} steps, {summary['trained_tokens']} trained tokens in "
+        f"{summary['train_seconds']:.1f}s ({summary['trained_tokens_per_second']:.1f} tokens/s), "
+        f"final loss {summary['final_loss']}, peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
+        f"model: {where}"
+    )
