@@ -33,7 +33,13 @@ from tuning.model.quantization import quantization_config
 from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
 from tuning.trackers import build_trackers
 from tuning.train import build_trainer, log_run_start, resume_checkpoint
-from tuning.train.distributed import exit_process, leave_process_group, select_cpu_backend, set_seed
+from tuning.train.distributed import (
+    exit_process,
+    launch_defaults,
+    leave_process_group,
+    select_cpu_backend,
+    set_seed,
+)
 
 logger = logging.getLogger("tuning")
 
@@ -48,7 +54,8 @@ def run(config: SFTConfig) -> dict:
     model_config = load_model_config(config.model)
     quant = quantization_config(config.quant, model_config, config.peft.peft_method)  # fails before the data
     max_len = context_length(model_config, config.data.max_seq_length)
-    with args.main_process_first(desc="dataset"):  # one rank per machine tokenizes; the rest read its cache
+    # one rank per machine (or per job, on a shared cache) tokenizes; the others then read its cache
+    with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
         data = build_datasets(config.data, tokenizer, max_len)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = setup_logging(argv)
     try:
         select_cpu_backend()  # before the training arguments set up devices
-        config = parse_config(argv)
+        config = parse_config(argv, defaults=launch_defaults())
         check_data_config(config.data, config.train.max_steps)
         run(config)
         leave_process_group(wait=True)

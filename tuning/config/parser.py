@@ -79,18 +79,27 @@ def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
     return values
 
 
-def parse_config(argv: list[str]) -> SFTConfig:
-    """Parse flags (and ``--config FILE``) into a validated :class:`SFTConfig`."""
+def parse_config(argv: list[str], defaults: dict[str, Any] | None = None) -> SFTConfig:
+    """Parse flags (and ``--config FILE``) into a validated :class:`SFTConfig`. ``defaults``: what the
+    launch environment needs (e.g. the CPU backend for DeepSpeed); the file and the flags override it."""
     parser = build_parser()
     dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
     config_file = _config_file_arg(argv)
     file_values = load_config_file(config_file, dests) if config_file else {}
+    parser.set_defaults(**(defaults or {}))
     parser.set_defaults(**file_values)
     imply_step_strategies(parser, argv, file_values)
     try:
         *groups, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:  # raised by the dataclasses' own validation (e.g. TrainingArguments)
         raise UserError(f"invalid arguments: {e}") from None
+    except ImportError as e:  # TrainingArguments imports what a flag needs: --deepspeed needs deepspeed
+        if "deepspeed" in str(e).lower():
+            raise UserError(
+                "--deepspeed needs DeepSpeed, which is not installed; pip install 'tuning[deepspeed]' "
+                "(or pip install deepspeed)"
+            ) from None
+        raise UserError(f"a training flag needs a package that is not installed: {e}") from None
     if remaining:
         flag = next((r for r in remaining if r.startswith("-")), remaining[0])
         raise UserError(f"unknown flag {flag}{closest(flag.split('=')[0], dests)}; see --help")
