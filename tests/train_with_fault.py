@@ -8,6 +8,10 @@ state and ``trainer_state.json``), or ``sigterm-in-step`` (SIGTERM to itself at 
 kill-in-step; the process must finish the step, save and exit 143). The process signals itself, so
 the fault lands at the same place on every machine, however loaded. Tests that don't need a fresh
 interpreter call :func:`inject` in a forked child instead (no import cost).
+
+Under ``accelerate launch`` every rank runs this script: ``FAULT_RANK=N`` limits the fault to global rank
+N (default: every rank). ``none`` injects nothing. ``RECORD_DATA_PROCESSING=PATH`` makes every process
+that tokenizes rows itself (rather than reading the datasets cache) append its rank to PATH.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers import Trainer  # noqa: E402
 
 from tuning.sft_trainer import main  # noqa: E402
+from tuning.train.distributed import exit_process  # noqa: E402
 from tuning.train.trainer import SFTTrainer  # noqa: E402
 
 
@@ -50,8 +55,29 @@ def _kill_in_save(step: int) -> None:
     Trainer._save_rng_state = save_rng_state
 
 
+def _record_data_processing(path: str) -> None:
+    """Patch what ``prepare.process_batch`` calls (not the mapped function itself: its hash names the
+    datasets cache file, which must stay the same as without this patch)."""
+    from tuning.data import prepare
+
+    original = prepare.tokenize_batch
+
+    def tokenize_batch(*args, **kwargs):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{os.environ.get('RANK', '0')}\n")
+        return original(*args, **kwargs)
+
+    prepare.tokenize_batch = tokenize_batch
+
+
 def inject(fault: str, step: int) -> None:
     """Patch this process so that ``fault`` happens at ``step`` (see the module docstring)."""
+    if os.environ.get("RECORD_DATA_PROCESSING"):
+        _record_data_processing(os.environ["RECORD_DATA_PROCESSING"])
+    if fault == "none" or os.environ.get("FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get(
+        "RANK", "0"
+    ):
+        return
     if fault == "kill-in-step":
         _signal_in_step(step, signal.SIGKILL)
     elif fault == "sigterm-in-step":
@@ -64,4 +90,7 @@ def inject(fault: str, step: int) -> None:
 
 if __name__ == "__main__":
     inject(sys.argv[1], int(sys.argv[2]))
-    sys.exit(main(sys.argv[3:]))
+    code = main(sys.argv[3:])
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank: exit as tuning/sft_trainer.py does
+        exit_process(code)
+    sys.exit(code)
