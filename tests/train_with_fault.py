@@ -4,8 +4,9 @@
 
 FAULT is ``kill-in-step`` (SIGKILL after the first micro-batch of optimizer step STEP), ``kill-in-save``
 (SIGKILL inside the save of ``checkpoint-STEP``, after the model and optimizer files, before the RNG
-state and ``trainer_state.json``), or ``sigterm-in-step`` (SIGTERM to itself at the same moment as
-kill-in-step; the process must finish the step, save and exit 143). The process signals itself, so
+state and ``trainer_state.json``), ``sigterm-in-step`` (SIGTERM to itself at the same moment as
+kill-in-step; the process must finish the step, save and exit 143), or ``perturb-weights`` (noise on
+every weight of the model it builds; STEP unused). The process signals itself, so
 the fault lands at the same place on every machine, however loaded. Tests that don't need a fresh
 interpreter call :func:`inject` in a forked child instead (no import cost).
 
@@ -70,6 +71,26 @@ def _record_data_processing(path: str) -> None:
     prepare.tokenize_batch = tokenize_batch
 
 
+def _perturb_weights() -> None:
+    """Add noise to this rank's freshly built model (adapters included): only a broadcast of rank 0's
+    weights (``fsdp_sync_module_states``/``fsdp_cpu_ram_efficient_loading``) makes the ranks agree again."""
+    import torch
+
+    import tuning.sft_trainer as entry
+
+    original = entry.apply_peft
+
+    def apply_peft(*args):
+        model = original(*args)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point() and p.device.type != "meta":
+                    p.add_(torch.randn_like(p))
+        return model
+
+    entry.apply_peft = apply_peft
+
+
 def inject(fault: str, step: int) -> None:
     """Patch this process so that ``fault`` happens at ``step`` (see the module docstring)."""
     if os.environ.get("RECORD_DATA_PROCESSING"):
@@ -84,6 +105,8 @@ def inject(fault: str, step: int) -> None:
         _signal_in_step(step, signal.SIGTERM)
     elif fault == "kill-in-save":
         _kill_in_save(step)
+    elif fault == "perturb-weights":
+        _perturb_weights()
     else:
         raise ValueError(f"unknown fault {fault}")
 
