@@ -107,3 +107,21 @@ def test_the_graph_is_read():
     edges = graph()
     assert "tuning.config.args" in edges["tuning.config.parser"]
     assert "tuning.data.prepare" in edges["tuning.data.pipeline"]
+
+
+def stage_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_stages_use_each_others_public_surface():
+    """Across stages a module imports the stage package (``tuning.data``), not its insides
+    (``tuning.data.prepare``): what a stage offers is what its ``__init__`` exports."""
+    reaching = [
+        f"{m} imports {d}; import it from {stage_of(d)}"
+        for m, deps in graph().items()
+        for d in deps
+        if stage_of(d) != stage_of(m)
+        and d != stage_of(d)
+        and (PACKAGE / "/".join(stage_of(d).split(".")[1:])).is_dir()
+    ]
+    assert not reaching, "\n".join(sorted(reaching))

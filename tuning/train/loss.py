@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tuning.data.tokenize import IGNORE_INDEX
+from tuning.data import IGNORE_INDEX
 from tuning.errors import UserError
 
 LossImplementation = Literal["auto", "label_only", "standard"]
