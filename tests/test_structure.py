@@ -8,6 +8,7 @@ not remove it.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tuning"
@@ -125,3 +126,19 @@ def test_stages_use_each_others_public_surface():
         and (PACKAGE / "/".join(stage_of(d).split(".")[1:])).is_dir()
     ]
     assert not reaching, "\n".join(sorted(reaching))
+
+
+def test_architecture_doc_names_every_module_and_only_real_paths():
+    doc = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(tuning/[\w/.]+)`", doc))
+    missing_paths = sorted(p for p in named if not (PACKAGE.parent / p).exists())
+    assert not missing_paths, f"ARCHITECTURE.md names paths that don't exist: {missing_paths}"
+    folders = {p for p in named if p.endswith("/")}
+    unnamed = sorted(
+        str(p.relative_to(PACKAGE.parent))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py"
+        and str(p.relative_to(PACKAGE.parent)) not in named
+        and not any(str(p.relative_to(PACKAGE.parent)).startswith(f) for f in folders)
+    )
+    assert not unnamed, f"add these modules to docs/ARCHITECTURE.md: {unnamed}"
