@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tuning"
 
@@ -142,3 +147,31 @@ def test_architecture_doc_names_every_module_and_only_real_paths():
         and not any(str(p.relative_to(PACKAGE.parent)).startswith(f) for f in folders)
     )
     assert not unnamed, f"add these modules to docs/ARCHITECTURE.md: {unnamed}"
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_fsdp_defaults_and_the_tiny_models(tmp_path):
+    """``tuning launch`` reads its FSDP defaults from the package, so an installed wheel must carry them."""
+    from tuning import launch
+
+    assert launch.FSDP_DEFAULTS.is_file() and PACKAGE in launch.FSDP_DEFAULTS.parents
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            str(PACKAGE.parent),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("tuning-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "tuning/fixtures/accelerate_fsdp_defaults.yaml" in names
+    assert "tuning/testing/tiny_model.py" in names
