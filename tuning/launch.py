@@ -28,7 +28,14 @@ from typing import Any
 
 import psutil
 
-from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
+from tuning.errors import (
+    INTERNAL_ERROR_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    UserError,
+    did_you_mean,
+    run_command,
+    write_termination_log,
+)
 from tuning.files import read_mapping_file
 
 ACCELERATE_KEY = "accelerate_launch_args"
@@ -73,13 +80,13 @@ def accelerate_flags(launch: dict[str, Any]) -> list[str]:
     """``--key=value`` per flag (true booleans as bare ``--key``); unknown flags are a user error."""
     from accelerate.commands.launch import launch_command_parser
 
-    from tuning.config.parser import closest
-
     known = {a.dest for a in launch_command_parser()._actions}
     flags = []
     for key, value in launch.items():
         if key not in known:
-            raise UserError(f"unknown key '{key}' in {ACCELERATE_KEY}{closest(key, sorted(known))}")
+            raise UserError(
+                f"unknown key '{key}' in {ACCELERATE_KEY}{did_you_mean(key, sorted(known), flag=True)}"
+            )
         if value is True:
             flags.append(f"--{key}")
         elif value not in (None, False):
@@ -148,7 +155,7 @@ def check_engine(launch: dict[str, Any], training: dict[str, Any]) -> None:
     if config and Path(config).is_file():
         distributed_type = str((read_mapping_file(config, "accelerate config") or {}).get("distributed_type"))
     if launch.get("use_deepspeed") or training.get("deepspeed") or distributed_type.upper() == "DEEPSPEED":
-        from tuning.train.distributed import DEEPSPEED_MISSING, deepspeed_installed
+        from tuning.train import DEEPSPEED_MISSING, deepspeed_installed
 
         if not deepspeed_installed():
             raise UserError(DEEPSPEED_MISSING)
@@ -226,17 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from_env = not argv or argv[0].startswith("--")  # the job file from $SFT_TRAINER_CONFIG_JSON_PATH
     path = os.environ.get(JOB_PATH_ENV) if from_env else argv[0]
-    try:
+
+    def body() -> int:
         if not path:
             raise UserError(
                 f"usage: tuning launch JOB.yaml [--accelerate_flag VALUE ...] (or set ${JOB_PATH_ENV}); got {argv}"
             )
         return run_job(path, parse_overrides(argv if from_env else argv[1:]))
-    except UserError as e:
-        line = f"error: {e}"
-        print(line, file=sys.stderr)
-        write_termination_log(line, None)
-        return USER_ERROR_EXIT_CODE
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
