@@ -77,6 +77,19 @@ def commit_checkpoint(path: str | Path, step: int, epoch: float | None) -> Path:
     return folder
 
 
+def commit_once_written(
+    accelerator: Any, path: str | Path, step: int, epoch: float | None, writer: bool
+) -> None:
+    """The commit across ranks: every rank has returned from writing its part (its shard, or its share
+    of a gather to rank 0), then the writer commits, then every rank waits for that commit. The last
+    barrier matters at a stop: a rank that left first and exited 143 makes torch's elastic agent
+    SIGTERM the machine's other ranks and SIGKILL them 30 s later, rank 0 mid-commit included."""
+    accelerator.wait_for_everyone()
+    if writer:
+        commit_checkpoint(path, step, epoch)
+    accelerator.wait_for_everyone()
+
+
 def discard_checkpoint(path: str | Path) -> None:
     """Delete a checkpoint folder, marker first, so a kill halfway never leaves a 'complete' remnant."""
     folder = Path(path)
@@ -314,9 +327,8 @@ class SafeCheckpointsMixin:
             discard_checkpoint(folder)  # a leftover or another history's: never mix its files with ours
         self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()  # every rank's shards are written before the marker
+        commit_once_written(self.accelerator, folder, step, self.state.epoch, self.args.should_save)
         if self.args.should_save:
-            commit_checkpoint(folder, step, self.state.epoch)
             self._written_steps.add(step)
             prune_checkpoints(
                 folder.parent,
