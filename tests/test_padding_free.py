@@ -1,4 +1,5 @@
-"""Padding-free rows equal padded batches (no sample attends to another); token-budget batches; packing."""
+"""Padding-free rows equal padded batches (no sample attends to another); token-budget batches; wrapped
+packing (contamination-free packing: tests/test_packing.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import datasets
 import pytest
 import torch
 
-from tuning.data.batching import TokenBudgetBatchSampler, pack_fixed_length, sample_lengths
+from tuning.data.batching import TokenBudgetBatchSampler, pack_wrapped, sample_lengths
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator
 from tuning.errors import UserError
 from tuning.testing.tiny_model import build_model
@@ -79,11 +80,11 @@ def test_token_budget_counts_padding_when_padded():
         TokenBudgetBatchSampler([1], max_tokens=0)
 
 
-def test_fixed_length_packing_and_lengths():
+def test_wrapped_packing_and_lengths():
     ds = datasets.Dataset.from_dict(
         {"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]], "labels": [[X, 2, 3], [X, 5], [X, 7, 8, 9]]}
     )
-    packed = pack_fixed_length(ds, block_size=4)
+    packed = pack_wrapped(ds, block_size=4)
     assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
     assert packed["labels"] == [[X, 2, 3, X], [5, X, 7, 8], [9]]
     assert sample_lengths(ds.select([2, 0])) == [4, 3]

@@ -26,11 +26,18 @@ from tuning.errors import (
     UserError,
     write_termination_log,
 )
-from tuning.logs import setup_logging
+from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
 from tuning.model.peft import apply_peft
 from tuning.model.quantization import quantization_config
-from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
+from tuning.outputs import (
+    build_summary,
+    save_final_model,
+    summary_line,
+    write_loss_plot,
+    write_model_card,
+    write_summary,
+)
 from tuning.trackers import build_trackers
 from tuning.train import build_trainer, log_run_start, resume_checkpoint
 from tuning.train.distributed import exit_process, leave_process_group, select_cpu_backend, set_seed
@@ -41,6 +48,8 @@ logger = logging.getLogger("tuning")
 def run(config: SFTConfig) -> dict:
     """Run one fine-tuning job; returns the run summary."""
     args = config.train
+    if args.disable_tqdm:
+        disable_progress_bars()  # the libraries' bars too, not only our progress bar
     if args.should_save:  # rank 0 only: every path below is written once, even across machines
         save_resolved_config(config, args.output_dir)
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
@@ -70,6 +79,8 @@ def run(config: SFTConfig) -> dict:
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
         write_summary(args.output_dir, summary)
+        if saved:
+            write_model_card(saved, config, summary, data, quant)
         logger.info(summary_line(summary))
     return summary
 

@@ -3,6 +3,7 @@
 from tuning.model.loading import (
     PrecisionPlan,
     context_length,
+    generation_use_cache,
     load_model,
     load_model_config,
     precision_plan,
@@ -12,6 +13,7 @@ from tuning.model.tokenizer import load_tokenizer
 __all__ = [
     "PrecisionPlan",
     "context_length",
+    "generation_use_cache",
     "load_model",
     "load_model_config",
     "load_tokenizer",
