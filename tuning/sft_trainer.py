@@ -80,7 +80,7 @@ def run(config: SFTConfig) -> dict:
     if args.should_save:
         write_summary(args.output_dir, summary)
         if saved:
-            write_model_card(saved, config, summary, data, quant)
+            write_model_card(saved, config, summary, data, quant, max_len)
         logger.info(summary_line(summary))
     return summary
 

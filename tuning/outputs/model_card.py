@@ -36,17 +36,23 @@ LOSS_TABLE_ROWS = 12  # rows of the loss table: evenly spaced steps, always the 
 
 
 def write_model_card(
-    save_dir: str | Path, config: SFTConfig, summary: dict[str, Any], data: PreparedData, quant: Any = None
+    save_dir: str | Path,
+    config: SFTConfig,
+    summary: dict[str, Any],
+    data: PreparedData,
+    quant: Any = None,
+    max_len: int | None = None,
 ) -> Path:
     """Write ``README.md`` (and a copy of ``loss.png``) into the final model folder; returns the card's path.
 
-    ``quant``: the quantization config the model was loaded with (None: not quantized)."""
+    ``quant``: the quantization config the model was loaded with (None: not quantized); ``max_len``: the
+    sequence length used (``max_seq_length`` capped by the model's context)."""
     folder = Path(save_dir)
     plot = Path(config.train.output_dir) / LOSS_PLOT_NAME
     has_plot = plot.is_file()
     if has_plot and plot.resolve() != (folder / LOSS_PLOT_NAME).resolve():
         shutil.copyfile(plot, folder / LOSS_PLOT_NAME)
-    text = render_model_card(config, summary, data, quant, has_plot=has_plot)
+    text = render_model_card(config, summary, data, quant, has_plot=has_plot, max_len=max_len)
     path = folder / MODEL_CARD_NAME
     tmp = path.with_name(f".{MODEL_CARD_NAME}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -55,7 +61,13 @@ def write_model_card(
 
 
 def render_model_card(
-    config: SFTConfig, summary: dict[str, Any], data: PreparedData, quant: Any = None, *, has_plot: bool
+    config: SFTConfig,
+    summary: dict[str, Any],
+    data: PreparedData,
+    quant: Any = None,
+    *,
+    has_plot: bool,
+    max_len: int | None = None,
 ) -> str:
     from huggingface_hub import ModelCardData
 
@@ -83,7 +95,7 @@ def render_model_card(
     sections = [
         f"---\n{card.to_yaml()}\n---\n",
         _overview(config, method, base, base_id, license_fields),
-        _training(config, data, method),
+        _training(config, data, max_len or config.data.max_seq_length),
         _results(config, summary, has_plot),
         _usage(config, summary, base),
         _framework_versions(adapter),
@@ -113,9 +125,8 @@ def training_method(config: SFTConfig, quant: Any = None) -> tuple[str, list[str
     if quant is not None:
         mode = config.quant.quantization_method
         if mode == "none":  # the checkpoint declared its quantization and was loaded that way
-            mode = str(
-                getattr(getattr(quant, "quant_method", ""), "value", getattr(quant, "quant_method", ""))
-            )
+            declared = getattr(quant, "quant_method", "quantized")
+            mode = str(getattr(declared, "value", declared))
         if getattr(quant, "dequantize", False):
             detail += f"; the {mode} checkpoint was dequantized to {config.model.torch_dtype} on load"
         elif peft.peft_method in ("lora", "alora"):
@@ -182,12 +193,13 @@ def _base_card_metadata(name_or_path: str) -> dict[str, Any]:
 def _overview(
     config: SFTConfig, method: str, base: str, base_id: str | None, license_fields: dict[str, str]
 ) -> str:
-    title = Path(base.rstrip("/")).name or base
+    title = (base_id or "").rsplit("/", 1)[-1] or Path(base.rstrip("/")).name or base
     what = "An adapter for" if config.peft.peft_method != "none" else "A fine-tuned version of"
     base_ref = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{base}` (a local folder)"
     licence = license_fields.get("license", "unknown")
+    named = ", ".join(license_fields[k] for k in ("license_name", "license_link") if k in license_fields)
     licence_line = (
-        f"License: `{licence}`, inherited from the base model."
+        f"License: `{licence}`{f' ({named})' if named else ''}, inherited from the base model."
         if licence != "unknown"
         else "License: unknown (the base model's card names none here); the base model's license applies."
     )
@@ -198,7 +210,7 @@ def _overview(
     )
 
 
-def _training(config: SFTConfig, data: PreparedData, method: str) -> str:
+def _training(config: SFTConfig, data: PreparedData, max_len: int) -> str:
     lines = ["## Training data", ""]
     for name, paths in data_sources(config.data):
         shown = ", ".join(
@@ -216,11 +228,11 @@ def _training(config: SFTConfig, data: PreparedData, method: str) -> str:
         "| setting | value |",
         "| --- | --- |",
     ]
-    lines += [f"| {key} | {value} |" for key, value in _settings(config)]
+    lines += [f"| {key} | {value} |" for key, value in _settings(config, max_len)]
     return "\n".join(lines)
 
 
-def _settings(config: SFTConfig) -> list[tuple[str, str]]:
+def _settings(config: SFTConfig, max_len: int) -> list[tuple[str, str]]:
     """The flags that decide what a run learns, with their resolved values (the rest: resolved_config.yaml)."""
     args, data = config.train, config.data
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -243,7 +255,7 @@ def _settings(config: SFTConfig) -> list[tuple[str, str]]:
             "effective batch (samples per optimizer step)",
             batch if not args.max_tokens_per_batch else "by tokens",
         ),
-        ("max_seq_length", data.max_seq_length),
+        ("max_seq_length", max_len),
         ("torch_dtype", config.model.torch_dtype),
         ("optim", getattr(args.optim, "value", args.optim)),
         ("weight_decay", args.weight_decay),
@@ -253,14 +265,20 @@ def _settings(config: SFTConfig) -> list[tuple[str, str]]:
         ("gradient_checkpointing", args.gradient_checkpointing),
         ("seed", args.seed),
     ]
+    literal = []  # values shown as code: the exact text the data stage used
     for key in ("response_template", "instruction_template", "data_formatter_template", "dataset_text_field"):
         if getattr(data, key):
-            rows.append((key, json.dumps(getattr(data, key))))
+            literal.append((key, json.dumps(getattr(data, key))))
+    if data.add_special_tokens:
+        literal.append(("add_special_tokens", " ".join(data.add_special_tokens)))
     if data.chat_template:
         rows.append(("chat_template", "custom (saved with the tokenizer)"))
-    if data.add_special_tokens:
-        rows.append(("add_special_tokens", " ".join(data.add_special_tokens)))
-    return [(k, f"`{v}`" if isinstance(v, str) and k.endswith("template") else str(v)) for k, v in rows]
+    return [(k, _cell(str(v))) for k, v in rows] + [(k, _cell(f"`{v}`")) for k, v in literal]
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: a ``|`` (``<|im_start|>``) would end the cell, even inside backticks."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _results(config: SFTConfig, summary: dict[str, Any], has_plot: bool) -> str:
