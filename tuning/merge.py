@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+from tuning.logs import setup_logging
 from tuning.model.peft import ADDED_TOKENS_INFO_NAME, NEW_EMBEDDING_KEYS, NEW_EMBEDDINGS_NAME
 
 logger = logging.getLogger("tuning")
@@ -152,8 +153,7 @@ def _copy_split_rows(model: Any, path: Path, first_row: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not logger.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(argv)  # our lines on stderr; no "Loading weights" bars where stderr is a file
     try:
         args = build_parser().parse_args(argv)
         merge(

@@ -176,6 +176,14 @@ class TrainArgs(TrainingArguments):
             "weights, writing shards). Where stderr is not a terminal there are never bars."
         },
     )
+    # transformers 5 dropped this flag; fms-hf-tuning's job files (its README's, its tests') still set it
+    include_tokens_per_second: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility (transformers 4): trained tokens/s is always in the progress "
+            "lines and run_summary.json."
+        },
+    )
     # transformers 5's JIT checkpoint saves on SIGTERM; that is always on here (tuning/train/signals.py)
     enable_jit_checkpoint: bool = field(
         default=False,
