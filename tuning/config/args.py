@@ -310,7 +310,8 @@ class PeftArgs:
         default=False,
         metadata={
             "help": "With added tokens: write the new embedding rows to new_embeddings.safetensors next to "
-            "an adapter without them (for servers such as vLLM that can't load embeddings in an adapter)."
+            "an adapter without them (for vLLM releases before Nov 2025; current vLLM takes no new "
+            "vocabulary in an adapter: serve the model from tuning merge instead)."
         },
     )
 
