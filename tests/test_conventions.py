@@ -150,7 +150,7 @@ def test_no_library_progress_bars_when_stderr_is_not_a_terminal(monkeypatch):
     captured = io.StringIO()  # not a terminal, like a log file or a CI pipe
     monkeypatch.setattr(sys, "stderr", captured)
     try:
-        setup_logging([])
+        setup_logging()
         assert not transformers.utils.logging.is_progress_bar_enabled()
         assert huggingface_hub.utils.are_progress_bars_disabled()
         assert not datasets.is_progress_bar_enabled()

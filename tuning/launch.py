@@ -24,7 +24,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
+from tuning.errors import (
+    INTERNAL_ERROR_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    UserError,
+    did_you_mean,
+    run_command,
+    write_termination_log,
+)
 from tuning.files import (
     JOB_ENVS,
     JOB_PATH_ENV,
@@ -77,13 +84,13 @@ def accelerate_flags(launch: dict[str, Any]) -> list[str]:
     """``--key=value`` per flag (true booleans as bare ``--key``); unknown flags are a user error."""
     from accelerate.commands.launch import launch_command_parser
 
-    from tuning.config.parser import closest
-
     known = {a.dest for a in launch_command_parser()._actions}
     flags = []
     for key, value in launch.items():
         if key not in known:
-            raise UserError(f"unknown key '{key}' in {ACCELERATE_KEY}{closest(key, sorted(known))}")
+            raise UserError(
+                f"unknown key '{key}' in {ACCELERATE_KEY}{did_you_mean(key, sorted(known), flag=True)}"
+            )
         if value is True:
             flags.append(f"--{key}")
         elif value not in (None, False):
@@ -167,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    try:
+
+    def body() -> int:
         usage = f"usage: tuning launch JOB.yaml (or set ${JOB_PATH_ENV} or ${JOB_TEXT_ENV}); got {argv}"
         if len(argv) > 1:
             raise UserError(usage)
@@ -176,11 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(usage)
         where, values = job
         return run_job(values, where)
-    except UserError as e:
-        line = f"error: {e}"
-        print(line, file=sys.stderr)
-        write_termination_log(line, None)
-        return USER_ERROR_EXIT_CODE
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
