@@ -98,3 +98,11 @@ def run_keeping_model(monkeypatch: pytest.MonkeyPatch, argv: list[str]):
 
     monkeypatch.setattr(sft_trainer, "apply_peft", spy)
     return sft_trainer.main(argv), kept.get("model")
+
+
+def loss_and_grads(model, batch):
+    """The loss of one forward on ``batch`` and every parameter's gradient, flattened into one tensor."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])

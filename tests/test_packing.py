@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 
-from tests.conftest import write_jsonl
+from tests.conftest import loss_and_grads, write_jsonl
 from tuning.config import parse_config
 from tuning.data.batching import best_fit_decreasing, pack, pack_best_fit
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator
@@ -74,23 +74,16 @@ SAMPLES = [  # (input_ids, labels): prompt tokens untrained, as the data stage w
 ]
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_bfd_rows_equal_unpacked_samples_and_wrapped_rows_do_not(tokenizer, attn):
     ds = datasets.Dataset.from_dict({"input_ids": [s[0] for s in SAMPLES], "labels": [s[1] for s in SAMPLES]})
     model = build_model(len(tokenizer), attn_implementation=attn)
     model.config.use_cache = False  # what the model stage sets
     samples = [{"input_ids": i, "labels": lab} for i, lab in SAMPLES]
-    padded_loss, padded_grads = _loss_and_grads(model, PaddingCollator(pad_id=2)(samples))
+    padded_loss, padded_grads = loss_and_grads(model, PaddingCollator(pad_id=2)(samples))
     packed = pack_best_fit(ds, 10)
     assert [len(r) for r in packed["input_ids"]] == [8, 6 + 4, 3]  # one row holds two samples
-    bfd_loss, bfd_grads = _loss_and_grads(model, PaddingFreeCollator()(list(packed)))
+    bfd_loss, bfd_grads = loss_and_grads(model, PaddingFreeCollator()(list(packed)))
     assert torch.allclose(bfd_loss, padded_loss, atol=1e-5, rtol=0)
     assert torch.allclose(bfd_grads, padded_grads, atol=1e-5, rtol=0)
     # the same tokens, one row per packed row, positions counting on across samples: they attend to each other

@@ -7,6 +7,7 @@ import datasets
 import pytest
 import torch
 
+from tests.conftest import loss_and_grads
 from tuning.data.batching import TokenBudgetBatchSampler, pack_wrapped, sample_lengths
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator
 from tuning.errors import UserError
@@ -30,19 +31,12 @@ def test_one_row_positions_restart_and_boundaries_untrained():
     assert batch["labels"].tolist() == [[X, X, X, 7, 8, 9, X, X, 11, 12]]
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padding_free_equals_padded_loss_and_gradients(tokenizer, attn):
     model = build_model(len(tokenizer), attn_implementation=attn)
     model.config.use_cache = False  # what the model stage sets
-    padded_loss, padded_grads = _loss_and_grads(model, PaddingCollator(pad_id=2)(FEATURES))
-    free_loss, free_grads = _loss_and_grads(model, PaddingFreeCollator()(FEATURES))
+    padded_loss, padded_grads = loss_and_grads(model, PaddingCollator(pad_id=2)(FEATURES))
+    free_loss, free_grads = loss_and_grads(model, PaddingFreeCollator()(FEATURES))
     assert torch.allclose(free_loss, padded_loss, atol=1e-5, rtol=0)
     assert torch.allclose(free_grads, padded_grads, atol=1e-5, rtol=0)
 
