@@ -5,6 +5,7 @@ frames. The full-model run also comes in through fms-hf-tuning's job variable wi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -205,3 +206,17 @@ def test_saving_writes_the_base_use_cache_and_training_keeps_it_off(tokenizer, t
     plain = build_model(len(tokenizer))  # a model we did not load: left alone
     with generation_use_cache(plain):
         assert plain.config.use_cache is True
+
+
+def test_a_card_that_fails_never_fails_the_finished_run(monkeypatch, tmp_path, caplog):
+    from tuning.outputs import model_card
+
+    def broken(*args, **kwargs):
+        raise KeyError("final_loss")
+
+    monkeypatch.setattr(model_card, "render_model_card", broken)
+    config = parse_config([*BASE[:4], "--output_dir", str(tmp_path)])
+    with caplog.at_level(logging.WARNING, logger="tuning.outputs.model_card"):
+        assert model_card.write_model_card(tmp_path, config, {}, None) is None
+    assert caplog.messages == ["README.md not written: KeyError: 'final_loss'"]
+    assert not (tmp_path / "README.md").exists()

@@ -42,12 +42,28 @@ def write_model_card(
     data: PreparedData,
     quant: Any = None,
     max_len: int | None = None,
-) -> Path:
-    """Write ``README.md`` (and a copy of ``loss.png``) into the final model folder; returns the card's path.
+) -> Path | None:
+    """Write ``README.md`` (and a copy of ``loss.png``) into the final model folder; returns the card's
+    path, or None when it could not be written (one warning: the model is saved, a card is not worth
+    failing a finished run for).
 
     ``quant``: the quantization config the model was loaded with (None: not quantized); ``max_len``: the
     sequence length used (``max_seq_length`` capped by the model's context)."""
-    folder = Path(save_dir)
+    try:
+        return _write(Path(save_dir), config, summary, data, quant, max_len)
+    except Exception as e:  # noqa: BLE001 (a bug here must not turn a finished run into a failed one)
+        logger.warning("%s not written: %s: %s", MODEL_CARD_NAME, type(e).__name__, e)
+        return None
+
+
+def _write(
+    folder: Path,
+    config: SFTConfig,
+    summary: dict[str, Any],
+    data: PreparedData,
+    quant: Any,
+    max_len: int | None,
+) -> Path:
     plot = Path(config.train.output_dir) / LOSS_PLOT_NAME
     has_plot = plot.is_file()
     if has_plot and plot.resolve() != (folder / LOSS_PLOT_NAME).resolve():
