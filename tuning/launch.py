@@ -1,10 +1,12 @@
 """Cluster and container launcher: one job file in, one ``accelerate launch`` of ``tuning.sft_trainer`` out.
 
-``tuning launch JOB.yaml`` (or ``python -m tuning.launch JOB.json``; with no argument the path is read
-from ``$SFT_TRAINER_CONFIG_JSON_PATH``). The job file is a YAML or JSON mapping of training flags plus
+``tuning launch JOB.yaml`` (or ``python -m tuning.launch JOB.json``; with no argument the job comes from the
+environment as in fms-hf-tuning: ``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` (base64-encoded JSON) or
+``$SFT_TRAINER_CONFIG_JSON_PATH``). The job file is a YAML or JSON mapping of training flags plus
 an optional ``accelerate_launch_args`` mapping of ``accelerate launch`` flags; ``accelerate launch``
-flags after the job file override those (``tuning launch job.yaml --machine_rank $NODE_RANK``: one job
-file for every machine). Read with ``yaml.safe_load``/``json.loads`` only: no pickle, no code.
+flags after the job file (or alone, with the job from the environment) override those
+(``tuning launch job.yaml --machine_rank $NODE_RANK``: one job file for every machine). Read with
+``yaml.safe_load``/``json.loads`` only: no pickle, no code.
 
 Why this exists next to plain ``accelerate launch``: accelerate reports every failure as exit code 1, so
 a scheduler could not tell a user error (1: fix the job) from an internal failure (203: retry or report).
@@ -36,10 +38,16 @@ from tuning.errors import (
     run_command,
     write_termination_log,
 )
-from tuning.files import read_mapping_file
+from tuning.files import (
+    JOB_ENVS,
+    JOB_PATH_ENV,
+    JOB_TEXT_ENV,
+    LAUNCH_ARGS_KEY,
+    job_from_environment,
+    read_mapping_file,
+)
 
-ACCELERATE_KEY = "accelerate_launch_args"
-JOB_PATH_ENV = "SFT_TRAINER_CONFIG_JSON_PATH"
+ACCELERATE_KEY = LAUNCH_ARGS_KEY
 COMPLETE_MARKER = ".complete"
 # shipped inside the package (package data), so a wheel install has it; fixtures/ at the repo root links to it
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -52,10 +60,15 @@ _STOPPED_BY = re.compile(r"stopped by (SIG[A-Z]+)\b")
 
 def read_job(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(training flags, accelerate launch flags) from a YAML/JSON job file."""
-    job = read_mapping_file(path, "job file")
+    return split_job(read_mapping_file(path, "job file"), path)
+
+
+def split_job(job: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training flags, accelerate launch flags) of a job mapping."""
+    job = dict(job)
     launch = job.pop(ACCELERATE_KEY, None) or {}
     if not isinstance(launch, dict):
-        raise UserError(f"{ACCELERATE_KEY} in {path} must be a mapping of accelerate launch flags")
+        raise UserError(f"{ACCELERATE_KEY} in {where} must be a mapping of accelerate launch flags")
     return job, {k.replace("-", "_"): v for k, v in launch.items()}
 
 
@@ -161,8 +174,10 @@ def check_engine(launch: dict[str, Any], training: dict[str, Any]) -> None:
             raise UserError(DEEPSPEED_MISSING)
 
 
-def run_job(path: str, overrides: dict[str, Any] | None = None) -> int:
-    training, launch = read_job(path)
+def run_job(job: dict[str, Any], where: str, overrides: dict[str, Any] | None = None) -> int:
+    """Launch one job mapping (``where``: the file or variable it came from, for messages); ``overrides``:
+    accelerate flags from the command line, over the job's own."""
+    training, launch = split_job(job, where)
     launch = resolve_launch_args({**launch, **(overrides or {})}, visible_gpus())
     if launch.get("config_file"):
         launch["config_file"] = shipped_config(str(launch["config_file"]))
@@ -172,7 +187,9 @@ def run_job(path: str, overrides: dict[str, Any] | None = None) -> int:
         config_path = Path(tmp) / "training_args.json"
         config_path.write_text(json.dumps(training), encoding="utf-8")
         reasons_path = Path(tmp) / "termination.log"
-        env = {**os.environ, "TERMINATION_LOG_FILE": str(reasons_path)}
+        # the ranks get the job as --config; a job variable left in their environment would be a second source
+        env = {k: v for k, v in os.environ.items() if k not in JOB_ENVS}
+        env["TERMINATION_LOG_FILE"] = str(reasons_path)
         returncode, signum = _run_forwarding_signals(build_command(launch, config_path), env)
         reasons = _read_lines(reasons_path)
     for line in reasons:  # where the user (or Kubernetes) looks for them
@@ -231,15 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    from_env = not argv or argv[0].startswith("--")  # the job file from $SFT_TRAINER_CONFIG_JSON_PATH
-    path = os.environ.get(JOB_PATH_ENV) if from_env else argv[0]
 
     def body() -> int:
-        if not path:
-            raise UserError(
-                f"usage: tuning launch JOB.yaml [--accelerate_flag VALUE ...] (or set ${JOB_PATH_ENV}); got {argv}"
-            )
-        return run_job(path, parse_overrides(argv if from_env else argv[1:]))
+        usage = (
+            f"usage: tuning launch JOB.yaml [--accelerate_flag VALUE ...] (or set ${JOB_PATH_ENV} or "
+            f"${JOB_TEXT_ENV}); got {argv}"
+        )
+        from_env = not argv or argv[0].startswith("--")  # no job file: the job comes from the environment
+        job = job_from_environment() if from_env else (argv[0], read_mapping_file(argv[0], "job file"))
+        if job is None:
+            raise UserError(usage)
+        where, values = job
+        return run_job(values, where, parse_overrides(argv if from_env else argv[1:]))
 
     return run_command(body)
 
