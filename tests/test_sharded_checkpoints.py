@@ -172,3 +172,21 @@ def test_layouts_and_resume_checks(tmp_path):
         check_resumable(str(plain), fsdp=False, deepspeed=True, world_size=1)
     with pytest.raises(UserError, match="DeepSpeed checkpoint of 2 processes and this run has 4"):
         check_resumable(str(zero), fsdp=False, deepspeed=True, world_size=4)
+
+
+def test_save_on_each_node_refuses_sharded_checkpoints_across_machines(monkeypatch):
+    from types import SimpleNamespace
+
+    from tuning.train.distributed import check_checkpoint_storage
+
+    def accelerator(state_dict_type: str, processes: int):
+        plugin = SimpleNamespace(state_dict_type=f"StateDictType.{state_dict_type}")
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), num_processes=processes)
+
+    each_node, shared = SimpleNamespace(save_on_each_node=True), SimpleNamespace(save_on_each_node=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(UserError, match="cannot hold sharded checkpoints"):
+        check_checkpoint_storage(each_node, accelerator("SHARDED_STATE_DICT", 16), fsdp=True)
+    check_checkpoint_storage(each_node, accelerator("SHARDED_STATE_DICT", 8), fsdp=True)  # one machine
+    check_checkpoint_storage(each_node, accelerator("FULL_STATE_DICT", 16), fsdp=True)  # gathered: fine
+    check_checkpoint_storage(shared, accelerator("SHARDED_STATE_DICT", 16), fsdp=True)

@@ -109,6 +109,22 @@ def route_cpu_fsdp(accelerator: Any) -> bool:
     return True
 
 
+def check_checkpoint_storage(args: Any, accelerator: Any, fsdp: bool) -> None:
+    """``--save_on_each_node`` says the machines share no storage: each machine's first process writes
+    its own copy of every checkpoint. That works for a full state dict (gathered onto one process), not
+    for sharded FSDP checkpoints: each machine's folder would hold only its own ranks' shards, and only
+    machine 0 the torch.distributed.checkpoint metadata, under a marker that says complete."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    sharded = fsdp and plugin is not None and "SHARDED" in str(plugin.state_dict_type)
+    if args.save_on_each_node and sharded and accelerator.num_processes > local:
+        raise UserError(
+            "--save_on_each_node (machines without shared storage) cannot hold sharded checkpoints "
+            "(fsdp_state_dict_type SHARDED_STATE_DICT): each machine would keep only its own ranks' shards; "
+            "put --output_dir on storage every machine sees, or use fsdp_state_dict_type FULL_STATE_DICT"
+        )
+
+
 @contextlib.contextmanager
 def full_state_dict(trainer: Any) -> Iterator[None]:
     """Gather full weights for the final save even when checkpoints are sharded.
