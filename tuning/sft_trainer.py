@@ -27,7 +27,14 @@ from tuning.errors import (
     write_termination_log,
 )
 from tuning.logs import setup_logging
-from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
+from tuning.model import (
+    context_length,
+    generation_stop_ids,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    precision_plan,
+)
 from tuning.model.peft import apply_peft
 from tuning.model.quantization import quantization_config
 from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
@@ -48,8 +55,9 @@ def run(config: SFTConfig) -> dict:
     model_config = load_model_config(config.model)
     quant = quantization_config(config.quant, model_config, config.peft.peft_method)  # fails before the data
     max_len = context_length(model_config, config.data.max_seq_length)
+    stop_ids = generation_stop_ids(config.model, model_config, tokenizer)  # where chat turns end
     with args.main_process_first(desc="dataset"):  # one rank per machine tokenizes; the rest read its cache
-        data = build_datasets(config.data, tokenizer, max_len)
+        data = build_datasets(config.data, tokenizer, max_len, stop_ids)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
     plan = precision_plan(config.model, model_config, config.peft.peft_method)

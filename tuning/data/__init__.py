@@ -3,6 +3,7 @@
 The surface the later stages and the commands use; everything else is this package's own.
 """
 
+from tuning.data.chat import SAMPLE_INFO
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
 from tuning.data.pipeline import build_datasets, check_data_config, preview_parts
 from tuning.data.prepare import DataStats, PreparedData
@@ -11,6 +12,7 @@ from tuning.data.tokenize import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
+    "SAMPLE_INFO",
     "DataStats",
     "PaddingCollator",
     "PaddingFreeCollator",

@@ -7,11 +7,12 @@ from tuning.model.loading import (
     load_model_config,
     precision_plan,
 )
-from tuning.model.tokenizer import load_tokenizer
+from tuning.model.tokenizer import generation_stop_ids, load_tokenizer
 
 __all__ = [
     "PrecisionPlan",
     "context_length",
+    "generation_stop_ids",
     "load_model",
     "load_model_config",
     "load_tokenizer",
