@@ -90,7 +90,9 @@ def test_chat_masking_generation_template(tokenizer):
 
 def test_chat_masking_header_that_tokenizes_differently_in_context(tokenizer):
     # "\n### A:\n" alone starts with "\n" (3); after "hi." the "\n" merges into ".\n" (99), so a token-id
-    # search for the header would miss it. The generation prompt also differs from the in-turn header.
+    # search for the header would miss it. The generation prompt ("### A": trim_blocks eats its newline)
+    # differs from the in-turn header, so the sample is the inference context, prompt included, then the
+    # completion the template writes for the turn.
     template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
         "{% else %}{{ m['content'] }}\n### A:\n{% endif %}{% endfor %}"
@@ -99,8 +101,8 @@ def test_chat_masking_header_that_tokenizes_differently_in_context(tokenizer):
     convo = [[{"role": "user", "content": "hi."}, {"role": "assistant", "content": "yo"}]]
     out = chat_masking({"messages": convo}, tokenizer=tokenizer, chat_template=template)
     assert ids_labels(out) == {
-        "input_ids": [[76, 77, 99, 102, 4, 37, 100, 93, 83, 2]],
-        "labels": [[X, X, X, X, X, X, X, 93, 83, 2]],
+        "input_ids": [[76, 77, 99, 102, 4, 37, 100, 102, 4, 37, 93, 83, 2]],
+        "labels": [[X] * 10 + [93, 83, 2]],
     }
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Literal
 
 from jinja2 import TemplateError
@@ -62,6 +62,8 @@ SHAREGPT_ROLES = {
     "function_response": "tool",
     "function_call": "assistant",
 }
+# Content no message holds (a private-use character): where a turn's rendering first depends on it.
+_PROBE = "\ue000"
 # A template marks the characters it trains itself with {% generation %} ... {% endgeneration %}.
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -291,16 +293,20 @@ class ChatSample:
     checked: bool = True
 
 
-def turn_completion(context: str, rendered: str, stops: Sequence[str]) -> str:
+def turn_completion(
+    context: str, rendered: str, stops: Sequence[str], probe: Callable[[], str] | None = None
+) -> str:
     """What the model generates after ``context``: the rest of ``rendered`` (the rendering that ends with
     the turn) after the context, through the first stop token.
 
-    When ``rendered`` does not start with the context (the template rewrote the history when the turn
-    was appended: Mistral v0.3 attaches the system prompt to the last user message only), the context's
-    end is where the longest suffix of its diverging part reappears in ``rendered``."""
+    When ``rendered`` does not start with the context, the template rewrote the history when the turn
+    was appended (Mistral v0.3 attaches the system prompt to the last user message only). The context
+    then ends where the longest suffix of its diverging part reappears in ``rendered`` before the turn's
+    own content: ``probe()`` renders the same turn with other content, and the turn's content can start
+    no earlier than where the two renderings first differ."""
     start = _common_prefix_length(context, rendered)
-    if start < len(context):
-        start = _resync(context, rendered, start)
+    if start < len(context) and probe is not None:
+        start = _resync(context, rendered, start, _common_prefix_length(rendered, probe()))
     completion = rendered[start:]
     pattern = _stop_pattern(tuple(stops))
     found = pattern.search(completion) if pattern else None
@@ -321,8 +327,8 @@ def _common_prefix_length(a: str, b: str) -> int:
     return lo
 
 
-def _resync(context: str, rendered: str, start: int) -> int:
-    tail, rest = context[start:], rendered[start:]
+def _resync(context: str, rendered: str, start: int, limit: int) -> int:
+    tail, rest = context[start:], rendered[start:limit]
     lo, hi = 0, len(tail)  # the longest n with tail[-n:] in rest (if n fits, every shorter one does)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -365,7 +371,8 @@ def conversation_samples(
         context = template.render(messages[:k], conversation, True)
         full = template.render(messages[: k + 1], conversation)
         rendered += len(context) + len(full)
-        completion = turn_completion(context, full, stops)
+        probe = partial(template.render, [*messages[:k], {**messages[k], "content": _PROBE}], conversation)
+        completion = turn_completion(context, full, stops, probe)
         if not completion:
             raise UserError(
                 f"the chat template renders nothing for assistant message {k} of a conversation "
