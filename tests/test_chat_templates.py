@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli, write_jsonl
 
 from tuning.config.args import DataArgs
 from tuning.data import chat
@@ -454,3 +454,103 @@ def test_generation_marked_template_is_trained_as_marked():
         {"messages": [messages]}, tokenizer=tokenizer, chat_template=template
     )
     assert decoded_runs(tokenizer, out) == ["4.<|end|>\n", "6.<|end|>\n<|endoftext|>"]
+
+
+# --- end to end: the real CLI on a tiny Qwen3 with the real tokenizer ----------------------------------
+
+
+def qwen3_reasoning_rows() -> list[dict]:
+    rows = []
+    for i in range(8):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a careful calculator."},
+                    {"role": "user", "content": f"What is {i}+{i}?"},
+                    {
+                        "role": "assistant",
+                        "reasoning_content": f"{i} plus {i} is {2 * i}.",
+                        "content": f"{2 * i}.",
+                    },
+                    {"role": "user", "content": f"And {i}*{i}?"},
+                    {
+                        "role": "assistant",
+                        "reasoning_content": f"{i} times {i} is {i * i}.",
+                        "content": f"{i * i}.",
+                    },
+                ]
+            }
+        )
+    for city in ("Paris", "Rome"):  # a tool loop whose call carries reasoning: one sample, tools in context
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Weather in {city}?"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "reasoning_content": "Call the tool.",
+                        "tool_calls": [call],
+                    },
+                    {"role": "tool", "content": "22 C"},
+                    {
+                        "role": "assistant",
+                        "content": f"It is 22 C in {city}.",
+                        "reasoning_content": "It answered.",
+                    },
+                ],
+                "tools": [WEATHER_TOOL],
+            }
+        )
+    return rows
+
+
+@pytest.mark.slow
+def test_qwen3_multi_turn_reasoning_trains_end_to_end(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tuning.testing.tiny_qwen3 import write_tiny_qwen3
+    from tuning.train import read_training_logs
+
+    FAMILY["qwen3"].load()  # skips when the folder is absent
+    source = REAL / "qwen3"
+    model = write_tiny_qwen3(source, tmp_path / "tiny-qwen3")
+    data = write_jsonl(tmp_path / "chat.jsonl", qwen3_reasoning_rows())
+    out = tmp_path / "out"
+    args = [
+        "--model_name_or_path", str(model), "--training_data_path", str(data), "--output_dir", str(out),
+        "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+        "--torch_dtype", "float32", "--logging_steps", "1", "--save_model_dir", str(out / "final"),
+    ]  # fmt: skip
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(chat): 18 samples from 10 rows (8 conversations split into 16 samples)" in result.stderr
+    losses = [r["value"] for r in read_training_logs(out)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    saved = AutoTokenizer.from_pretrained(out / "final")
+    assert saved.chat_template == AutoTokenizer.from_pretrained(source).chat_template  # the model's own
+
+
+@pytest.mark.slow
+def test_dataprocessing_only_from_a_tokenizer_folder_writes_the_split_samples(tmp_path):
+    """A folder of real tokenizer files and config.json (no weights) is enough to write the processed
+    samples; the shards hold exactly the samples the rule gives, one row per sample."""
+    import datasets
+
+    from tuning import sft_trainer
+
+    family = FAMILY["qwen3"]
+    tokenizer = family.load()
+    rows = qwen3_reasoning_rows()
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "out"
+    argv = [
+        "--model_name_or_path", str(REAL / "qwen3"), "--training_data_path", str(data), "--output_dir", str(out),
+        "--do_dataprocessing_only",
+    ]  # fmt: skip
+    assert sft_trainer.main(argv) == 0
+    train = datasets.load_dataset("parquet", data_files=str(out / "train" / "*.parquet"), split="train")
+    assert train.column_names == ["input_ids", "labels"] and len(train) == 18
+    expected = [t for r in rows for t in expected_turns(tokenizer, family, r["messages"], r.get("tools"))]
+    assert trained_runs({"input_ids": train["input_ids"], "labels": train["labels"]}) == expected
