@@ -32,6 +32,18 @@ def unescape(text: str | None) -> str | None:
     return re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], text)
 
 
+def json_object(value: dict | str | None, flag: str, example: str) -> dict | None:
+    """A flag's JSON object, given as text on the command line or as a mapping in a config file."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--{flag} is not valid JSON: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"--{flag} must be a JSON object, e.g. {example}")
+    return value
+
+
 @dataclass
 class ModelArgs:
     model_name_or_path: str | None = field(
@@ -185,13 +197,9 @@ class DataArgs:
         self.response_template = unescape(self.response_template)
         self.instruction_template = unescape(self.instruction_template)
         self.data_formatter_template = unescape(self.data_formatter_template)
-        if isinstance(self.chat_template_kwargs, str):
-            try:
-                self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--chat_template_kwargs is not valid JSON: {e}") from None
-        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
-            raise ValueError('--chat_template_kwargs must be a JSON object, e.g. {"enable_thinking": false}')
+        self.chat_template_kwargs = json_object(
+            self.chat_template_kwargs, "chat_template_kwargs", '{"enable_thinking": false}'
+        )
         if self.chat_template and self.chat_template_path:
             raise ValueError("pass either --chat_template or --chat_template_path, not both")
         if self.chat_render_budget <= 0:
@@ -400,13 +408,7 @@ class TrackerArgs:
 
     def __post_init__(self) -> None:
         self.trackers = list(dict.fromkeys(["file_logger", *self.trackers]))
-        if isinstance(self.exp_metadata, str):
-            try:
-                self.exp_metadata = json.loads(self.exp_metadata)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--exp_metadata is not valid JSON: {e}") from None
-        if self.exp_metadata is not None and not isinstance(self.exp_metadata, dict):
-            raise ValueError('--exp_metadata must be a JSON object, e.g. {"team": "nlp"}')
+        self.exp_metadata = json_object(self.exp_metadata, "exp_metadata", '{"team": "nlp"}')
 
 
 @dataclass
