@@ -32,9 +32,9 @@ from typing import Any, Literal
 
 from jinja2 import TemplateError
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data.tokenize import IGNORE_INDEX, NOTHING_TRAINED, OK, Span, check_invariants
-from tuning.errors import UserError
+from tuning.errors import UserError, first_line
 
 TrainOn = Literal["responses", "last_response", "all"]
 TRAIN_ON: tuple[str, ...] = ("responses", "last_response", "all")
@@ -255,7 +255,7 @@ class ChatTemplate:
 
 
 def _template_failure(error: Exception, messages: Any) -> UserError:
-    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    detail = first_line(error)
     roles = [m.get("role") for m in messages] if isinstance(messages, list) else type(messages).__name__
     return UserError(
         f"the chat template failed on a conversation with roles {roles} ({type(error).__name__}: "
