@@ -156,6 +156,7 @@ def test_data_file_shapes_through_prepare_path(tmp_path, tokenizer):
     """Real files go through the loader: Arrow gives rows without tools a null, and rows with fewer schema
     properties nulls for the others; the template sees each row's own tools, as given."""
     template = (
+        "{% if documents %}D{{ documents | map(attribute='text') | join(',') }}\n{% endif %}"
         "{% if tools %}T{{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}"
         "{% if m['tool_calls'] is defined %}{{ m['tool_calls'] | tojson }}{% endif %}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}a:{% endif %}"
@@ -174,22 +175,29 @@ def test_data_file_shapes_through_prepare_path(tmp_path, tokenizer):
             "tools": tools_b,
         },
         {"messages": [{"role": "user", "content": "t"}, {"role": "assistant", "content": "u"}]},
+        {
+            "messages": [{"role": "user", "content": "v"}, {"role": "assistant", "content": "w"}],
+            "documents": [{"text": "doc"}],
+        },
     ]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     args = DataArgs(training_data_path=str(path), chat_template=template)
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = template
     ds, fmt, stats = prepare_path(str(path), args, tokenizer, 512)
-    assert fmt == "chat" and stats.kept == 3
+    assert fmt == "chat" and stats.kept == 4
     texts = [tokenizer.decode(ids) for ids in ds["input_ids"]]
-    assert texts == [
-        tokenizer.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False) for r in rows
+    expected = [
+        tokenizer.apply_chat_template(
+            r["messages"], tools=r.get("tools"), documents=r.get("documents"), tokenize=False
+        )
+        for r in rows
     ]
-    assert texts[
-        0
-    ] == 'T[{"name": "f", "parameters": {"properties": {"x": {"type": "integer"}}}}]\nu:q</s>a:' + (
-        '[{"function": {"name": "f", "arguments": {"x": 1}}}]</s>'
-    )
+    assert texts == expected
+    schema = '[{"name": "f", "parameters": {"properties": {"x": {"type": "integer"}}}}]'
+    call = '[{"function": {"name": "f", "arguments": {"x": 1}}}]'
+    assert texts[0] == f"T{schema}\nu:q</s>a:{call}</s>"  # no null property or argument from other rows
+    assert texts[3] == "Ddoc\nu:v</s>a:w</s>"
 
 
 def test_template_arguments_from_the_flag_and_the_row(tokenizer):

@@ -30,6 +30,7 @@ from tuning.config.args import DataArgs
 from tuning.data import chat
 from tuning.data.handlers.chat import tokenize_and_apply_chat_template_with_masking
 from tuning.data.handlers.templates import apply_tokenizer_chat_template
+from tuning.data.handlers.tokenizing import tokenize
 from tuning.data.prepare import process_batch
 from tuning.data.tokenize import IGNORE_INDEX, tokenize_batch
 
@@ -370,6 +371,8 @@ def test_rendered_chat_text_gets_no_second_bos(family):
     ids = tokenize_batch(tokenizer, text, [[(0, len(text[0]))]], max_len=10**6)["input_ids"][0]
     assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
     assert ids[:-1] == tokenizer(text[0], add_special_tokens=False)["input_ids"][: len(ids) - 1]
+    handler_ids = tokenize({"text": text}, tokenizer=tokenizer)["input_ids"][0]  # the `tokenize` handler
+    assert handler_ids == tokenizer(text[0], add_special_tokens=False)["input_ids"]
 
 
 # --- literal checks: what each family's trained text looks like -------------------------------------
@@ -430,6 +433,21 @@ def test_literal_trained_text_per_family():
     text = tok.decode(out["input_ids"][0])
     assert text.count("<|begin_of_text|>") == 1 and "Today Date: 26 Jul 2024" in text
     assert '"name": "get_weather"' in text.split("Weather in Paris?")[0]  # the tool schema is in context
+
+
+@pytest.mark.slow
+def test_qwen3_with_thinking_disabled_trains_the_answer_after_the_empty_think_block():
+    """enable_thinking=False puts an empty think block in the generation prompt: the context ends with it
+    and the answer follows, the row's reasoning left out as the model is never asked for it."""
+    tokenizer, out = run_cli_path(FAMILY["qwen3"], "reasoning", template_kwargs={"enable_thinking": False})
+    assert decoded_runs(tokenizer, out) == ["4.<|im_end|>", "6.<|im_end|>"]
+    for context, _ in trained_runs(out):
+        assert tokenizer.decode(context).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    messages, _ = conversations(FAMILY["qwen3"])["reasoning"]
+    inference = tokenizer.apply_chat_template(
+        messages[:1], add_generation_prompt=True, enable_thinking=False, return_dict=False
+    )
+    assert trained_runs(out)[0][0] == inference
 
 
 @pytest.mark.slow
