@@ -16,17 +16,29 @@ import yaml
 from tuning.errors import UserError
 
 
-def read_mapping_file(path: str | Path, what: str, shown: str | None = None) -> dict[str, Any]:
+def read_mapping_file(
+    path: str | Path, what: str, shown: str | None = None, *, scalars_as_text: bool = False
+) -> dict[str, Any]:
     """The mapping a YAML or JSON file holds (``.json`` is read as JSON, anything else as YAML, both
     without running code), or a UserError naming ``what`` and the file (``shown``: how the user typed it).
-    Shared by ``--config``, data configs and launcher job files."""
+    Shared by ``--config``, data configs and launcher job files.
+
+    ``scalars_as_text``: the top-level values (and the items of top-level lists) are returned as the
+    text a command line would carry, for a parser that converts text itself: a YAML scalar as written
+    (``yes`` stays ``"yes"``, ``1e-4`` stays ``"1e-4"``, which YAML 1.1 would read as a bool and a
+    string), a JSON number or bool as its JSON text. ``null`` stays None; nested mappings keep their
+    YAML/JSON types (they are JSON objects to the parser)."""
     file, shown = Path(path), shown or str(path)
     if not file.is_file():
         raise UserError(f"{what} {shown} does not exist; pass an existing YAML or JSON file")
     kind = "JSON" if file.suffix == ".json" else "YAML"
     try:
         text = file.read_text(encoding="utf-8")
-        values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        if kind == "JSON":
+            values = json.loads(text)
+            values = _json_as_text(values) if scalars_as_text and isinstance(values, dict) else values
+        else:
+            values = _yaml_as_text(text) if scalars_as_text else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         raise UserError(f"{what} {shown} is not valid {kind}: {' '.join(str(e).split())}") from None
     values = {} if values is None else values
@@ -35,6 +47,44 @@ def read_mapping_file(path: str | Path, what: str, shown: str | None = None) -> 
             f"{what} {shown} must hold a mapping of keys to values, not a {type(values).__name__}"
         )
     return values
+
+
+_YAML_NULL = "tag:yaml.org,2002:null"
+
+
+def _yaml_as_text(text: str) -> Any:
+    """YAML read as nodes, so a scalar's source text survives YAML 1.1's implicit typing."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(root, yaml.MappingNode):
+        return yaml.safe_load(text)  # empty, or not a mapping: the caller reports it
+    constructor = yaml.SafeLoader("")
+
+    def value(node: yaml.Node, top: bool) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            return None if node.tag == _YAML_NULL else node.value
+        if top and isinstance(node, yaml.SequenceNode):
+            return [value(item, False) for item in node.value]
+        return constructor.construct_object(node, deep=True)
+
+    values: dict[str, Any] = {}
+    for key_node, value_node in root.value:
+        key = str(constructor.construct_object(key_node))
+        if key in values:
+            mark = key_node.start_mark
+            raise yaml.YAMLError(f"key '{key}' appears twice (line {mark.line + 1}); keep one")
+        values[key] = value(value_node, True)
+    return values
+
+
+def _json_as_text(values: dict[str, Any]) -> dict[str, Any]:
+    def text(v: Any) -> Any:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return v
+
+    return {k: [text(x) for x in v] if isinstance(v, list) else text(v) for k, v in values.items()}
 
 
 def fsync_file(path: Path) -> None:
@@ -49,3 +99,59 @@ def fsync_dir(path: Path) -> None:
     # some filesystems (and Windows) can't fsync a directory; the rename is still atomic
     with contextlib.suppress(OSError):
         fsync_file(path)
+
+
+# The longest path a run writes below its output folder ("checkpoint-N/...", temporary names), so a
+# path that is itself under the system's limit is refused when the files inside it would not be.
+PATH_HEADROOM = 128
+
+
+def check_writable_folder(path: str | Path, flag: str) -> None:
+    """Refuse, before anything is written, a folder a run could not write into: a name longer than the
+    filesystem allows, a dangling symlink on the way, a file in its place, or a read-only or
+    unwritable nearest existing folder. Nothing is created."""
+    given = Path(path).expanduser()
+    absolute = Path(os.path.abspath(given))
+    anchor = next(p for p in absolute.parents if _exists(p))  # "/" at worst
+    name_max = _pathconf(anchor, "PC_NAME_MAX", 255)
+    path_max = _pathconf(anchor, "PC_PATH_MAX", 4096)
+    for part in absolute.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise UserError(
+                f"{flag}: the folder name '{part[:24]}...' is {len(os.fsencode(part))} bytes, longer than "
+                f"this filesystem allows ({name_max}); use a shorter name"
+            )
+    length = len(os.fsencode(str(given)))
+    if length + PATH_HEADROOM > path_max:
+        raise UserError(
+            f"{flag} is {length} bytes long: with the files a run writes inside it, paths would pass the "
+            f"system's limit of {path_max} bytes; use a shorter path"
+        )
+    for folder in (absolute, *absolute.parents):
+        if folder.is_symlink() and not folder.exists():
+            raise UserError(
+                f"{flag} {path}: {folder} is a symlink to {os.readlink(folder)}, which does not exist; "
+                "create its target or pass another folder"
+            )
+        if _exists(folder):
+            if not folder.is_dir():
+                raise UserError(f"{flag} {folder} is a file, not a folder; pass a folder path")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                readonly = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+                why = "is on a read-only filesystem" if readonly else "is not writable by this user"
+                raise UserError(f"{flag} {path} cannot be written: {folder} {why}; pass a writable folder")
+            return
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to stat, for one
+        return False
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
