@@ -55,3 +55,16 @@ def write_termination_log(line: str, output_dir: str | None) -> None:
             f.write(line.rstrip("\n") + "\n")
     except OSError:
         pass
+
+
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """A short, quoted, one-line excerpt of data for an error message: data files may hold secrets, and
+    error lines end up in logs and termination logs, so no message quotes more than ``limit`` characters
+    of a row (``'first words...' (1234 chars)``)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"

@@ -1,4 +1,5 @@
-"""Neutral file helpers every stage may use: reading YAML/JSON mappings, and durable writes.
+"""Neutral file helpers every stage may use: reading YAML/JSON mappings, durable writes, checking a
+folder can be written before a run starts, and naming a pickle torch refused to load.
 
 Nothing here knows about configs, data or models; it imports only :mod:`tuning.errors`.
 """
@@ -6,8 +7,11 @@ Nothing here knows about configs, data or models; it imports only :mod:`tuning.e
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +159,89 @@ def _pathconf(path: Path, name: str, default: int) -> int:
         return os.pathconf(path, name)
     except (OSError, ValueError):
         return default
+
+
+def refused_pickle(
+    error: BaseException, where: str, fix: str = "use safetensors weights from a source you trust"
+) -> UserError | None:
+    """The UserError for a pickle file torch's weights-only loader refused (it holds objects other than
+    tensors, which could run code when loaded; nothing ran), naming the file when the traceback shows
+    it; None for any other error. ``where``: what was being loaded ("model folder X", "checkpoint Y")."""
+    if not (isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower()):
+        return None
+    found = re.search(r"(unsupported GLOBAL [\w.]+|Unsupported global: GLOBAL [\w.]+)", str(error))
+    what = f" ({found.group(1)})" if found else ""
+    return UserError(
+        f"refused to load {_pickled_file(error) or 'a pickle file'} from {where}: it holds Python objects "
+        f"besides tensors{what}, which could run code when loaded, so torch's weights-only loader refused "
+        f"it and nothing ran; {fix}"
+    )
+
+
+def _pickled_file(error: BaseException) -> str | None:
+    """The path torch.load was reading, from its frame in the traceback."""
+    tb = error.__traceback__
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load" and frame.f_code.co_filename.endswith("serialization.py"):
+            f = frame.f_locals.get("f")
+            found = str(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", found)
+        tb = tb.tb_next
+    return found
+
+
+# below this much free space, a write that failed without an errno (torch's zip writer, safetensors)
+# is taken to have run out of space
+DISK_FULL_BYTES = 1 << 20
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Space left for this user on the filesystem holding ``path`` (or its nearest existing folder)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        stat = os.statvfs(p)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def is_disk_full(error: BaseException, path: str | Path) -> bool:
+    """Whether a failed write under ``path`` ran out of space: ENOSPC/EDQUOT anywhere in the exception
+    chain, a message saying so, or (torch reports a full disk as "enforce fail at inline_container.cc:
+    unexpected pos", safetensors as an I/O error) any write error with under 1 MiB left there."""
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(x, OSError) and x.errno in _NO_SPACE for x in chain):
+        return True
+    text = " ".join(str(x) for x in chain)
+    if "No space left" in text or "StorageFull" in text:
+        return True
+    free = free_bytes(path)
+    return free is not None and free < DISK_FULL_BYTES
+
+
+def environment_error(error: BaseException) -> UserError | None:
+    """A filesystem refusal the user fixes (full, read-only, permission, name too long) as a UserError
+    naming the path; None for anything else."""
+    if not isinstance(error, OSError) or error.errno not in (
+        *_NO_SPACE,
+        errno.EROFS,
+        errno.EACCES,
+        errno.ENAMETOOLONG,
+    ):
+        return None
+    where = f" {error.filename}" if error.filename else ""
+    fix = {
+        errno.ENOSPC: "free some space",
+        errno.EDQUOT: "free some space (disk quota exceeded)",
+        errno.EROFS: "pass a folder on a writable filesystem",
+        errno.EACCES: "fix the permissions or pass another path",
+        errno.ENAMETOOLONG: "use a shorter path",
+    }[error.errno]
+    return UserError(f"cannot access{where}: {error.strerror}; {fix}")

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 import traceback
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+from tuning.files import refused_pickle
 from tuning.model.peft import ADDED_TOKENS_INFO_NAME, NEW_EMBEDDING_KEYS, NEW_EMBEDDINGS_NAME
 
 logger = logging.getLogger("tuning")
@@ -70,7 +72,10 @@ def merge(
     if not base_name:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
     model = _load_base(base_name, adapter_dir, DTYPES[opts.get("dtype", "auto")])
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except pickle.UnpicklingError as e:  # an adapter_model.bin with more than tensors in it
+        raise (refused_pickle(e, f"adapter {adapter_dir}") or e) from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if _has_tokenizer(adapter_dir) else base_name)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +129,8 @@ def _has_tokenizer(folder: Path) -> bool:
 def _load_base(name: str, adapter_dir: Path, dtype: Any) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except pickle.UnpicklingError as e:
+        raise (refused_pickle(e, f"base model {name}") or e) from None
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot load base model {name}: {str(e).splitlines()[0]}; pass --base MODEL"

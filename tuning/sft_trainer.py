@@ -26,6 +26,7 @@ from tuning.errors import (
     UserError,
     write_termination_log,
 )
+from tuning.files import environment_error
 from tuning.logs import setup_logging
 from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
 from tuning.model.peft import apply_peft
@@ -91,17 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
     except Exception as e:  # anything not a user mistake is ours to fix: 203, with the traceback
-        traceback.print_exc()
-        kind = "out of memory" if "OutOfMemoryError" in type(e).__name__ else "internal error"
-        line, code = (
-            f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-            INTERNAL_ERROR_EXIT_CODE,
-        )
+        line, code = _failure(e)
     finally:
         leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
     print(line, file=sys.stderr)
     write_termination_log(line, _output_dir_hint(argv))
     return code
+
+
+def _failure(e: Exception) -> tuple[str, int]:
+    """The line and exit code for an exception that is not a UserError."""
+    refusal = environment_error(e)  # a full, read-only or forbidden path: the user's to fix
+    if refusal is not None:
+        return f"error: {refusal}", USER_ERROR_EXIT_CODE
+    traceback.print_exc()
+    kind = "out of memory" if "OutOfMemoryError" in type(e).__name__ else "internal error"
+    return f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", INTERNAL_ERROR_EXIT_CODE
 
 
 def _output_dir_hint(argv: list[str]) -> str | None:

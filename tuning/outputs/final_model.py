@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tuning.files import fsync_dir, fsync_file
+from tuning.files import fsync_dir, fsync_file, is_disk_full
 from tuning.model import PrecisionPlan
 from tuning.model.peft import write_adapter_extras
+from tuning.train.checkpoints import out_of_space
 from tuning.train.distributed import barrier, full_state_dict
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,18 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     target = Path(save_dir)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return _write_final_model(trainer, tokenizer, target, tmp, plan)
+    except Exception as e:
+        if not is_disk_full(e, tmp):
+            raise
+        writing = f"the final model to {target}"
+        raise out_of_space(
+            tmp, trainer.args.output_dir, discard=trainer.args.should_save, writing=writing
+        ) from None
+
+
+def _write_final_model(trainer: Any, tokenizer: Any, target: Path, tmp: Path, plan: PrecisionPlan) -> Path:
     # keep_fp32_wrapper=False also strips the autocast wrapper accelerate put on forward: training is
     # over, and the model in memory should compute like the saved one when reloaded
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
