@@ -146,13 +146,16 @@ def _first_line(error: Exception) -> str:
 
 
 def _binary_problem(path: Path, builder: str) -> str | None:
-    """Why pyarrow can't read a parquet file's footer or an Arrow file's batches, or None if it can."""
+    """Why pyarrow cannot read a parquet or Arrow file whole, or None if it can."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        if builder == "parquet":
-            pq.ParquetFile(path).metadata  # noqa: B018 (reading the footer is the check)
+        if builder == "parquet":  # only after a failed load: reading it whole is the diagnosis
+            with open(path, "rb") as f:
+                if f.read(4) != b"PAR1":
+                    return "it does not start with the parquet magic bytes PAR1"
+            pq.read_table(path)
             return None
         with open(path, "rb") as f:
             try:
