@@ -22,8 +22,8 @@ from tuning.data.handlers.chat import tokenize_and_apply_chat_template_with_mask
 from tuning.data.handlers.templates import apply_custom_jinja_template, apply_tokenizer_chat_template
 from tuning.data.loading import load_data
 from tuning.data.sandbox import template_errors, template_failure
-from tuning.errors import EXCERPT_CHARS, USER_ERROR_EXIT_CODE, UserError, excerpt
-from tuning.files import check_writable_folder, environment_error, is_disk_full, refused_pickle
+from tuning.errors import EXCERPT_CHARS, USER_ERROR_EXIT_CODE, UserError, environment_error, excerpt
+from tuning.files import check_writable_folder, is_disk_full, refused_pickle
 
 MARK = "/tmp/tuning-sandbox-escaped"  # an escape that ran would create this file
 ESCAPES = {

@@ -19,9 +19,9 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.training_args import OptimizerNames
 
 from tuning.config.rules import check_values
+from tuning.dtypes import DTYPE_NAMES
 from tuning.errors import UserError
 
-DTYPES = ("bfloat16", "float16", "float32", "auto")
 DataFormat = Literal["auto", "pretokenized", "text", "template", "input_output", "chat"]
 
 
@@ -93,7 +93,7 @@ class ModelArgs:
             "help": "Compute dtype: bfloat16 (default), float16, float32 or auto (the checkpoint's). "
             "Half precision computes under autocast while trainable weights and optimizer state stay "
             "float32, unless --half_precision_master_weights.",
-            "choices": list(DTYPES),
+            "choices": list(DTYPE_NAMES),
         },
     )
     half_precision_master_weights: bool = field(

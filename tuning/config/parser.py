@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from tuning.config.args import (
     text_fields,
 )
 from tuning.config.rules import check_values
-from tuning.errors import UserError
+from tuning.errors import ArgumentParser, UserError, did_you_mean
 from tuning.files import check_writable_folder, read_mapping_file
 
 # SFTConfig field → dataclass; a new stage's arguments are one more entry here.
@@ -67,19 +66,14 @@ _UNSET = object()
 logger = logging.getLogger(__name__)
 
 
-def closest(name: str, candidates: list[str], prefix: str = "--") -> str:
-    """`` (did you mean --x?)`` for the nearest candidate, or an empty string."""
-    match = difflib.get_close_matches(name.lstrip("-"), candidates, n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{match[0]}?)" if match else ""
-
-
 class _ParseError(Exception):
     """argparse's complaint, tidied; the caller says whether it was the command line or the file."""
 
 
-class _Parser(HfArgumentParser):
-    """argparse exits 2 with usage text on a bad flag; we raise instead (the caller makes it a
-    UserError: exit 1, one line), read negative numbers as values, and suggest the closest choice."""
+class _Parser(ArgumentParser, HfArgumentParser):
+    """The dataclasses' flags. On a bad flag argparse exits 2 with usage text; we raise instead (the
+    caller makes it a UserError naming the command line or the config file: exit 1, one line), read
+    negative numbers as values, and suggest the closest choice."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,8 +85,7 @@ class _Parser(HfArgumentParser):
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         if action.choices is not None and value not in action.choices:
             names = [str(c) for c in action.choices]
-            match = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
-            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            hint = did_you_mean(str(value), names)
             raise argparse.ArgumentError(
                 action, f"invalid choice: {str(value)!r}{hint}; choose from {', '.join(names)}"
             )
@@ -103,10 +96,8 @@ def _tidy(message: str) -> str:
     return re.sub(r"argument (-[-\w]+)(/-[-\w]+)*:", r"\1:", message)
 
 
-@cache
 def build_parser() -> HfArgumentParser:
-    """The parser of every flag. Built once per process and never changed afterwards: what one parse
-    needs beyond the flags (the file's values) travels in its namespace."""
+    """The parser of every flag (a command may add flags of its own to it)."""
     parser = _Parser(tuple(ARG_GROUPS.values()), allow_abbrev=True)
     parser.add_argument(
         "--config",
@@ -155,9 +146,49 @@ def _json_object_type(fallback: Callable[[str], Any] | None, text_too: bool) -> 
     return convert
 
 
+def peek_flag(argv: list[str], dest: str, parser: argparse.ArgumentParser | None = None) -> str | None:
+    """The value given for ``--dest`` on a command line that may not parse: the exact flag, ``--dest=V``
+    or a unique prefix of it (argparse's abbreviation rule over ``parser``'s flags). The last one wins."""
+    options = [o for a in (parser or build_parser())._actions for o in a.option_strings if o.startswith("--")]
+    target, found = f"--{dest}", None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--"):
+            continue
+        matches = [o for o in options if o.startswith(name)]
+        if name == target or matches == [target]:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def output_dir_hint(argv: list[str]) -> str | None:
+    """``--output_dir`` of a command line, or of its ``--config`` file, for the termination log of a
+    command that failed before (or while) parsing."""
+    parser = build_parser()
+    given = peek_flag(argv, "output_dir", parser)
+    if given:
+        return given
+    config_file = peek_flag(argv, "config", parser)
+    try:
+        value = read_mapping_file(config_file, "config file").get("output_dir") if config_file else None
+    except UserError:
+        return None
+    return value if isinstance(value, str) else None
+
+
 def parse_config(argv: list[str]) -> SFTConfig:
     """Parse flags (and ``--config FILE``) into a validated :class:`SFTConfig`."""
-    parser = build_parser()
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(
+    argv: list[str], parser: HfArgumentParser | None = None
+) -> tuple[SFTConfig, argparse.Namespace]:
+    """:func:`parse_config` for a command whose ``parser`` (from :func:`build_parser`) has flags of its
+    own: returns them too, as a namespace."""
+    parser = parser or build_parser()
     on_cli = _command_line_values(parser, argv)
     config_file = on_cli.pop("config", None)
     from_file = load_config_file(config_file, parser) if config_file else {}
@@ -178,8 +209,10 @@ def parse_config(argv: list[str]) -> SFTConfig:
     check_values(values, text, where, floats)
     check_combinations(values, where)
     config = SFTConfig(**{name: _build_group(cls, values) for name, cls in ARG_GROUPS.items()})
+    grouped = {f.name for cls in ARG_GROUPS.values() for f in dataclasses.fields(cls)} | {"config"}
+    extras = argparse.Namespace(**{k: v for k, v in values.items() if k not in grouped})
     validate(config)
-    return config
+    return config, extras
 
 
 def _command_line_values(parser: HfArgumentParser, argv: list[str]) -> dict[str, Any]:
@@ -193,7 +226,9 @@ def _command_line_values(parser: HfArgumentParser, argv: list[str]) -> dict[str,
     if remaining:
         dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
         flag = next((r for r in remaining if r.startswith("-")), remaining[0])
-        raise UserError(f"unknown flag {flag}{closest(flag.split('=')[0], dests)}; see --help")
+        raise UserError(
+            f"unknown flag {flag}{did_you_mean(flag.split('=')[0], dests, flag=True)}; see --help"
+        )
     return {k: v for k, v in vars(given).items() if v is not _UNSET and k != "help"}
 
 
@@ -208,9 +243,9 @@ def load_config_file(path: str, parser: HfArgumentParser | None = None) -> dict[
     out = {}
     for key, value in values.items():
         if key not in valid:
-            raise UserError(f"unknown key '{key}' in config file {path}{closest(key, valid)}")
+            raise UserError(f"unknown key '{key}' in config file {path}{did_you_mean(key, valid, flag=True)}")
         try:
-            out[key] = _file_value(parser, actions[key], field_hints()[key], value)
+            out[key] = _file_value(parser, actions[key], field_hints().get(key, str), value)
         except _FileValueError as e:
             raise UserError(f"config file {path}: {key}: {e}") from None
         except argparse.ArgumentError as e:

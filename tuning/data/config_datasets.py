@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data import formats, loading
 from tuning.data.data_config import (
     OWN_KEYWORDS,
@@ -22,10 +22,10 @@ from tuning.data.data_config import (
     load_data_config,
     local_path,
 )
-from tuning.data.handlers.registry import did_you_mean, input_columns
+from tuning.data.handlers.registry import input_columns
 from tuning.data.prepare import DataStats, prepare, process_batch
 from tuning.data.tokenize import OK
-from tuning.errors import UserError, excerpt
+from tuning.errors import UserError, check, did_you_mean, excerpt, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
         where = f"data config {config.path}: dataset '{ds.name}'"
         if files is not None and builder is not None:
             raise UserError(f"{where}: {loading.explain_load_failure(files, builder, e)}") from None
-        cause = excerpt(str(e).splitlines()[0] if str(e) else "")
+        cause = excerpt(first_line(e))
         raise UserError(
             f"{where}: could not load {path} ({type(e).__name__}: {cause}); check the path and builder"
         ) from None
@@ -83,7 +83,7 @@ def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
 def apply_step(data: Any, step: HandlerStep, context: dict[str, Any], where: str) -> Any:
     """Run one handler over a dataset; input columns are checked against the data first."""
     handler = step.handler
-    assert handler is not None, "validated by load_data_config"
+    check(handler is not None, f"{where}: handler not resolved by load_data_config")
     columns = column_names(data)
     for col in input_columns(handler, step.kwargs):
         if col not in columns:
@@ -172,7 +172,7 @@ def _finalize_stream(data: Any, fmt: str, args: DataArgs, tokenizer: Any, max_le
 
 
 def process_all(args: DataArgs, tokenizer: Any, max_len: int) -> tuple[DataConfig, list[ProcessedDataset]]:
-    assert args.data_config_path, "validated by the config stage"
+    check(args.data_config_path, "process_all needs --data_config_path")
     config = load_data_config(args.data_config_path)
     if config.chat_template:
         # the saved tokenizer must carry the template the model was trained with

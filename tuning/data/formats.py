@@ -12,7 +12,7 @@ from typing import Any
 
 from jinja2 import StrictUndefined, UndefinedError
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data.sandbox import BoundedSandbox, template_errors
 from tuning.data.tokenize import Span
 from tuning.errors import UserError

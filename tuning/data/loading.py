@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 
-from tuning.errors import UserError, excerpt
+from tuning.errors import UserError, excerpt, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _load_hub_dataset(name: str) -> datasets.Dataset:
     except Exception as e:
         raise UserError(
             f"could not load dataset '{name}': it is not a local file or folder, and as a hub id it "
-            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path"
+            f"failed ({type(e).__name__}: {first_line(e)}); check the path"
         ) from None
 
 
@@ -124,7 +124,7 @@ def explain_load_failure(files: list[Path], builder: str, error: Exception) -> s
                     f"data file {f} is not a readable {builder} file ({problem.rstrip('.')}): it is damaged, "
                     f"truncated (a copy or download cut short?) or not {builder} at all; write or copy it again"
                 )
-        return f"could not read data {', '.join(map(str, files))} as {builder}: {excerpt(_first_line(error))}"
+        return f"could not read data {', '.join(map(str, files))} as {builder}: {excerpt(first_line(error))}"
     for f in files:
         raw = f.read_bytes()
         try:
@@ -138,11 +138,7 @@ def explain_load_failure(files: list[Path], builder: str, error: Exception) -> s
             problem = _json_problem(text)
             if problem:
                 return f"data file {f} is malformed: {problem}; fix the JSON there"
-    return f"could not read data {', '.join(map(str, files))} as {builder}: {excerpt(_first_line(error))}"
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"could not read data {', '.join(map(str, files))} as {builder}: {excerpt(first_line(error))}"
 
 
 def _binary_problem(path: Path, builder: str) -> str | None:
@@ -165,7 +161,7 @@ def _binary_problem(path: Path, builder: str) -> str | None:
                 pa.ipc.open_file(f).read_all()
         return None
     except (pa.ArrowException, OSError) as e:
-        return _first_line(e)
+        return first_line(e)
 
 
 def _json_problem(text: str) -> str | None:
