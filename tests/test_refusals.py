@@ -452,3 +452,19 @@ def test_excerpts_are_clipped_in_column_type_errors(tmp_path, tokenizer):
         render_batch({"text": [json.loads(json.dumps([SECRET]))]}, "text", args, tokenizer)
     assert "SECRET-TAIL" not in str(info.value)
     assert str(info.value).endswith(f"... ({len(repr([SECRET]))} chars)")
+
+
+@pytest.mark.parametrize(
+    ("errno_", "fix"), [(28, "free some space"), (30, "writable filesystem"), (13, "permissions")]
+)
+def test_every_command_reports_filesystem_refusals_as_user_errors(errno_, fix, tmp_path, monkeypatch, capsys):
+    from tuning.errors import run_command
+
+    monkeypatch.setenv("TERMINATION_LOG_FILE", str(tmp_path / "log"))
+
+    def body() -> int:
+        raise OSError(errno_, os.strerror(errno_), "/data/out/training_logs.jsonl")
+
+    assert run_command(body) == USER_ERROR_EXIT_CODE
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot access /data/out/training_logs.jsonl: ") and fix in line

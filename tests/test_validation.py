@@ -389,3 +389,21 @@ def test_whole_parse_from_a_file_equals_the_flag(dest, base, tmp_path):
 
 def test_is_number_excludes_bools():
     assert is_number(1) and is_number(1.5) and not is_number(True)
+
+
+def test_config_file_found_by_a_prefix_of_its_flag(base, tmp_path):
+    """--conf is --config by argparse's abbreviation rule: the file must be read, not ignored."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.125\n")
+    assert parse_config([*base, "--conf", str(cfg)]).train.learning_rate == 0.125
+    assert parse_config([*base, f"--config={cfg}", "--learning_rate=0.5"]).train.learning_rate == 0.5
+
+
+@pytest.mark.parametrize("seed", [-1, SEED_MAX + 1])
+def test_data_config_seed_has_the_seed_range(seed, tmp_path):
+    from tuning.data.data_config import load_data_config
+
+    config = tmp_path / "data.yaml"
+    config.write_text(f"dataprocessor:\n  seed: {seed}\ndatasets:\n  - name: a\n    data_paths: [x.jsonl]\n")
+    with pytest.raises(UserError, match=rf"dataprocessor seed {seed} is out of range; use a whole number in"):
+        load_data_config(str(config))
