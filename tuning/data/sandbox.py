@@ -27,7 +27,7 @@ from jinja2 import TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
-from tuning.errors import UserError, excerpt
+from tuning.errors import UserError, excerpt, first_line
 
 # A rendered row is the text of one sample: a repetition or power past these is a runaway template.
 MAX_TEMPLATE_ITEMS = 10_000_000
@@ -71,11 +71,6 @@ def _raised_by_template(e: BaseException) -> bool:
     return False
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def template_failure(
     e: Exception, what: str, row: Any = None, *, compiling: bool = False
 ) -> UserError | None:
@@ -88,17 +83,17 @@ def template_failure(
     on_row = f" on row {_row_excerpt(row)}" if row is not None else ""
     if isinstance(e, SecurityError):
         return UserError(
-            f"refused: {what} tried something the template sandbox blocks ({_first_line(e)}); no code ran. "
+            f"refused: {what} tried something the template sandbox blocks ({first_line(e)}); no code ran. "
             "Templates may only format values: remove that part"
         )
     if isinstance(e, TemplateSyntaxError):
         return UserError(f"{what} is not valid Jinja: {e.message} (line {e.lineno}); fix the template")
     if isinstance(e, UndefinedError):
         return UserError(
-            f"{what} uses an undefined value ({_first_line(e)}){on_row}; fix the template or data"
+            f"{what} uses an undefined value ({first_line(e)}){on_row}; fix the template or data"
         )
     if isinstance(e, TemplateError):  # raise_exception("...") in a chat template: it rejects the data
-        return UserError(f"{what} refused the data{on_row}: {excerpt(_first_line(e))}")
+        return UserError(f"{what} refused the data{on_row}: {excerpt(first_line(e))}")
     if isinstance(e, MemoryError) or not (compiling or _raised_by_template(e)):
         return None
     if isinstance(e, TypeError) and "no loader" in str(e):
@@ -108,11 +103,11 @@ def template_failure(
         )
     if isinstance(e, OverflowError) and "sandbox" in str(e).lower():
         return UserError(
-            f"refused: {what} asks for a range() longer than the sandbox allows ({_first_line(e)}); "
+            f"refused: {what} asks for a range() longer than the sandbox allows ({first_line(e)}); "
             "templates may only format values: loop over the data instead"
         )
     return UserError(
-        f"{what} failed{on_row}: {type(e).__name__}: {excerpt(_first_line(e))}; fix the template or the data"
+        f"{what} failed{on_row}: {type(e).__name__}: {excerpt(first_line(e))}; fix the template or the data"
     )
 
 
