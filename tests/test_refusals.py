@@ -114,18 +114,15 @@ def test_failures_outside_a_template_stay_internal():
         raise KeyError("a bug of ours, not the template's")
 
 
+def one_step(model: Path, out: Path) -> list[str]:
+    return ["--model_name_or_path", str(model), "--output_dir", str(out), "--max_steps", "1"]
+
+
 def test_escapes_through_the_command_line_exit_1_with_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("TERMINATION_LOG_FILE", str(tmp_path / "log"))
     data = write_jsonl(tmp_path / "d.jsonl", io_rows(1))
     chats = write_jsonl(tmp_path / "c.jsonl", [{"messages": MESSAGES}] * 2)
-    common = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(tmp_path / "o"),
-        "--max_steps",
-        "1",
-    ]
+    common = one_step(tiny_model_dir, tmp_path / "o")
     runs = [
         ["--training_data_path", str(data), "--data_formatter_template", ESCAPES["__globals__"]],
         ["--training_data_path", str(chats), "--chat_template", ESCAPES["include"]],
@@ -414,14 +411,7 @@ SECRET = "SECRET-HEAD " + "x" * 300 + " SECRET-TAIL"
 
 def test_no_error_quotes_more_than_an_excerpt_of_a_row(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("TERMINATION_LOG_FILE", str(tmp_path / "log"))
-    common = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(tmp_path / "o"),
-        "--max_steps",
-        "1",
-    ]
+    common = one_step(tiny_model_dir, tmp_path / "o")
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": SECRET}, {"text": 5}])
     numbers = write_jsonl(tmp_path / "n.jsonl", [{"text": 7, "other": SECRET}])
     chats = write_jsonl(

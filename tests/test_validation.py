@@ -92,19 +92,8 @@ def same(a, b) -> bool:
     return x == y and type(x) is type(y)
 
 
-@pytest.mark.parametrize("dest", SAMPLE)
-def test_a_file_value_converts_exactly_like_its_flag(dest, tmp_path):
-    """Quoted text in YAML and in JSON: the same conversion (type, choices) as the flag, for every text."""
-    check_conversion(dest, tmp_path)
-
-
-@pytest.mark.slow
-def test_every_file_value_converts_exactly_like_its_flag(tmp_path):
-    for dest in sorted(ACTIONS):
-        check_conversion(dest, tmp_path)
-
-
 def check_conversion(dest: str, tmp_path) -> None:
+    """Quoted text in YAML and in JSON: the same conversion (type, choices) as the flag, for every text."""
     action = ACTIONS[dest]
     for text in texts_for(action):
         expected = cli_value(dest, [text])
@@ -115,19 +104,8 @@ def check_conversion(dest: str, tmp_path) -> None:
             assert got_yaml[1].startswith(f"config file {tmp_path / 'c.yaml'}: {dest}: "), got_yaml[1]
 
 
-@pytest.mark.parametrize("dest", SAMPLE)
-def test_file_shapes_no_flag_can_spell(dest, tmp_path):
-    """null, lists and mappings: allowed exactly where the field's type allows them."""
-    check_shapes(dest, tmp_path)
-
-
-@pytest.mark.slow
-def test_file_shapes_of_every_flag(tmp_path):
-    for dest in sorted(ACTIONS):
-        check_shapes(dest, tmp_path)
-
-
 def check_shapes(dest: str, tmp_path) -> None:
+    """null, lists and mappings (no flag can spell them): allowed exactly where the field's type allows."""
     action, hint = ACTIONS[dest], field_hints()[dest]
     members = typing.get_args(hint) or (hint,)
     origins = {typing.get_origin(m) or m for m in members}
@@ -149,6 +127,22 @@ def check_shapes(dest: str, tmp_path) -> None:
         assert got == ("ok", {"a": 1}) == cli_value(dest, ['{"a": 1}']), (dest, got)
     else:
         assert got[0] == "refused", (dest, got)
+
+
+CHECKS = {"conversion": check_conversion, "shapes": check_shapes}
+
+
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("dest", SAMPLE)
+def test_file_values_of_one_flag_per_kind(check, dest, tmp_path):
+    CHECKS[check](dest, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", CHECKS)
+def test_file_values_of_every_flag(check, tmp_path):
+    for dest in sorted(ACTIONS):
+        CHECKS[check](dest, tmp_path)
 
 
 def test_yaml_scalars_reach_the_parser_as_written(tmp_path, base):
