@@ -27,9 +27,12 @@ BASE = ["--model_name_or_path", "m", "--training_data_path", "d.json", "--output
 TEXTS = ["0", "1", "-1", "2.5", "1e-4", "-1e-4", "nan", "inf", "true", "no", "abc", '{"a": 1}', "x y"]
 
 
+PARSER = build_parser()  # one for every check here (parse_config builds its own)
+
+
 def flag_actions() -> dict[str, argparse.Action]:
     actions: dict[str, argparse.Action] = {}
-    for action in build_parser()._actions:
+    for action in PARSER._actions:
         if action.dest not in ("help", "config"):
             actions.setdefault(action.dest, action)
     return actions
@@ -65,7 +68,7 @@ def cli_value(dest: str, texts: list[str]):
     action = ACTIONS[dest]
     argv = [f"--{dest}", *texts] if action.nargs == "+" else [f"--{dest}={texts[0]}"]
     try:
-        namespace, _ = build_parser().parse_known_args(argv, namespace=argparse.Namespace())
+        namespace, _ = PARSER.parse_known_args(argv, namespace=argparse.Namespace())
     except Exception as e:  # noqa: BLE001 (the outcome is compared, whatever it is)
         return ("refused", type(e).__name__)
     return ("ok", getattr(namespace, dest))
@@ -76,7 +79,7 @@ def file_value(tmp_path, dest: str, value, suffix: str = ".yaml"):
     text = json.dumps({dest: value}) if suffix == ".json" else yaml.safe_dump({dest: value})
     path.write_text(text)
     try:
-        return ("ok", load_config_file(str(path))[dest])
+        return ("ok", load_config_file(str(path), PARSER)[dest])
     except UserError as e:
         return ("refused", str(e))
 
