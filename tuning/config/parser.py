@@ -1,4 +1,5 @@
-"""One parser for the command line and config files, with one precedence rule: the file (``--config``)
+"""One parser for the command line and config files, with one precedence rule: the file (``--config``, or
+the job fms-hf-tuning's ``$SFT_TRAINER_CONFIG_JSON_PATH`` / ``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` hand over)
 sets values, command-line flags override them. Unknown keys fail with the closest valid name.
 
 A file value goes through exactly what the same flag goes through: the text is converted by that flag's
@@ -40,7 +41,7 @@ from tuning.config.args import (
 )
 from tuning.config.rules import check_values
 from tuning.errors import ArgumentParser, UserError, did_you_mean
-from tuning.files import check_writable_folder, read_mapping_file
+from tuning.files import LAUNCH_ARGS_KEY, check_writable_folder, job_from_environment, read_mapping_file
 
 # SFTConfig field → dataclass; a new stage's arguments are one more entry here.
 ARG_GROUPS: dict[str, type] = {
@@ -164,22 +165,26 @@ def peek_flag(argv: list[str], dest: str, parser: argparse.ArgumentParser | None
 
 
 def output_dir_hint(argv: list[str]) -> str | None:
-    """``--output_dir`` of a command line, or of its ``--config`` file, for the termination log of a
-    command that failed before (or while) parsing."""
+    """``--output_dir`` of a command line, or of its ``--config`` file (or the job in the environment),
+    for the termination log of a command that failed before (or while) parsing."""
     parser = build_parser()
     given = peek_flag(argv, "output_dir", parser)
     if given:
         return given
     config_file = peek_flag(argv, "config", parser)
     try:
-        value = read_mapping_file(config_file, "config file").get("output_dir") if config_file else None
+        if config_file:
+            values = read_mapping_file(config_file, "config file")
+        else:
+            values = (job_from_environment() or ("", {}))[1]
     except UserError:
         return None
+    value = values.get("output_dir")
     return value if isinstance(value, str) else None
 
 
 def parse_config(argv: list[str]) -> SFTConfig:
-    """Parse flags (and ``--config FILE``) into a validated :class:`SFTConfig`."""
+    """Parse flags (and ``--config FILE``, or a job in the environment) into a validated :class:`SFTConfig`."""
     return parse_command_line(argv)[0]
 
 
@@ -191,7 +196,7 @@ def parse_command_line(
     parser = parser or build_parser()
     on_cli = _command_line_values(parser, argv)
     config_file = on_cli.pop("config", None)
-    from_file = load_config_file(config_file, parser) if config_file else {}
+    source, from_file = file_values(config_file, parser)
     preset = {**from_file, **implied_step_strategies(on_cli, from_file)}
     try:
         namespace, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(**preset))
@@ -202,7 +207,7 @@ def parse_command_line(
     def where(name: str) -> str:
         if name in on_cli:
             return " (command line)"
-        return f" (config file {config_file})" if name in from_file else ""
+        return f" ({source})" if name in from_file else ""
 
     text = [name for cls in ARG_GROUPS.values() for name in text_fields(cls)]
     floats = set().union(*(float_fields(cls) for cls in ARG_GROUPS.values()))
@@ -232,24 +237,47 @@ def _command_line_values(parser: HfArgumentParser, argv: list[str]) -> dict[str,
     return {k: v for k, v in vars(given).items() if v is not _UNSET and k != "help"}
 
 
+def file_values(config_file: str | None, parser: HfArgumentParser) -> tuple[str, dict[str, Any]]:
+    """(where, values) a file sets: ``--config FILE``, else the job fms-hf-tuning's environment variables
+    hand over (``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` / ``$SFT_TRAINER_CONFIG_JSON_PATH``); flags override
+    both. Each value is converted by its flag's argparse action."""
+    if config_file:
+        return f"config file {config_file}", load_config_file(config_file, parser)
+    job = job_from_environment(scalars_as_text=True)
+    if job is None:
+        return "", {}
+    where, values = job
+    logger.info("reading the %s; command-line flags override it", where)
+    return where, convert_config_values(values, where, parser)
+
+
 def load_config_file(path: str, parser: HfArgumentParser | None = None) -> dict[str, Any]:
     """A ``--config`` file's values, each converted by its flag's argparse action (type, choices)."""
-    parser = parser or build_parser()
-    actions = {}
+    values = read_mapping_file(path, "config file", scalars_as_text=True)
+    return convert_config_values(values, f"config file {path}", parser or build_parser())
+
+
+def convert_config_values(values: dict[str, Any], where: str, parser: HfArgumentParser) -> dict[str, Any]:
+    """The flag values of a config or job mapping (values as text, see ``read_mapping_file``), converted
+    like the flags: unknown keys rejected, the launcher's own key set aside (a ``tuning launch`` job file
+    is also a ``--config`` file)."""
+    actions: dict[str, argparse.Action] = {}
     for action in parser._actions:  # the first action of a dest is the flag's; --no_X shares the dest
         actions.setdefault(action.dest, action)
     valid = [d for d in actions if d not in ("help", "config")]
-    values = read_mapping_file(path, "config file", scalars_as_text=True)
+    values = dict(values)
+    if values.pop(LAUNCH_ARGS_KEY, None) is not None:
+        logger.info("%s: %s is read by tuning launch only; ignored here", where, LAUNCH_ARGS_KEY)
     out = {}
     for key, value in values.items():
         if key not in valid:
-            raise UserError(f"unknown key '{key}' in config file {path}{did_you_mean(key, valid, flag=True)}")
+            raise UserError(f"unknown key '{key}' in {where}{did_you_mean(key, valid, flag=True)}")
         try:
             out[key] = _file_value(parser, actions[key], field_hints().get(key, str), value)
         except _FileValueError as e:
-            raise UserError(f"config file {path}: {key}: {e}") from None
+            raise UserError(f"{where}: {key}: {e}") from None
         except argparse.ArgumentError as e:
-            raise UserError(f"config file {path}: {key}: {e.message.rstrip('.')}; fix it there") from None
+            raise UserError(f"{where}: {key}: {e.message.rstrip('.')}; fix it there") from None
     return out
 
 
@@ -350,6 +378,12 @@ def validate(config: SFTConfig) -> None:
         raise UserError(
             f"--num_train_epochs is {train.num_train_epochs}: nothing would be trained; "
             "pass a positive --num_train_epochs or --max_steps"
+        )
+    if config.data.packing and config.data.packing_strategy == "bfd" and not train.padding_free:
+        raise UserError(
+            "--packing_strategy bfd keeps packed samples apart only in padding-free batches, and "
+            "--padding_free is false; drop --padding_free false, or pass --packing_strategy wrapped "
+            "(samples in a row then attend to each other)"
         )
     if config.data.instruction_template and not config.data.response_template:
         raise UserError("--instruction_template needs --response_template (loss starts after it)")
