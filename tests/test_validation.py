@@ -404,3 +404,34 @@ def test_data_config_seed_has_the_seed_range(seed, tmp_path):
     config.write_text(f"dataprocessor:\n  seed: {seed}\ndatasets:\n  - name: a\n    data_paths: [x.jsonl]\n")
     with pytest.raises(UserError, match=rf"dataprocessor seed {seed} is out of range; use a whole number in"):
         load_data_config(str(config))
+
+
+def test_a_job_in_the_environment_goes_through_the_same_checks(base, tmp_path, monkeypatch):
+    import base64
+
+    def job(values: dict) -> None:
+        monkeypatch.setenv(
+            "SFT_TRAINER_CONFIG_JSON_ENV_VAR", base64.b64encode(json.dumps(values).encode()).decode()
+        )
+
+    job({"learning_rate": 0.25, "packing": True, "target_modules": "q_proj"})
+    config = parse_config(base)
+    assert (config.train.learning_rate, config.data.packing, config.peft.target_modules) == (
+        0.25,
+        True,
+        ["q_proj"],
+    )
+    job({"peft_method": "lorra"})
+    with pytest.raises(
+        UserError, match=r"^job \$SFT_TRAINER_CONFIG_JSON_ENV_VAR: peft_method: invalid choice: 'lorra'"
+    ):
+        parse_config(base)
+    job({"learning_rate": -1})
+    with pytest.raises(UserError, match=r"^--learning_rate is -1 \(job \$SFT_TRAINER_CONFIG_JSON_ENV_VAR\)"):
+        parse_config(base)
+    monkeypatch.delenv("SFT_TRAINER_CONFIG_JSON_ENV_VAR")
+    path = tmp_path / "job.yaml"
+    path.write_text("response_template: yes\nlearning_rate: 1e-4\n")
+    monkeypatch.setenv("SFT_TRAINER_CONFIG_JSON_PATH", str(path))
+    config = parse_config(base)
+    assert (config.data.response_template, config.train.learning_rate) == ("yes", 1e-4)
