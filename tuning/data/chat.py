@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, Literal
 
-from jinja2 import TemplateError
-
 from tuning.config import DataArgs
+from tuning.data.sandbox import template_errors
 from tuning.data.tokenize import IGNORE_INDEX, NOTHING_TRAINED, OK, Span, check_invariants
-from tuning.errors import UserError, first_line
+from tuning.errors import UserError, excerpt
 
 TrainOn = Literal["responses", "last_response", "all"]
 TRAIN_ON: tuple[str, ...] = ("responses", "last_response", "all")
@@ -64,6 +63,7 @@ SHAREGPT_ROLES = {
 }
 # Content no message holds (a private-use character): where a turn's rendering first depends on it.
 _PROBE = "\ue000"
+CHAT_TEMPLATE = "the chat template"  # how errors name it
 # A template marks the characters it trains itself with {% generation %} ... {% endgeneration %}.
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -123,7 +123,9 @@ def _json_value(value: Any, name: str) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise UserError(f"column '{name}' holds text that is not JSON ({e.msg}): {value!r:.80}") from None
+            raise UserError(
+                f"column '{name}' holds text that is not JSON ({e.msg}): {excerpt(value)}"
+            ) from None
     return value
 
 
@@ -134,17 +136,17 @@ def normalize_messages(value: Any, column: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise UserError(
             f"column '{column}' must hold a non-empty list of messages ({{role, content}} or ShareGPT "
-            f"{{from, value}}), found {type(value).__name__}: {value!r:.80}"
+            f"{{from, value}}), found {type(value).__name__}: {excerpt(value)}"
         )
     messages = []
     for message in value:
         if not isinstance(message, Mapping):
-            raise UserError(f"column '{column}': a message is not an object: {message!r:.80}")
+            raise UserError(f"column '{column}': a message is not an object: {excerpt(message)}")
         message = strip_none(message)
         if "role" not in message and "from" in message:
             message = _from_sharegpt(message, column)
         if not isinstance(message.get("role"), str):
-            raise UserError(f"column '{column}': a message has no role: {message!r:.80}")
+            raise UserError(f"column '{column}': a message has no role: {excerpt(message)}")
         reasoning = next((message[f] for f in REASONING_FIELDS if message.get(f) is not None), None)
         if reasoning is not None:
             message = {**message, "thinking": reasoning, "reasoning_content": reasoning}
@@ -164,7 +166,7 @@ def _from_sharegpt(message: dict[str, Any], column: str) -> dict[str, Any]:
         call = _json_value(content, f"{column} (function_call)")
         if not isinstance(call, Mapping) or "name" not in call:
             raise UserError(
-                f"column '{column}': a function_call's value is not {{name, arguments}}: {call!r:.80}"
+                f"column '{column}': a function_call's value is not {{name, arguments}}: {excerpt(call)}"
             )
         return {
             **message,
@@ -221,10 +223,13 @@ class ChatTemplate:
         return bool(_GENERATION_TAG.search(self.text(tools)))
 
     def render(self, messages: Any, conversation: Conversation, generation_prompt: bool = False) -> str:
+        """The template's rendering; its failures (a sandbox refusal, its own ``raise_exception`` on a
+        conversation it does not accept) are one-line user errors naming the conversation."""
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        compiled = _compile_jinja_template(self.text(conversation.tools))
-        try:
+        with template_errors(CHAT_TEMPLATE, compiling=True):
+            compiled = _compile_jinja_template(self.text(conversation.tools))
+        with template_errors(CHAT_TEMPLATE, messages):
             return compiled.render(
                 messages=messages,
                 tools=conversation.tools,
@@ -232,35 +237,25 @@ class ChatTemplate:
                 add_generation_prompt=generation_prompt,
                 **{**self.specials, **conversation.kwargs},
             )
-        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise _template_failure(e, messages) from None
 
     def generation_spans(self, conversation: Conversation) -> tuple[str, list[Span]]:
         # transformers computes the character spans of {% generation %} blocks while rendering (the
         # machinery of return_assistant_tokens_mask); using them keeps our offset-based masking.
-        from transformers.utils.chat_template_utils import render_jinja_template
+        from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
-        try:
+        template = self.text(conversation.tools)
+        with template_errors(CHAT_TEMPLATE, compiling=True):
+            _compile_jinja_template(template)  # cached: render_jinja_template reuses it
+        with template_errors(CHAT_TEMPLATE, conversation.messages):
             rendered, indices = render_jinja_template(
                 conversations=[conversation.messages],
                 tools=conversation.tools,
                 documents=conversation.documents,
-                chat_template=self.text(conversation.tools),
+                chat_template=template,
                 return_assistant_tokens_mask=True,
                 **{**self.specials, **conversation.kwargs},
             )
-        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise _template_failure(e, conversation.messages) from None
         return rendered[0], [(int(a), int(b)) for a, b in indices[0] if b > a]
-
-
-def _template_failure(error: Exception, messages: Any) -> UserError:
-    detail = first_line(error)
-    roles = [m.get("role") for m in messages] if isinstance(messages, list) else type(messages).__name__
-    return UserError(
-        f"the chat template failed on a conversation with roles {roles} ({type(error).__name__}: "
-        f"{detail:.200}); fix the row (roles, order, fields the template needs) or the template"
-    )
 
 
 def stop_strings(tokenizer: Any, stop_token_ids: Sequence[int]) -> tuple[str, ...]:

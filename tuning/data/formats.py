@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import StrictUndefined, UndefinedError
 
 from tuning.config import DataArgs
+from tuning.data.sandbox import BoundedSandbox, template_errors
 from tuning.data.tokenize import Span
-from tuning.errors import UserError
+from tuning.errors import UserError, excerpt
 
 DEFAULT_CONVERSATION_FIELD = "messages"
 # Columns holding a conversation, in the order they are looked for (``conversations``: ShareGPT and TRL).
@@ -143,7 +143,7 @@ def prompt_completion_text(prompt: Any, completion: Any) -> tuple[str, Span]:
 def require_text(value: Any, column: str, hint: str = "") -> str:
     if not isinstance(value, str):
         raise UserError(
-            f"column '{column}' must hold text{hint}, found {type(value).__name__}: {value!r:.80}"
+            f"column '{column}' must hold text{hint}, found {type(value).__name__}: {excerpt(value)}"
         )
     return value
 
@@ -163,26 +163,25 @@ class RowTemplate:
     """``{{column}}`` placeholders rendered with sandboxed, strict Jinja; a missing column is an error.
 
     Columns whose names are not identifiers (``{{Tweet text}}``, accepted by the reference tool) are
-    rewritten to ``{{ row["Tweet text"] }}`` before compiling.
+    rewritten to ``{{ row["Tweet text"] }}`` before compiling. ``what`` names the template in errors.
     """
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, what: str = "--data_formatter_template") -> None:
         self.source = template
+        self.what = what
         rewritten = re.sub(
             r"{{\s*([\w ]*?\w)\s*}}",
             lambda m: m.group(0) if m.group(1).isidentifier() else "{{ row[" + repr(m.group(1)) + "] }}",
             template,
         )
-        try:
-            self.template = SandboxedEnvironment(undefined=StrictUndefined).from_string(rewritten)
-        except TemplateError as e:
-            raise UserError(f"--data_formatter_template is not valid Jinja: {e}") from None
+        with template_errors(what, compiling=True):
+            self.template = BoundedSandbox(undefined=StrictUndefined).from_string(rewritten)
 
     def render(self, row: dict[str, Any]) -> str:
-        try:
-            return self.template.render(**row, row=row)
-        except UndefinedError as e:
-            raise UserError(
-                f"--data_formatter_template refers to a missing column ({e.message}); "
-                f"available columns: {list(row)}"
-            ) from None
+        with template_errors(self.what, row):
+            try:
+                return self.template.render(**row, row=row)
+            except UndefinedError as e:
+                raise UserError(
+                    f"{self.what} refers to a missing column ({e.message}); available columns: {list(row)}"
+                ) from None

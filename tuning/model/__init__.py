@@ -3,6 +3,7 @@
 from tuning.model.loading import (
     PrecisionPlan,
     context_length,
+    generation_use_cache,
     load_model,
     load_model_config,
     precision_plan,
@@ -25,6 +26,7 @@ __all__ = [
     "apply_peft",
     "context_length",
     "generation_stop_ids",
+    "generation_use_cache",
     "load_model",
     "load_model_config",
     "load_tokenizer",

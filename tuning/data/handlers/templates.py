@@ -13,10 +13,7 @@ from tuning.errors import UserError
 
 @lru_cache(maxsize=32)
 def _compiled(template: str) -> RowTemplate:
-    try:
-        return RowTemplate(template)
-    except UserError as e:
-        raise UserError(str(e).replace("--data_formatter_template", "template")) from None
+    return RowTemplate(template, what="the handler's template")
 
 
 @register_handler(aliases={"dataset_text_field": "formatted_text_column_name"})
@@ -34,11 +31,7 @@ def apply_custom_jinja_template(
     special tokens) into ``formatted_text_column_name``. A missing column is an error, not blank text."""
     compiled = _compiled(template)
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    try:
-        texts = [compiled.render({**specials, **row}) for row in rows_of(batch)]
-    except UserError as e:
-        raise UserError(str(e).replace("--data_formatter_template", "template")) from None
-    return {formatted_text_column_name: texts}
+    return {formatted_text_column_name: [compiled.render({**specials, **row}) for row in rows_of(batch)]}
 
 
 def require_chat_template(tokenizer: Any, chat_template: str | None, handler: str) -> None:
