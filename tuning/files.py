@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,50 @@ def fsync_dir(path: Path) -> None:
     # some filesystems (and Windows) can't fsync a directory; the rename is still atomic
     with contextlib.suppress(OSError):
         fsync_file(path)
+
+
+# weight files of an earlier save that a new save in the same folder does not rewrite must go: a loader
+# would otherwise find a stale shard (or a stale full model beside a new adapter)
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*", "adapter_model.bin")
+
+
+def staging_folder(target: Path) -> Path:
+    """An empty sibling of ``target`` to write into before :func:`publish_folder` (same filesystem, so the
+    final rename is atomic); a leftover of an earlier attempt by this process is removed."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def publish_folder(tmp: Path, target: Path) -> Path:
+    """Put the complete folder ``tmp`` in place as ``target``, so that a crash at any moment leaves either
+    the old contents or the new files, never a half-written file where a loader would pick it up.
+
+    Every file is flushed to disk first. A new ``target`` is one rename; an existing folder (a rerun, or
+    a model saved into ``output_dir``) gets the new files renamed in one by one (each ``os.replace`` is
+    atomic), and weight files of an earlier save that this one doesn't rewrite are removed.
+    """
+    for item in tmp.rglob("*"):
+        if item.is_file():
+            fsync_file(item)
+    fsync_dir(tmp)
+    if target.exists() and not target.is_dir():
+        target.unlink()
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return target
+    new = {item.name for item in tmp.iterdir()}
+    for pattern in WEIGHT_PATTERNS:
+        for stale in target.glob(pattern):
+            if stale.name not in new:
+                stale.unlink()
+    for item in tmp.iterdir():
+        destination = target / item.name
+        if item.is_dir() and destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(item, destination)
+    tmp.rmdir()
+    fsync_dir(target)
+    return target

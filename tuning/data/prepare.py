@@ -13,7 +13,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data import formats
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
