@@ -1,6 +1,6 @@
 """End to end against fms-hf-tuning: the seed's formatter job, whole processes, runs alternating.
 
-    python benchmarks/e2e_fms.py --setup                 # once: fms-hf-tuning 3.2.2 in its own venv
+    python benchmarks/e2e_fms.py --setup                 # once: a venv per tool, the model, the data
     python benchmarks/e2e_fms.py --pairs 2               # the measurement (quiet machine)
 
 The job (the README's formatter example at benchmark size): 2,000 input/output rows (the reference
@@ -44,6 +44,7 @@ PEER = Path(os.environ.get("E2E_PEER_DATA", REPO.parent / "shared" / "peer-data"
 TOKENIZER = PEER / "tinyllama-tokenizer"
 ROWS_FILE = PEER / "testdata" / "jsonl" / "twitter_complaints_input_output.jsonl"
 DEFAULT_VENV = Path(os.environ.get("E2E_FMS_VENV", "/work/venvs/fms"))
+DEFAULT_OURS_VENV = Path(os.environ.get("E2E_OURS_VENV", "/work/venvs/tuning"))
 DEFAULT_WORKDIR = Path(os.environ.get("E2E_WORKDIR", Path(tempfile.gettempdir()) / "e2e_fms"))
 
 ROWS = 2000
@@ -83,22 +84,38 @@ def job_flags(model: Path, data: Path, out: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def setup_venv(venv: Path) -> None:
-    """fms-hf-tuning 3.2.2 in its own venv: this torch, its other pins, then the tool without deps."""
+def setup_venvs(fms_venv: Path, ours_venv: Path) -> None:
+    """Each tool in a venv of its own declared dependencies, on this machine's torch.
+
+    fms-hf-tuning 3.2.2: its pins, then the tool without deps (its torch pin excludes 2.13). Ours: the
+    dependencies in pyproject.toml only; the code itself comes from this checkout (``PYTHONPATH``). So
+    neither run imports packages the other tool's environment or this development machine happen to have
+    (bitsandbytes, scipy, boto3 are imported by peft, transformers and accelerate when installed).
+    """
+    import tomllib
     import torch
 
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, f"torch=={torch.__version__}"], check=True)
-    subprocess.run([*pip, *FMS_PINS], check=True)
-    subprocess.run([*pip, "--no-deps", "fms-hf-tuning==3.2.2"], check=True)
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for venv, pins in ((fms_venv, FMS_PINS), (ours_venv, deps)):
+        if not (venv / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, f"torch=={torch.__version__}"], check=True)
+        subprocess.run([*pip, *pins], check=True)
+    subprocess.run(
+        [str(fms_venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "fms-hf-tuning==3.2.2"],
+        check=True,
+    )
     probe = "import tuning.sft_trainer as s, transformers; print(s.__file__, transformers.__version__)"
-    done = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", probe], cwd=tempfile.gettempdir(), env=clean_env(), check=True,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    print("fms-hf-tuning ready:", done.stdout.strip())
+    for name, venv, extra in (
+        ("fms-hf-tuning", fms_venv, {}),
+        ("tuning", ours_venv, {"PYTHONPATH": str(REPO)}),
+    ):
+        done = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", probe], cwd=tempfile.gettempdir(), env=clean_env(**extra),
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        print(f"{name} ready:", done.stdout.strip().splitlines()[-1])
 
 
 def prepare_job(workdir: Path) -> tuple[Path, Path]:
@@ -140,14 +157,15 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def run_tool(tool: str, venv: Path, model: Path, data: Path, workdir: Path) -> dict:
-    """One whole process of ``tool`` (fms or ours) on the job: wall and CPU seconds, final loss."""
+def run_tool(
+    tool: str, python: str, model: Path, data: Path, workdir: Path, repo: Path | None = None
+) -> dict:
+    """One whole process of the job: ``python -m tuning.sft_trainer`` (fms-hf-tuning's when ``repo`` is
+    None, else the checkout at ``repo``); wall and CPU seconds, final logged loss."""
     out = Path(tempfile.mkdtemp(prefix=f"{tool}-", dir=workdir))
     env = clean_env(HF_DATASETS_CACHE=str(out / "datasets-cache"))
-    if tool == "ours":
-        python, env["PYTHONPATH"] = sys.executable, str(REPO)
-    else:
-        python = str(venv / "bin" / "python")
+    if repo is not None:
+        env["PYTHONPATH"] = str(repo)
     cmd = [python, "-m", "tuning.sft_trainer", *job_flags(model, data, out / "out")]
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -160,6 +178,7 @@ def run_tool(tool: str, venv: Path, model: Path, data: Path, workdir: Path) -> d
     result = {"tool": tool, "seconds": seconds, "final_loss": losses[-1][1], "logged_steps": len(losses)}
     result["last_step"] = losses[-1][0]
     result["log"] = str(out / "log.txt")
+    result["python"] = python
     # CPU time of the process: the work done, less disturbed than wall time by other load on the machine
     result["cpu_seconds"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     shutil.rmtree(out / "datasets-cache", ignore_errors=True)
@@ -291,8 +310,8 @@ def child(kind: str, model: Path, data: Path) -> None:
         print(json.dumps({**flops, "matmul_flops_per_s": rate, "floor_seconds": flops["flops"] / rate}))
 
 
-def run_child(kind: str, model: Path, data: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--model", str(model), "--data", str(data)]
+def run_child(kind: str, python: str, model: Path, data: Path) -> dict:
+    cmd = [python, __file__, "--child", kind, "--model", str(model), "--data", str(data)]
     env = clean_env(PYTHONPATH=str(REPO))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
@@ -301,22 +320,25 @@ def run_child(kind: str, model: Path, data: Path) -> dict:
 
 
 def table(pairs: list[dict], bare: list[dict], floor: dict) -> str:
+    baseline = "baseline" in pairs[0]
+    head = "| run | fms-hf-tuning 3.2.2 | tuning | ratio |" + (" tuning (baseline) |" if baseline else "")
     lines = [
-        "| run | fms-hf-tuning 3.2.2 | tuning | ratio | final loss fms | final loss tuning |",
-        "|---|---:|---:|---:|---:|---:|",
+        head + " final loss fms | final loss tuning |",
+        "|---|---:|---:|---:|" + ("---:|" if baseline else "") + "---:|---:|",
     ]
     for i, p in enumerate(pairs, 1):
         fms, ours = p["fms"], p["ours"]
+        extra = f" {p['baseline']['seconds']:.1f} s |" if baseline else ""
         lines.append(
             f"| pair {i} | {fms['seconds']:.1f} s | {ours['seconds']:.1f} s | "
-            f"{fms['seconds'] / ours['seconds']:.2f}× | {fms['final_loss']:.4f} | {ours['final_loss']:.4f} |"
+            f"{fms['seconds'] / ours['seconds']:.2f}× |{extra} {fms['final_loss']:.4f} | {ours['final_loss']:.4f} |"
         )
     best = min(p["ours"]["seconds"] for p in pairs)
     lines += [
         "",
         f"FLOP floor: {floor['flops'] / 1e12:.2f} TFLOP ({floor['tokens']} tokens, {floor['trained_tokens']} "
         f"trained) at {floor['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s (2048³ matmul, {THREADS} threads) = "
-        f"{floor['floor_seconds']:.1f} s; our fastest run is {best / floor['floor_seconds']:.2f}× the floor.",
+        f"{floor['floor_seconds']:.1f} s; our fastest run took {best / floor['floor_seconds']:.2f}× the floor.",
     ]
     for b in bare:
         lines.append(
@@ -327,11 +349,18 @@ def table(pairs: list[dict], bare: list[dict], floor: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", action="store_true", help="create the fms-hf-tuning venv and exit")
+    parser.add_argument("--setup", action="store_true", help="create both venvs and the job, then exit")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="fms-hf-tuning venv (E2E_FMS_VENV)")
+    parser.add_argument(
+        "--ours-venv", type=Path, default=DEFAULT_OURS_VENV, help="venv with our dependencies (E2E_OURS_VENV)"
+    )
+    parser.add_argument("--ours-python", help="run ours with this interpreter instead of --ours-venv's")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout of ours (e.g. main) run in every pair: before/after"
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="model, data, run folders")
     parser.add_argument("--pairs", type=int, default=2, help="alternating fms/ours pairs")
-    parser.add_argument("--only", choices=["fms", "ours"], help="run one tool only (profiling, checks)")
+    parser.add_argument("--only", choices=["fms", "ours"], help="run one tool once (checks)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare torch loop")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "e2e_fms_results.json")
     parser.add_argument("--child", choices=["bare", "floor"], help=argparse.SUPPRESS)
@@ -341,33 +370,53 @@ def main() -> None:
     if args.child:
         return child(args.child, args.model, args.data)
     if args.setup:
-        setup_venv(args.venv)
+        setup_venvs(args.venv, args.ours_venv)
         prepare_job(args.workdir)
         return None
+    fms_python = str(args.venv / "bin" / "python")
+    ours_python = args.ours_python or str(args.ours_venv / "bin" / "python")
+    for python in (fms_python, ours_python):
+        if not Path(python).exists():
+            raise SystemExit(f"{python} does not exist: run `python {__file__} --setup` first")
     model, data = prepare_job(args.workdir)
+    tools = {"fms": (fms_python, None), "ours": (ours_python, REPO)}
+    if args.baseline:
+        tools["baseline"] = (ours_python, args.baseline.resolve())
     if args.only:
-        r = run_tool(args.only, args.venv, model, data, args.workdir)
-        print(json.dumps(r))
+        python, repo = tools[args.only]
+        print(json.dumps(run_tool(args.only, python, model, data, args.workdir, repo)))
         return None
-    floor = run_child("floor", model, data)
+    floor = run_child("floor", ours_python, model, data)
     print(
         f"floor: {floor['floor_seconds']:.1f} s ({floor['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s)", flush=True
     )
-    bare = [] if args.no_bare else [run_child("bare", model, data)]
+    bare = [] if args.no_bare else [run_child("bare", ours_python, model, data)]
     for b in bare:
         print(f"bare loop: {b['seconds']:.1f} s, final loss {b['final_loss']:.4f}", flush=True)
     pairs = []
     for i in range(args.pairs):
-        order = ("fms", "ours") if i % 2 == 0 else ("ours", "fms")
+        order = list(tools) if i % 2 == 0 else list(reversed(tools))
         pair = {}
         for tool in order:
-            pair[tool] = run_tool(tool, args.venv, model, data, args.workdir)
-            print(f"pair {i + 1} {tool:4s} {pair[tool]['seconds']:6.1f} s  loss {pair[tool]['final_loss']:.4f}",
-                  flush=True)  # fmt: skip
+            python, repo = tools[tool]
+            pair[tool] = run_tool(tool, python, model, data, args.workdir, repo)
+            r = pair[tool]
+            print(f"pair {i + 1} {tool:8s} {r['seconds']:6.1f} s (CPU {r['cpu_seconds']:6.1f} s) "
+                  f"loss {r['final_loss']:.4f}", flush=True)  # fmt: skip
         pair["ratio"] = pair["fms"]["seconds"] / pair["ours"]["seconds"]
         pairs.append(pair)
-    report = {"job": {"rows": ROWS, "model": MODEL, "threads": THREADS}, "floor": floor, "bare": bare,
-              "pairs": pairs}  # fmt: skip
+    report = {
+        "job": {
+            "rows": ROWS,
+            "model": MODEL,
+            "threads": THREADS,
+            "flags": job_flags(model, data, Path("OUT")),
+        },
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+        "floor": floor,
+        "bare": bare,
+        "pairs": pairs,
+    }
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(table(pairs, bare, floor))
     return None

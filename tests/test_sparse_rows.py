@@ -113,3 +113,26 @@ def test_only_where_exact():
     assert with_sparse_rows(torch.optim.SGD, {"lr": 1}, untied) == (torch.optim.SGD, {"lr": 1})
     cls, kwargs = with_sparse_rows(torch.optim.AdamW, {"lr": 1}, untied)
     assert cls is SparseRowsAdamW and kwargs["sparse_rows"] == [untied.get_input_embeddings().weight]
+
+
+def test_the_trainer_builds_it_by_default(tokenizer, tmp_path):
+    """Our default ``--optim adamw_torch_fused`` on an untied model: SparseRowsAdamW, fused kernel."""
+    import datasets
+
+    from tuning.config.args import TrainArgs
+    from tuning.data import DataStats, PreparedData
+    from tuning.model.loading import PrecisionPlan
+    from tuning.train.trainer import build_trainer
+
+    rows = [{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]}] * 2
+    data = PreparedData(datasets.Dataset.from_list(rows), None, "pretokenized", DataStats())
+    model = build_model(len(tokenizer))
+    plan = PrecisionPlan(torch.float32, None, torch.float32)
+    args = TrainArgs(output_dir=str(tmp_path), save_strategy="no", report_to="none", use_cpu=True)
+    optimizer = build_trainer(args, model, tokenizer, data, plan).create_optimizer()
+    assert type(optimizer) is SparseRowsAdamW and all(g["fused"] for g in optimizer.param_groups)
+    assert optimizer._sparse_ids == {id(model.get_input_embeddings().weight)}
+    args = TrainArgs(output_dir=str(tmp_path), optim="sgd", save_strategy="no", report_to="none", use_cpu=True)
+    assert type(build_trainer(args, build_model(len(tokenizer)), tokenizer, data, plan).create_optimizer()) is (
+        torch.optim.SGD
+    )
