@@ -97,6 +97,8 @@ def test_checkpoint_state_moves_between_the_two_optimizers():
         lr=1e-2,
         weight_decay=0.0,
     )
+    train(resumed_model, resumed, steps[:1])  # its own live rows (about to be replaced)
+    resumed_model.load_state_dict(dense[0].state_dict())
     resumed.load_state_dict(copy.deepcopy(dense[1].state_dict()))  # live rows come from the moments
     train(*dense, steps[4:])
     train(resumed_model, resumed, steps[4:])

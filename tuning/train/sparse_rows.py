@@ -34,6 +34,10 @@ class SparseRowsAdamW(torch.optim.AdamW):
         self._sparse_ids = {id(p) for p in sparse_rows}
         self._live: dict[int, torch.Tensor] = {}  # id(param) → rows that ever had a gradient
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._live.clear()  # the loaded moments say which rows are live (read on the next step)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
