@@ -134,7 +134,8 @@ def test_the_trainer_builds_it_by_default(tokenizer, tmp_path):
     optimizer = build_trainer(args, model, tokenizer, data, plan).create_optimizer()
     assert type(optimizer) is SparseRowsAdamW and all(g["fused"] for g in optimizer.param_groups)
     assert optimizer._sparse_ids == {id(model.get_input_embeddings().weight)}
-    args = TrainArgs(output_dir=str(tmp_path), optim="sgd", save_strategy="no", report_to="none", use_cpu=True)
-    assert type(build_trainer(args, build_model(len(tokenizer)), tokenizer, data, plan).create_optimizer()) is (
-        torch.optim.SGD
+    args = TrainArgs(
+        output_dir=str(tmp_path), optim="sgd", save_strategy="no", report_to="none", use_cpu=True
     )
+    sgd = build_trainer(args, build_model(len(tokenizer)), tokenizer, data, plan).create_optimizer()
+    assert type(sgd) is torch.optim.SGD
