@@ -48,7 +48,7 @@ DEFAULT_OURS_VENV = Path(os.environ.get("E2E_OURS_VENV", "/work/venvs/tuning"))
 DEFAULT_WORKDIR = Path(os.environ.get("E2E_WORKDIR", Path(tempfile.gettempdir()) / "e2e_fms"))
 
 ROWS = 2000
-THREADS = 2
+THREADS = int(os.environ.get("E2E_THREADS", "2"))  # the job says 2; --threads 1 for a shared machine
 MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4}
 TEMPLATE = "### Input: {{input}} \n\n## Label: {{output}}"
 RESPONSE = "\n## Label:"
@@ -348,6 +348,7 @@ def table(pairs: list[dict], bare: list[dict], floor: dict) -> str:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="create both venvs and the job, then exit")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="fms-hf-tuning venv (E2E_FMS_VENV)")
@@ -362,6 +363,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2, help="alternating fms/ours pairs")
     parser.add_argument("--only", choices=["fms", "ours"], help="run one tool once (checks)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare torch loop")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help="OMP_NUM_THREADS of every run (the job: 2; 1 on a busy machine)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "e2e_fms_results.json")
     parser.add_argument("--child", choices=["bare", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -369,6 +376,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.model, args.data)
+    THREADS = args.threads
+    os.environ["E2E_THREADS"] = str(args.threads)  # for the bare-loop and floor children
     if args.setup:
         setup_venvs(args.venv, args.ours_venv)
         prepare_job(args.workdir)
