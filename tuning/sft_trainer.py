@@ -19,7 +19,7 @@ import time
 from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolved_config
 from tuning.data import build_datasets, check_data_config, write_processed
 from tuning.errors import run_command
-from tuning.logs import setup_logging
+from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
     context_length,
@@ -29,7 +29,14 @@ from tuning.model import (
     precision_plan,
     quantization_config,
 )
-from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
+from tuning.outputs import (
+    build_summary,
+    save_final_model,
+    summary_line,
+    write_loss_plot,
+    write_model_card,
+    write_summary,
+)
 from tuning.trackers import build_trackers
 from tuning.train import (
     build_trainer,
@@ -47,6 +54,8 @@ logger = logging.getLogger("tuning")
 def run(config: SFTConfig) -> dict:
     """Run one fine-tuning job; returns the run summary."""
     args = config.train
+    if args.disable_tqdm:
+        disable_progress_bars()  # the libraries' bars too, not only our progress bar
     if args.should_save:  # rank 0 only: every path below is written once, even across machines
         save_resolved_config(config, args.output_dir)
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
@@ -76,6 +85,8 @@ def run(config: SFTConfig) -> dict:
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
         write_summary(args.output_dir, summary)
+        if saved:
+            write_model_card(saved, config, summary, data, quant, max_len)
         logger.info(summary_line(summary))
     return summary
 

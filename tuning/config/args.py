@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Literal
+import typing
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any, Literal
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+from transformers.training_args import OptimizerNames
 
+from tuning.config.rules import check_values
 from tuning.dtypes import DTYPE_NAMES
+from tuning.errors import UserError
 
 DataFormat = Literal["auto", "pretokenized", "text", "template", "input_output", "chat"]
 
@@ -28,6 +34,49 @@ def unescape(text: str | None) -> str | None:
         return None
     table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
     return re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], text)
+
+
+@cache
+def text_fields(cls: type) -> tuple[str, ...]:
+    """Our own free-text and list-of-text fields of ``cls`` (not Hugging Face's TrainingArguments', not
+    those with choices), where an empty value means nothing: an empty ``--response_template`` would match
+    everywhere."""
+    hints = typing.get_type_hints(cls)
+    inherited = {f.name for f in fields(TrainingArguments)}
+    text_types = (str, str | None, list[str], list[str] | None)
+    return tuple(
+        f.name
+        for f in fields(cls)
+        if f.name not in inherited and hints[f.name] in text_types and "choices" not in f.metadata
+    )
+
+
+@cache
+def float_fields(cls: type) -> frozenset[str]:
+    hints = typing.get_type_hints(cls)
+    return frozenset(n for n, h in hints.items() if h is float or h == float | None)
+
+
+@cache
+def literal_choices(cls: type) -> dict[str, tuple]:
+    """Fields of ``cls`` typed ``Literal[...]`` (or an Optional one) → their choices."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        literal = next((a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal), None)
+        if literal is not None:
+            out[name] = typing.get_args(literal)
+    return out
+
+
+def check_group(group: Any) -> None:
+    """The value rules (tuning/config/rules.py) and Literal choices for an argument group, however it
+    was built (the parser has checked both already, saying where each value came from)."""
+    cls = type(group)
+    for name, choices in literal_choices(cls).items():
+        value = getattr(group, name)
+        if value is not None and value not in choices:
+            raise UserError(f"--{name} is {value!r}: choose one of {', '.join(map(str, choices))}")
+    check_values(vars(group), text_fields(cls), floats=float_fields(cls))
 
 
 @dataclass
@@ -66,6 +115,9 @@ class ModelArgs:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repo's own code."})
+
+    def __post_init__(self) -> None:
+        check_group(self)
 
 
 @dataclass
@@ -131,8 +183,18 @@ class DataArgs:
     packing: bool = field(
         default=False,
         metadata={
-            "help": "Pretraining-style packing: concatenate all samples and cut rows of max_seq_length "
-            "tokens; samples in a row attend to each other."
+            "help": "Pack the training samples into rows of up to max_seq_length tokens (fewer, fuller "
+            "rows); --packing_strategy says how."
+        },
+    )
+    packing_strategy: Literal["bfd", "wrapped"] = field(
+        default="bfd",
+        metadata={
+            "help": "bfd (default, TRL's): whole samples by best-fit decreasing, position_ids restarting per "
+            "sample, so no sample attends to another and the loss equals unpacked training (needs "
+            "padding-free batches). wrapped: pretraining-style, everything concatenated and cut every "
+            "max_seq_length tokens; samples in a row attend to each other and may be split.",
+            "choices": ["bfd", "wrapped"],
         },
     )
 
@@ -140,13 +202,21 @@ class DataArgs:
         self.response_template = unescape(self.response_template)
         self.instruction_template = unescape(self.instruction_template)
         self.data_formatter_template = unescape(self.data_formatter_template)
+        check_group(self)
 
 
 # The established defaults of the fms-hf-tuning family, which differ from Hugging Face's own.
 @dataclass
 class TrainArgs(TrainingArguments):
-    save_strategy: str = field(default="epoch", metadata={"help": "no | steps | epoch | best"})
-    logging_strategy: str = field(default="epoch", metadata={"help": "no | steps | epoch"})
+    # retyped as str for the new defaults: the choices transformers derives from its enums are restated
+    save_strategy: str = field(
+        default="epoch",
+        metadata={"help": "no | steps | epoch | best", "choices": [s.value for s in SaveStrategy]},
+    )
+    logging_strategy: str = field(
+        default="epoch",
+        metadata={"help": "no | steps | epoch", "choices": [s.value for s in IntervalStrategy]},
+    )
     report_to: None | str | list[str] = field(
         default="none", metadata={"help": "Hugging Face integrations to report to (default none)."}
     )
@@ -154,7 +224,10 @@ class TrainArgs(TrainingArguments):
     # (10x faster on CPU). fms-hf-tuning's default adamw_torch gives the same losses, only slower.
     optim: str = field(
         default="adamw_torch_fused",
-        metadata={"help": "Optimizer (default adamw_torch_fused: torch's AdamW, fused kernel)."},
+        metadata={
+            "help": "Optimizer (default adamw_torch_fused: torch's AdamW, fused kernel).",
+            "choices": [o.value for o in OptimizerNames],
+        },
     )
     save_model_dir: str | None = field(
         default=None,
@@ -164,6 +237,29 @@ class TrainArgs(TrainingArguments):
     # family's commands still pass --warmup_ratio, so it stays a flag of its own.
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Linear warmup over this fraction of the total steps."}
+    )
+    disable_tqdm: bool = field(
+        default=False,
+        metadata={
+            "help": "No progress bars: plain progress lines on a terminal too, and no library bars (loading "
+            "weights, writing shards). Where stderr is not a terminal there are never bars."
+        },
+    )
+    # transformers 5 dropped this flag; fms-hf-tuning's job files (its README's, its tests') still set it
+    include_tokens_per_second: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility (transformers 4): trained tokens/s is always in the progress "
+            "lines and run_summary.json."
+        },
+    )
+    # transformers 5's JIT checkpoint saves on SIGTERM; that is always on here (tuning/train/signals.py)
+    enable_jit_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility; always on here: SIGTERM (or SIGINT) finishes the current "
+            "step, commits a checkpoint and exits 143 (130); rerunning resumes (docs/checkpoints.md)."
+        },
     )
     # speed and memory (docs/performance.md)
     padding_free: bool = field(
@@ -189,9 +285,8 @@ class TrainArgs(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_group(self)
         if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             if self.warmup_steps:
                 raise ValueError("pass either --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
@@ -283,12 +378,14 @@ class PeftArgs:
         default=False,
         metadata={
             "help": "With added tokens: write the new embedding rows to new_embeddings.safetensors next to "
-            "an adapter without them (for servers such as vLLM that can't load embeddings in an adapter)."
+            "an adapter without them (for vLLM releases before Nov 2025; current vLLM takes no new "
+            "vocabulary in an adapter: serve the model from tuning merge instead)."
         },
     )
 
     def __post_init__(self) -> None:
         self.alora_invocation_string = unescape(self.alora_invocation_string)
+        check_group(self)
         if self.peft_method == "alora" and not self.alora_invocation_string:
             raise ValueError(
                 "--peft_method alora needs --alora_invocation_string (the text that activates it)"
@@ -299,10 +396,6 @@ class PeftArgs:
             and not self.prompt_tuning_init_text
         ):
             raise ValueError("--prompt_tuning_init TEXT needs --prompt_tuning_init_text")
-        if self.lora_r <= 0 or self.num_virtual_tokens <= 0 or self.embedding_size_multiple_of <= 0:
-            raise ValueError(
-                "--lora_r, --num_virtual_tokens and --embedding_size_multiple_of must be positive"
-            )
 
 
 TRACKERS = ("file_logger", "aim", "tensorboard", "mlflow")
@@ -339,6 +432,7 @@ class TrackerArgs:
     )
 
     def __post_init__(self) -> None:
+        check_group(self)
         self.trackers = list(dict.fromkeys(["file_logger", *self.trackers]))
         if isinstance(self.exp_metadata, str):
             try:
@@ -367,3 +461,6 @@ class QuantArgs:
             "default). false keeps MXFP4, which needs a Hopper-class GPU and an adapter."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_group(self)

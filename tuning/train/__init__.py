@@ -5,6 +5,7 @@ from tuning.train.checkpoints import (
     is_complete,
     latest_complete_checkpoint,
     list_checkpoints,
+    out_of_space,
     resume_checkpoint,
 )
 from tuning.train.distributed import (
@@ -32,6 +33,7 @@ __all__ = [
     "leave_process_group",
     "list_checkpoints",
     "log_run_start",
+    "out_of_space",
     "per_rank",
     "read_training_logs",
     "resume_checkpoint",
