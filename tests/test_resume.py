@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import sys
@@ -25,7 +26,7 @@ from tests.train_with_fault import inject
 from tuning.config import parse_config
 from tuning.sft_trainer import main, run
 from tuning.train import read_training_logs
-from tuning.train.checkpoints import COMPLETE_MARKER, is_complete
+from tuning.train.checkpoints import COMPLETE_MARKER, is_complete, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +58,9 @@ def losses(output_dir) -> dict[int, float]:
     return {r["step"]: r["value"] for r in records}
 
 
-def fork_with_fault(fault: str, step: int, argv: list[str], log) -> tuple[int, str]:
+def start_with_fault(fault: str | None, step: int, argv: list[str], log, env: dict | None = None) -> int:
     """The CLI's ``main`` in a forked child: a real separate process that can be SIGKILLed, without the
-    15 s of imports a fresh interpreter costs here. Returns (exit code, -N if killed by N; stderr)."""
+    15 s of imports a fresh interpreter costs here. Returns its pid (see :func:`finish`)."""
     pid = os.fork()
     if pid == 0:  # the child never returns into pytest
         code = 99
@@ -68,13 +69,27 @@ def fork_with_fault(fault: str, step: int, argv: list[str], log) -> tuple[int, s
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 (closed by _exit)
-            inject(fault, step)
+            os.environ.update(env or {})
+            if fault:
+                for one in fault.split("+"):  # several faults: "slow-save+sigterm-in-step"
+                    inject(one, step)
             code = main(argv)
         finally:
             sys.stderr.flush()
             os._exit(code)
+    return pid
+
+
+def finish(pid: int, log) -> tuple[int, str]:
+    """(exit code, -N if killed by N; its output) of a child from :func:`start_with_fault`."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), log.read_text()
+
+
+def fork_with_fault(
+    fault: str | None, step: int, argv: list[str], log, env: dict | None = None
+) -> tuple[int, str]:
+    return finish(start_with_fault(fault, step, argv, log, env), log)
 
 
 def complete_steps(output_dir) -> list[int]:
@@ -92,7 +107,13 @@ def test_reference_run_commits_every_checkpoint(job):
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
     assert complete_steps(reference) == [2, 4, 6]
     marker = json.loads((reference / "checkpoint-4" / COMPLETE_MARKER).read_text())
-    assert marker == {"step": 4, "epoch": 1.0}
+    assert (marker["step"], marker["epoch"]) == (4, 1.0)
+    assert marker["logging_window"] == {"loss_sum": [0.0], "last_logged_step": 4}  # logged every step
+    assert (
+        marker["files"]["model.safetensors"]
+        == (reference / "checkpoint-4" / "model.safetensors").stat().st_size
+    )
+    assert marker["fingerprint"]["settings"]["per_device_train_batch_size"] == 2
 
 
 def test_kill_9_in_a_step_and_in_a_save_then_rerun_matches_uninterrupted(job, caplog):
@@ -180,3 +201,130 @@ def test_best_model_survives_save_total_limit_1_and_is_the_saved_model(job, tiny
     newest = load_file(out / "checkpoint-6" / "model.safetensors")
     name = "model.embed_tokens.weight"
     assert torch.equal(final[name], best[name]) and not torch.equal(final[name], newest[name])
+
+
+# --- exact logs across a stop at any step; random kill -9 / SIGTERM moments -------------------------
+#
+# A second job where checkpoints carry a partial logging window: a line every 2 steps, a checkpoint every
+# 3 (and at the end), 8 steps over 2 epochs, evaluation every 4, rotation to 2 checkpoints, a final model.
+
+
+@pytest.fixture(scope="module")
+def windows(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("windows")
+    train = write_json(root / "train.json", io_rows(2))
+    validation = write_json(root / "validation.json", io_rows(1)[:4])
+
+    def argv(out, *extra: str) -> list[str]:
+        return [
+            *("--model_name_or_path", str(tiny_model_dir), "--training_data_path", str(train)),
+            *("--validation_data_path", str(validation), "--eval_strategy", "steps", "--eval_steps", "4"),
+            *("--output_dir", str(out), "--torch_dtype", "float32", "--use_flash_attn", "false"),
+            *("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"),
+            *("--max_steps", "8", "--learning_rate", "1e-3", "--save_model_dir", str(out / "final")),
+            *("--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "2"),
+            *("--logging_strategy", "steps", "--logging_steps", "2", *extra),
+        ]
+
+    # the reference is a forked run that also counts the file operations of each phase, to draw moments
+    reference, counts = root / "reference", root / "counts.json"
+    code, output = fork_with_fault(
+        "count", 0, argv(reference), root / "reference.log", {"FAULT_COUNTS": str(counts)}
+    )
+    assert code == 0, output
+    return root, argv, reference, json.loads(counts.read_text())
+
+
+def all_records(output_dir) -> list[tuple[str, int, float, float]]:
+    """Every record of training_logs.jsonl but its timestamp, in file order."""
+    path = output_dir / "training_logs.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [
+        (r["name"], r["data"]["step"], r["data"]["epoch"], r["data"]["value"]) for r in map(json.loads, lines)
+    ]
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def assert_same_run(out, reference) -> None:
+    """The run in ``out`` is the uninterrupted one: every logged value bit for bit, the same weights,
+    no debris (only complete, intact checkpoints; no other file than the reference run's but error.log)."""
+    assert all_records(out) == all_records(reference)
+    assert (
+        tensors(out / "final" / "model.safetensors").keys()
+        == tensors(reference / "final" / "model.safetensors").keys()
+    )
+    for name, value in tensors(reference / "final" / "model.safetensors").items():
+        assert torch.equal(tensors(out / "final" / "model.safetensors")[name], value), name
+    last = f"checkpoint-{max(complete_steps(reference))}"
+    for name, value in tensors(reference / last / "model.safetensors").items():
+        assert torch.equal(tensors(out / last / "model.safetensors")[name], value), name
+    summary, want = (json.loads((d / "run_summary.json").read_text()) for d in (out, reference))
+    assert (summary["trained_tokens"], summary["final_loss"]) == (want["trained_tokens"], want["final_loss"])
+
+    def names(folder):
+        return {p.name for p in folder.iterdir()} - {"error.log"}
+
+    checkpoints = {p.name for p in out.glob("checkpoint-*")}
+    assert names(out) - checkpoints == names(reference) - {p.name for p in reference.glob("checkpoint-*")}
+    assert names(out / "final") == names(reference / "final")
+    for name in checkpoints:
+        assert is_complete(out / name) and verify_checkpoint(out / name) is None, name
+        assert names(out / name) == names(reference / last), name
+
+
+@pytest.mark.parametrize(
+    ("logging", "stop_at"),
+    [
+        (("--logging_strategy", "steps", "--logging_steps", "2"), 7),  # between two log lines
+        (("--logging_strategy", "epoch"), 2),  # mid-epoch, with the tool's default logging
+    ],
+    ids=["every-2-steps-stop-at-7", "per-epoch-stop-at-2"],
+)
+def test_a_stop_between_log_lines_resumes_with_the_uninterrupted_log(windows, logging, stop_at):
+    root, argv, _, _ = windows
+    name = f"log-{stop_at}"
+    reference, out = root / f"{name}-reference", root / name
+    run(parse_config(argv(reference, *logging)))
+
+    code, output = fork_with_fault("sigterm-in-step", stop_at, argv(out, *logging), root / f"{name}.log")
+    assert code == 143, output
+    marker = json.loads((out / f"checkpoint-{stop_at}" / COMPLETE_MARKER).read_text())
+    assert marker["logging_window"]["loss_sum"][0] > 0  # the steps since the last line, carried
+    assert all(step <= stop_at for _, step, _, _ in all_records(out))  # no epoch-end line at the stop
+    run(parse_config(argv(out, *logging)))
+    assert_same_run(out, reference)
+
+
+def test_kill_9_and_sigterm_at_random_moments_resume_exactly_and_leave_no_debris(windows):
+    """Five chains of faults on one output_dir each, one per phase of a run (a micro-batch, a checkpoint
+    write, a deletion during rotation, the run's records, the final model save), each followed by two
+    more random faults, then a clean rerun that must be the uninterrupted run. A chain's first fault
+    always lands (a fresh run makes as many operations as the reference); later ones land if the
+    resumed run gets that far. Moments are drawn from TUNING_FAULT_SEED (printed: rerun with it)."""
+    root, argv, reference, counts = windows
+    seed = int(os.environ.get("TUNING_FAULT_SEED", "1717"))
+    rng = random.Random(seed)
+    print(f"TUNING_FAULT_SEED={seed}; file operations per phase in one run: {counts}")
+    phases = [p for p in ("step", "save", "rotation", "records", "final") if counts[p]]
+    assert phases == ["step", "save", "rotation", "records", "final"], counts
+    landed = []
+    for chain, first in enumerate(phases):
+        out = root / f"chain-{chain}"
+        plan = [first, *rng.sample(phases, 2)]
+        for i, phase in enumerate(plan):
+            signame = rng.choice(["kill", "kill", "sigterm"])
+            nth = rng.randint(1, counts[phase])
+            code, output = fork_with_fault(
+                f"{signame}@{phase}", nth, argv(out), root / f"chain-{chain}-{i}.log"
+            )
+            hit = next((line for line in output.splitlines() if line.startswith("fault:")), None)
+            print(f"chain {chain} fault {i}: {signame}@{phase} #{nth} → exit {code}; {hit or 'not reached'}")
+            assert code in (0, -signal.SIGKILL, -signal.SIGTERM, 143), output
+            assert hit or i > 0, output  # a chain's first run is a fresh one: its moment exists
+            landed.append(hit is not None)
+        run(parse_config(argv(out)))
+        assert_same_run(out, reference)
+    assert sum(landed) >= len(phases) + 3, landed

@@ -1,4 +1,5 @@
-"""Neutral file helpers every stage may use: reading YAML/JSON mappings, and durable writes.
+"""Neutral file helpers every stage may use: reading YAML/JSON mappings, durable writes, and deletions
+that a kill cannot leave half-done.
 
 Nothing here knows about configs, data or models; it imports only :mod:`tuning.errors`.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +52,70 @@ def fsync_dir(path: Path) -> None:
     # some filesystems (and Windows) can't fsync a directory; the rename is still atomic
     with contextlib.suppress(OSError):
         fsync_file(path)
+
+
+ATOMIC_WRITE_SUFFIX = ".tmp"
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` in one step: a kill leaves the old file or the new one, never half
+    of either (the temporary sibling it may leave is named ``.NAME.tmp``)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}{ATOMIC_WRITE_SUFFIX}")
+    tmp.write_text(text, encoding="utf-8")
+    fsync_file(tmp)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return target
+
+
+# A folder being deleted is first renamed to this prefix + its name: the rename is atomic, so a kill
+# during the (long) deletion leaves a folder that is visibly rubbish, never a damaged original.
+TOMBSTONE_PREFIX = ".deleting-"
+
+
+def delete_folder(path: str | Path) -> None:
+    """Delete a folder so that a kill at any moment leaves either all of it or a tombstone."""
+    folder = Path(path)
+    if not folder.exists():
+        return
+    tombstone = folder.with_name(f"{TOMBSTONE_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(folder, tombstone)
+    fsync_dir(folder.parent)
+    shutil.rmtree(tombstone, ignore_errors=True)
+
+
+def remove_tombstones(folder: str | Path) -> list[Path]:
+    """Finish the deletions a kill interrupted (see :func:`delete_folder`); returns what was removed."""
+    root = Path(folder)
+    found = sorted(root.glob(f"{TOMBSTONE_PREFIX}*")) if root.is_dir() else []
+    for tombstone in found:
+        if tombstone.is_dir():
+            shutil.rmtree(tombstone, ignore_errors=True)
+        else:
+            tombstone.unlink(missing_ok=True)
+    return found
+
+
+def temporary_sibling(target: str | Path) -> Path:
+    """Where a folder is built before it is renamed to ``target`` in one step: ``.NAME.tmp-PID`` beside it."""
+    target = Path(target)
+    return target.parent / f".{target.name}.tmp-{os.getpid()}"
+
+
+def remove_temporary_siblings(target: str | Path) -> list[Path]:
+    """Remove the half-built copies of ``target`` that killed runs left (:func:`temporary_sibling`)."""
+    target = Path(target)
+    found = sorted(target.parent.glob(f".{target.name}.tmp-*")) if target.parent.is_dir() else []
+    for leftover in found:
+        delete_folder(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    return found
+
+
+def remove_unfinished_writes(folder: str | Path) -> list[Path]:
+    """Remove the temporaries of :func:`write_text_atomic` calls a kill interrupted (``.NAME.tmp``)."""
+    root = Path(folder)
+    found = [p for p in root.glob(f".*{ATOMIC_WRITE_SUFFIX}") if p.is_file()] if root.is_dir() else []
+    for leftover in found:
+        leftover.unlink(missing_ok=True)
+    return sorted(found)

@@ -26,13 +26,24 @@ from tuning.errors import (
     UserError,
     write_termination_log,
 )
+from tuning.lock import output_dir_lock
 from tuning.logs import setup_logging
 from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
 from tuning.model.peft import apply_peft
 from tuning.model.quantization import quantization_config
 from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
 from tuning.trackers import build_trackers
-from tuning.train import build_trainer, log_run_start, resume_checkpoint
+from tuning.train import (
+    build_trainer,
+    clean_output_dir,
+    explicit_checkpoint,
+    log_run_start,
+    pending_dir,
+    promote_pending,
+    resume_checkpoint,
+    run_fingerprint,
+    start_pending,
+)
 from tuning.train.distributed import exit_process, leave_process_group, select_cpu_backend, set_seed
 
 logger = logging.getLogger("tuning")
@@ -41,8 +52,20 @@ logger = logging.getLogger("tuning")
 def run(config: SFTConfig) -> dict:
     """Run one fine-tuning job; returns the run summary."""
     args = config.train
-    if args.should_save:  # rank 0 only: every path below is written once, even across machines
-        save_resolved_config(config, args.output_dir)
+    # one writer per output_dir: rank 0 (each node's with --save_on_each_node) holds it to the end
+    with output_dir_lock(args.output_dir, args.output_dir_lock_timeout, enabled=args.should_save):
+        if args.should_save:  # every path below is written once, even across machines
+            clean_output_dir(args.output_dir, keep=explicit_checkpoint(args), final_dir=args.save_model_dir)
+            start_pending(args.output_dir)  # this run's records replace the last run's at its first commit
+            save_resolved_config(config, pending_dir(args.output_dir))
+        summary = _train(config)
+        if args.should_save:
+            promote_pending(args.output_dir)
+        return summary
+
+
+def _train(config: SFTConfig) -> dict:
+    args = config.train
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
@@ -56,11 +79,12 @@ def run(config: SFTConfig) -> dict:
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)
-    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking])
+    fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
+    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking], fingerprint=fingerprint)
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, fingerprint))
     finally:
         tracking.close()  # also when training fails; a no-op after a normal end
         if args.should_save:

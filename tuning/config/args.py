@@ -174,6 +174,13 @@ class TrainArgs(TrainingArguments):
             "per_device_train_batch_size samples."
         },
     )
+    output_dir_lock_timeout: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds to wait when another run holds --output_dir (e.g. a pod still saving after "
+            "SIGTERM) before exiting 1; 0 exits at once. See docs/checkpoints.md."
+        },
+    )
     loss_implementation: Literal["auto", "label_only", "standard"] = field(
         default="auto",
         metadata={
@@ -183,6 +190,10 @@ class TrainArgs(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not self.output_dir_lock_timeout >= 0:  # also refuses nan
+            raise ValueError(
+                f"--output_dir_lock_timeout must be 0 or more seconds, got {self.output_dir_lock_timeout}"
+            )
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

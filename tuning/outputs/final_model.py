@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from tuning.files import fsync_dir, fsync_file
+from tuning.files import delete_folder, fsync_dir, fsync_file, temporary_sibling
 from tuning.model import PrecisionPlan
 from tuning.model.peft import write_adapter_extras
 from tuning.train.distributed import barrier, full_state_dict
@@ -25,8 +24,8 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     file where a loader would pick it up.
     """
     target = Path(save_dir)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_sibling(target)  # a kill leaves it; the next run's start removes it
+    delete_folder(tmp)
     # keep_fp32_wrapper=False also strips the autocast wrapper accelerate put on forward: training is
     # over, and the model in memory should compute like the saved one when reloaded
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from tuning.config import SFTConfig
 from tuning.config.args import TrackerArgs
 from tuning.errors import UserError
+from tuning.train.progress import TokenRate
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class TrackerCallback(TrainerCallback):
         self.trackers = list(trackers)
         self.info = info
         self.run_ids: dict[str, Any] = {}
-        self._start = time.perf_counter()
+        self.rate = TokenRate()
         self._started = False
 
     def _guard(self, tracker: Any, action: str, call: Any) -> Any:
@@ -158,7 +158,7 @@ class TrackerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.start()  # no-op when on_init_end already did it (a callback added after the Trainer was built)
-        self._start = time.perf_counter()
+        self.rate.start(resumed=state.global_step > 0)
 
     def start(self) -> None:
         if self._started:
@@ -180,8 +180,9 @@ class TrackerCallback(TrainerCallback):
     ) -> None:
         metrics = loggable(logs or {})
         if "trained_tokens" in metrics:
-            elapsed = time.perf_counter() - self._start
-            metrics["trained_tokens_per_second"] = metrics["trained_tokens"] / elapsed if elapsed > 0 else 0.0
+            rate = self.rate.update(metrics["trained_tokens"])
+            if rate is not None:
+                metrics["trained_tokens_per_second"] = rate
         if not metrics:
             return
         epoch = float(state.epoch or 0.0)
