@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from tests.conftest import io_rows, write_json
 from tests.train_with_fault import inject
 from tuning.config import parse_config
 from tuning.sft_trainer import main, run
+from tuning.testing.tiny_model import write_tiny_model
 from tuning.train import read_training_logs
 from tuning.train.checkpoints import COMPLETE_MARKER, is_complete, verify_checkpoint
 
@@ -205,8 +207,10 @@ def test_best_model_survives_save_total_limit_1_and_is_the_saved_model(job, tiny
 
 # --- exact logs across a stop at any step; random kill -9 / SIGTERM moments -------------------------
 #
-# A second job where checkpoints carry a partial logging window: a line every 2 steps, a checkpoint every
-# 3 (and at the end), 8 steps over 2 epochs, evaluation every 4, rotation to 2 checkpoints, a final model.
+# A second job where checkpoints carry a partial logging window: a line every 3 steps, a checkpoint every
+# 4 (at each epoch's end, where its save follows the epoch's log line and evaluation) and at the end, 9
+# steps of 4 per epoch (the last one mid-epoch), evaluation every 4, rotation to 2 checkpoints, a final
+# model.
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +225,9 @@ def windows(tmp_path_factory, tiny_model_dir):
             *("--validation_data_path", str(validation), "--eval_strategy", "steps", "--eval_steps", "4"),
             *("--output_dir", str(out), "--torch_dtype", "float32", "--use_flash_attn", "false"),
             *("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"),
-            *("--max_steps", "8", "--learning_rate", "1e-3", "--save_model_dir", str(out / "final")),
-            *("--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "2"),
-            *("--logging_strategy", "steps", "--logging_steps", "2", *extra),
+            *("--max_steps", "9", "--learning_rate", "1e-3", "--save_model_dir", str(out / "final")),
+            *("--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "2"),
+            *("--logging_strategy", "steps", "--logging_steps", "3", *extra),
         ]
 
     # the reference is a forked run that also counts the file operations of each phase, to draw moments
@@ -262,7 +266,8 @@ def assert_same_run(out, reference) -> None:
     for name, value in tensors(reference / last / "model.safetensors").items():
         assert torch.equal(tensors(out / last / "model.safetensors")[name], value), name
     summary, want = (json.loads((d / "run_summary.json").read_text()) for d in (out, reference))
-    assert (summary["trained_tokens"], summary["final_loss"]) == (want["trained_tokens"], want["final_loss"])
+    for key in ("steps", "trained_tokens", "final_loss", "mean_train_loss", "best_validation_loss"):
+        assert summary[key] == want[key], key
 
     def names(folder):
         return {p.name for p in folder.iterdir()} - {"error.log"}
@@ -279,9 +284,10 @@ def assert_same_run(out, reference) -> None:
     ("logging", "stop_at"),
     [
         (("--logging_strategy", "steps", "--logging_steps", "2"), 7),  # between two log lines
-        (("--logging_strategy", "epoch"), 2),  # mid-epoch, with the tool's default logging
+        (("--logging_strategy", "epoch"), 6),  # mid-epoch, with the tool's default logging
+        (("--logging_strategy", "steps", "--logging_steps", "2"), 9),  # the last step, mid-epoch
     ],
-    ids=["every-2-steps-stop-at-7", "per-epoch-stop-at-2"],
+    ids=["every-2-steps-stop-at-7", "per-epoch-stop-at-6", "stop-at-the-last-step"],
 )
 def test_a_stop_between_log_lines_resumes_with_the_uninterrupted_log(windows, logging, stop_at):
     root, argv, _, _ = windows
@@ -328,3 +334,125 @@ def test_kill_9_and_sigterm_at_random_moments_resume_exactly_and_leave_no_debris
         run(parse_config(argv(out)))
         assert_same_run(out, reference)
     assert sum(landed) >= len(phases) + 3, landed
+
+
+# --- one writer per output_dir; nothing of an earlier run lost; checkpoints that don't fit ---------
+
+
+def test_a_replacement_started_while_the_old_run_saves_waits_for_it_then_resumes(job, caplog):
+    """The replacement pod starts while the old one still writes its SIGTERM checkpoint: it waits for
+    the lock, then resumes from that checkpoint. (Without the lock it deleted the checkpoint being
+    written, as a leftover of a killed save.)"""
+    root, argv, _, want = job
+    out = root / "replacement"
+    old = start_with_fault("slow-save+sigterm-in-step", 3, argv(out), root / "replacement-old.log")
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-3").is_dir():  # the old run is inside its 4 s save now
+        assert time.monotonic() < deadline, (root / "replacement-old.log").read_text()
+        time.sleep(0.05)
+    with caplog.at_level(logging.INFO, logger="tuning"):
+        run(parse_config(argv(out)))
+    code, output = finish(old, root / "replacement-old.log")
+    assert code == 143, output
+    assert "is in use by another run (pid" in caplog.text and "waiting up to 300 s" in caplog.text
+    assert "checkpoint-3: step 3" in caplog.text
+    assert_same_losses(losses(out), want)
+
+
+def test_a_rerun_that_fails_or_is_killed_before_its_first_save_loses_nothing(job, capsys):
+    root, argv, reference, want = job
+    out = root / "keeps"
+    shutil.copytree(reference, out)
+    before = {name: (out / name).read_bytes() for name in ("training_logs.jsonl", "resolved_config.yaml")}
+
+    assert main(argv(out, "--training_data_path", str(root / "missing.json"))) == 1  # fails at once
+    code, output = fork_with_fault(  # starts over with other settings, killed before its first save
+        "kill-in-step",
+        2,
+        argv(out, "--resume_from_checkpoint", "false", "--learning_rate", "5e-4"),
+        root / "keeps.log",
+    )
+    assert code == -signal.SIGKILL, output
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert complete_steps(out) == [2, 4, 6]
+
+    assert main(argv(out)) == 0  # the plain command: the old run's checkpoints and log still go together
+    assert "resuming from" in capsys.readouterr().err
+    assert_same_losses(losses(out), want)
+    assert not (out / ".pending").exists()
+
+
+def test_a_damaged_checkpoint_is_named_and_skipped_for_the_newest_intact_one(job, caplog, capsys):
+    root, argv, reference, want = job
+    out = root / "damaged"
+    shutil.copytree(reference, out)
+    model = out / "checkpoint-6" / "model.safetensors"
+    os.truncate(model, model.stat().st_size // 2)
+
+    assert main(argv(out, "--resume_from_checkpoint", str(out / "checkpoint-6"))) == 1
+    err = capsys.readouterr().err
+    assert f"error: --resume_from_checkpoint {out / 'checkpoint-6'} is damaged: model.safetensors is" in err
+
+    with caplog.at_level(logging.WARNING):
+        run(parse_config(argv(out)))
+    assert "checkpoint-6 is damaged (model.safetensors is" in caplog.text
+    assert "resuming from checkpoint-4, the newest intact checkpoint, instead" in caplog.text
+    assert verify_checkpoint(out / "checkpoint-6") is None  # written again by this run
+    assert_same_losses(losses(out), want)
+
+
+def test_resuming_with_other_settings_is_refused_unless_the_checkpoint_is_named(job, caplog, capsys):
+    root, argv, reference, _ = job
+    out = root / "changed"
+    shutil.copytree(reference, out)
+    config = (out / "resolved_config.yaml").read_bytes()
+    changed = argv(out, "--per_device_train_batch_size", "4", "--max_steps", "7")
+
+    assert main(changed) == 1
+    err = capsys.readouterr().err
+    assert (
+        "error: checkpoint-6 was written by a different run: per_device_train_batch_size 2 → 4. Rerun" in err
+    )
+    assert f"pass --resume_from_checkpoint {out / 'checkpoint-6'} to continue from it anyway" in err
+    assert (out / "resolved_config.yaml").read_bytes() == config
+
+    with caplog.at_level(logging.WARNING):
+        assert main([*changed, "--resume_from_checkpoint", str(out / "checkpoint-6")]) == 0
+    assert "as asked, although it is not the same run: per_device_train_batch_size 2 → 4" in caplog.text
+    assert complete_steps(out) == [2, 4, 6, 7]
+
+
+def test_resuming_onto_a_model_of_another_shape_is_a_user_error(job, tmp_path, capsys):
+    root, argv, reference, _ = job
+    other = write_tiny_model(tmp_path / "three-layers", num_hidden_layers=3)
+    checkpoint = reference / "checkpoint-4"
+    assert (
+        main(
+            argv(
+                tmp_path / "out",
+                "--model_name_or_path",
+                str(other),
+                "--resume_from_checkpoint",
+                str(checkpoint),
+            )
+        )
+        == 1
+    )
+    assert (
+        "error: checkpoint-4 was written for a model with llama (2 layers, hidden size 32, vocabulary 362): "
+        "41,760 parameters, 41,760 trainable; this model has llama (3 layers, hidden size 32, vocabulary 362)"
+    ) in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_optimizer_state_resumes_only_under_save_only_model(job, caplog, capsys):
+    root, argv, _, _ = job
+    out = root / "model-only"
+    assert main(argv(out, "--save_only_model", "true", "--max_steps", "2")) == 0
+    assert main(argv(out, "--max_steps", "4")) == 1
+    assert "checkpoint-2 was written by a different run: optimizer state: none" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        assert main(argv(out, "--save_only_model", "true", "--max_steps", "4")) == 0
+    assert (
+        "checkpoint-2 has no optimizer state (--save_only_model): the optimizer starts afresh" in caplog.text
+    )
+    assert complete_steps(out) == [2, 4]

@@ -25,6 +25,7 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
     """Every number a person asks about after a run; ``run_summary.json`` is this dict."""
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
+    mean = trainer.mean_train_loss() if hasattr(trainer, "mean_train_loss") else result.training_loss
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     out = Path(trainer.args.output_dir)
     trackers = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrackerCallback)), None)
@@ -40,9 +41,9 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
         "trained_tokens": tokens,
         "trained_tokens_per_second": this_run / seconds if seconds > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(),
-        "final_loss": losses[-1] if losses else result.training_loss,
-        "best_loss": min(losses) if losses else result.training_loss,
-        "mean_train_loss": result.training_loss,
+        "final_loss": losses[-1] if losses else mean,
+        "best_loss": min(losses) if losses else mean,
+        "mean_train_loss": mean,
         "final_validation_loss": evals[-1] if evals else None,
         "best_validation_loss": min(evals) if evals else None,
         "rows": data.stats.rows,

@@ -202,7 +202,9 @@ def _safetensors_problem(file: Path) -> str | None:
     ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
     expected = 8 + header_len + max(ends, default=0)
     if expected != size:
-        return f"is {'cut short: ' if size < expected else ''}{size:,} bytes, its header describes {expected:,}"
+        return (
+            f"is {'cut short: ' if size < expected else ''}{size:,} bytes, its header describes {expected:,}"
+        )
     return None
 
 
@@ -317,7 +319,7 @@ def prune_checkpoints(
 # --- the Trainer glue ------------------------------------------------------------------------------
 
 
-class SafeCheckpointsMixin(hf_private.CheckpointWriteHooks):
+class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
     """Trainer methods (mix in before ``transformers.Trainer``): committed checkpoints that carry what a
     resume needs, our rotation, and the stop-on-signal protocol (:class:`CheckpointProtocol`).
     Everything else of the save is Hugging Face's own writer.
@@ -422,6 +424,19 @@ class SafeCheckpointsMixin(hf_private.CheckpointWriteHooks):
             "fingerprint": self.fingerprint,
         }
 
+    def mean_train_loss(self) -> float | None:
+        """The mean loss over every step of the run, resumes included: the log lines weighted by the
+        steps each averages, plus the window after the last one. (Hugging Face's ``training_loss``
+        averages only this process's steps.) Collective: every rank calls it."""
+        total, previous = 0.0, 0
+        for record in self.state.log_history:
+            if "loss" in record and "step" in record:
+                total += record["loss"] * (record["step"] - previous)
+                previous = record["step"]
+        remainders = per_rank(hf_private.logging_window(self)[0])
+        total += sum(remainders) / len(remainders)
+        return total / self.state.global_step if self.state.global_step else None
+
     def restore_from_record(self, record: dict[str, Any]) -> None:
         """Put back what :meth:`resume_record` saved (called at ``on_train_begin``)."""
         rank, ranks = self.args.process_index, self.args.world_size
@@ -438,21 +453,30 @@ class SafeCheckpointsMixin(hf_private.CheckpointWriteHooks):
         self.trained_tokens_at_start = self.trained_tokens
 
 
+def ends_epoch(state: TrainerState) -> bool:
+    """Whether the step just taken is its epoch's last (or the run's): the epoch-end log line,
+    evaluation and save follow it."""
+    return float(state.epoch or 0).is_integer() or state.global_step >= state.max_steps
+
+
 class CheckpointProtocol(TrainerCallback):
     """Public-hook half of :class:`SafeCheckpointsMixin` (registered after Hugging Face's flow callback).
 
     - ``on_train_begin``: put back the logging window and token count the resumed checkpoint carries.
+    - A checkpoint holds the state after everything its step logs: Hugging Face saves a step-scheduled
+      checkpoint at the step, before the epoch-end log line and evaluation when the step also ends the
+      epoch (or the run); resumed from, it would carry a window that line already emptied. So such a
+      save is moved to the epoch end, after them (``on_step_end`` → ``on_epoch_end``).
     - ``on_step_end`` (and ``on_evaluate``, for a signal during an evaluation): a SIGTERM/SIGINT, agreed
       by all ranks, stops training after this step; the step's own scheduled log, evaluation and save
-      happen first, as in an uninterrupted run.
-    - ``on_epoch_end`` after such a stop: the checkpoint is saved here, after any log line of this
-      step, so the window it carries is the one the next log line continues. Mid-epoch there is no
-      epoch-end log line or evaluation (the uninterrupted run has none at this step; after the resume
-      they would be extra lines in the log).
+      happen first, as in an uninterrupted run. The checkpoint for the stop is saved at the epoch end
+      that follows at once; mid-epoch with no epoch-end log line or evaluation (the uninterrupted run
+      has none at this step; after the resume they would be extra lines in the log).
     """
 
     def __init__(self, trainer: SafeCheckpointsMixin) -> None:
         self.trainer = trainer
+        self.deferred_save = False
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -467,6 +491,8 @@ class CheckpointProtocol(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.trainer.request_stop(args, control)
+        if control.should_save and ends_epoch(state):
+            control.should_save, self.deferred_save = False, True
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -477,8 +503,11 @@ class CheckpointProtocol(TrainerCallback):
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.trainer.stopped_on is None:
-            return
-        if not (float(state.epoch or 0).is_integer() or state.global_step >= state.max_steps):
+        stopped = self.trainer.stopped_on is not None
+        if stopped and not ends_epoch(state):
             control.should_log = control.should_evaluate = False
-        control.should_save = self.trainer.last_saved_step != state.global_step
+        if stopped or self.deferred_save:
+            control.should_save = True
+        self.deferred_save = False
+        if self.trainer.last_saved_step == state.global_step:
+            control.should_save = False

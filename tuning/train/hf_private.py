@@ -6,6 +6,7 @@ hook can do:
 
 | need | private surface | why no public hook does it |
 | --- | --- | --- |
+| train nothing when resumed at ``max_steps`` (a mid-epoch checkpoint made transformers 5.24 train on to the epoch's end) | ``Trainer._run_epoch(...)`` | no hook runs before an epoch's first micro-batch can be skipped |
 | empty and mark the checkpoint folder before the Trainer writes it; commit it (marker) before any ``on_save`` callback sees it | ``Trainer._save_checkpoint(model, trial)`` | ``on_save`` runs after the files are written, and with ``save_strategy best`` the decision to save is taken after evaluating, past every callback |
 | Hugging Face's own rotation off (it runs before our marker, counts unmarked folders, and with ``save_total_limit 1`` deletes the newest checkpoint at the end) | ``args.save_total_limit``, read inside ``_save_checkpoint`` and ``_finalize_training`` | no switch for it |
 | save the step a stop signal came at when the Trainer's own decision skipped it (``save_strategy best`` overrides ``should_save`` after evaluating) | ``Trainer._save_checkpoint`` called directly | no public "save now" |
@@ -25,12 +26,17 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
-class CheckpointWriteHooks:
-    """Mixin (before ``transformers.Trainer``): ``_save_checkpoint`` between two methods of ours.
+class PrivateTrainerHooks:
+    """Mixin (before ``transformers.Trainer``) for the two private methods we override.
 
-    ``before_checkpoint_write(folder)`` may return False to skip the save; ``after_checkpoint_write``
-    runs on every rank once the Trainer has written its files. The folder is ``output_dir/checkpoint-N``
-    (hyperparameter search, which puts runs in subfolders, is not supported).
+    ``_save_checkpoint`` runs between two methods of ours: ``before_checkpoint_write(folder)`` may
+    return False to skip the save; ``after_checkpoint_write`` runs on every rank once the Trainer has
+    written its files. The folder is ``output_dir/checkpoint-N`` (hyperparameter search, which puts
+    runs in subfolders, is not supported).
+
+    ``_run_epoch`` trains nothing once ``max_steps`` is reached: resumed from the run's last checkpoint
+    (a rerun after a stop at the last step, or a kill during the final save), transformers 5.24 trains
+    on past ``max_steps`` to the end of the epoch when that checkpoint is mid-epoch.
     """
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -38,6 +44,11 @@ class CheckpointWriteHooks:
         if self.before_checkpoint_write(folder):
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
             self.after_checkpoint_write(folder)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        if 0 < self.state.max_steps <= self.state.global_step:  # type: ignore[attr-defined]
+            return
+        super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
 
     def before_checkpoint_write(self, folder: Path) -> bool:
         return True
