@@ -6,11 +6,15 @@ When one of these fails, transformers changed that method: the failure names it.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import transformers.trainer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tuning.train import hf_private
@@ -43,6 +47,29 @@ def test_the_private_methods_we_override_keep_their_signature(method):
     assert hasattr(Trainer, method), changed(method, "it no longer exists")
     params = list(inspect.signature(getattr(Trainer, method)).parameters)
     assert params == EXPECTED_SIGNATURES[method], changed(method, f"parameters are now {params}")
+
+
+def trainer_private_names() -> set[str]:
+    """Every private method of ``Trainer`` and every private attribute it sets on itself."""
+    source = Path(transformers.trainer.__file__).read_text(encoding="utf-8")
+    methods = {n for n in dir(Trainer) if n.startswith("_") and not n.startswith("__")}
+    return methods | set(re.findall(r"self\.(_[a-z][a-z0-9_]*)\s*=", source))
+
+
+def test_no_other_module_touches_the_trainers_private_surface():
+    """Overrides (``def _x``) and uses (``obj._x``) of the Trainer's private names live in hf_private.py
+    only. (A private name of our own that happens to equal one of the Trainer's counts too: rename it.)"""
+    private = trainer_private_names()
+    package = Path(__file__).resolve().parent.parent / "tuning"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "hf_private.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "name", None)
+            if isinstance(node, (ast.Attribute, ast.FunctionDef)) and name in private:
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno} {name}")
+    assert not found, f"transformers.Trainer private surface outside tuning/train/hf_private.py: {found}"
 
 
 class Line(torch.nn.Module):
