@@ -258,7 +258,7 @@ def test_an_explicit_path_is_used_even_unmarked_and_bad_paths_are_user_errors(tm
 
 
 def fingerprint(**settings) -> dict:
-    base = {"per_device_train_batch_size": 2, "seed": 42, "learning_rate": 1e-3}
+    base = {"effective_batch": 4, "seed": 42, "learning_rate": 1e-3}
     return {
         "model": {
             "description": "llama (2 layers, hidden size 32, vocabulary 362): 41,760 parameters",
@@ -266,6 +266,7 @@ def fingerprint(**settings) -> dict:
         },
         "data": {"rows": 16, "tokens": 1062, "digest": "d1"},
         "settings": {**base, **settings},
+        "batch_layout": [2, 2, 1],
     }
 
 
@@ -287,12 +288,14 @@ def test_a_checkpoint_of_another_model_is_a_user_error_even_when_asked_for(tmp_p
 def test_changed_settings_are_refused_on_auto_resume_and_warned_about_when_asked_for(tmp_path, caplog):
     folder = make_checkpoint(tmp_path, 4, record={"fingerprint": fingerprint()})
     check_fits(folder, args(tmp_path, None), fingerprint(), explicit=False)  # the same run: fine
-    changed = fingerprint(per_device_train_batch_size=4, seed=7)
+    changed = fingerprint(effective_batch=8, seed=7)
+    changed["batch_layout"] = [4, 2, 1]
     changed["data"] = {"rows": 20, "tokens": 1300, "digest": "d2"}
     with pytest.raises(UserError) as e:
         check_fits(folder, args(tmp_path, None), changed, explicit=False)
     assert str(e.value) == (
-        "checkpoint-4 was written by a different run: per_device_train_batch_size 2 → 4; seed 42 → 7; "
+        "checkpoint-4 was written by a different run: effective_batch 4 (2 per device × 2 accumulated × 1 "
+        "processes) → 8 (4 per device × 2 accumulated × 1 processes); seed 42 → 7; "
         "training data 16 rows, 1062 tokens → 20 rows, 1300 tokens. Rerun with its settings, pass "
         f"--resume_from_checkpoint {folder} to continue from it anyway, or --resume_from_checkpoint false "
         "to start over"

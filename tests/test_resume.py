@@ -115,7 +115,8 @@ def test_reference_run_commits_every_checkpoint(job):
         marker["files"]["model.safetensors"]
         == (reference / "checkpoint-4" / "model.safetensors").stat().st_size
     )
-    assert marker["fingerprint"]["settings"]["per_device_train_batch_size"] == 2
+    assert marker["fingerprint"]["settings"]["effective_batch"] == 4
+    assert marker["fingerprint"]["batch_layout"] == [2, 2, 1]
 
 
 def test_kill_9_in_a_step_and_in_a_save_then_rerun_matches_uninterrupted(job, caplog):
@@ -418,7 +419,7 @@ def test_resuming_with_other_settings_is_refused_unless_the_checkpoint_is_named(
 
     with caplog.at_level(logging.WARNING):
         assert main([*changed, "--resume_from_checkpoint", str(out / "checkpoint-6")]) == 0
-    assert "as asked, although it is not the same run: per_device_train_batch_size 2 → 4" in caplog.text
+    assert "as asked, although it is not the same run: effective_batch 4 (2 per device" in caplog.text
     assert complete_steps(out) == [2, 4, 6, 7]
 
 

@@ -8,8 +8,9 @@ the resume decision (``tuning/train/resume.py``) compares it with the new run's:
 
 - **model**: parameter names, shapes and which are trainable (a digest), with a description for the
   message. A different model can't be resumed at all.
-- **settings** that decide what each optimizer step computes: the batch (per-device size, accumulation,
-  world size, token budget), the data (rows, tokens, a digest of every ``input_ids`` and ``labels``
+- **settings** that decide what each optimizer step computes: the effective batch (per-device size ×
+  accumulation × processes: the same samples make each step when only its layout changes, e.g. twice
+  the processes and half the accumulation), the token budget, the data (rows, tokens, a digest of every ``input_ids`` and ``labels``
   value as the Trainer sees them: after formatting, truncation to ``max_seq_length``, packing and
   mixing), the order (seed, data seed), precision, the optimizer and schedule, the adapter's scaling.
   Not the run's length (``--max_steps`` may be raised to train longer), nor what it logs, evaluates or
@@ -28,9 +29,7 @@ from tuning.config import SFTConfig
 
 # flag → the config group holding it; a changed value makes the resumed run another run
 SETTINGS: dict[str, str] = {
-    "per_device_train_batch_size": "train",
-    "gradient_accumulation_steps": "train",
-    "world_size": "train",
+    "effective_batch": "",  # per device × accumulation × processes: how many samples make a step
     "max_tokens_per_batch": "train",
     "max_seq_length": "data",
     "packing": "data",
@@ -52,8 +51,18 @@ SETTINGS: dict[str, str] = {
 
 def run_fingerprint(config: SFTConfig, model: Any, train_dataset: Any) -> dict[str, Any]:
     """The fingerprint of this run (JSON-able), computed once before training on every rank."""
-    settings = {name: _plain(getattr(getattr(config, group), name)) for name, group in SETTINGS.items()}
-    return {"model": model_fingerprint(model), "data": data_fingerprint(train_dataset), "settings": settings}
+    train = config.train
+    layout = [train.per_device_train_batch_size, train.gradient_accumulation_steps, train.world_size]
+    settings = {
+        name: _plain(getattr(getattr(config, group), name)) for name, group in SETTINGS.items() if group
+    }
+    settings["effective_batch"] = layout[0] * layout[1] * layout[2]
+    return {
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(train_dataset),
+        "settings": settings,
+        "batch_layout": layout,
+    }
 
 
 def model_fingerprint(model: Any) -> dict[str, Any]:
@@ -142,7 +151,11 @@ def setting_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     old_settings, new_settings = recorded.get("settings") or {}, current.get("settings") or {}
     for name in SETTINGS:
         if name in old_settings and old_settings[name] != new_settings.get(name):
-            changes.append(f"{name} {old_settings[name]} → {new_settings.get(name)}")
+            old_value, new_value = old_settings[name], new_settings.get(name)
+            if name == "effective_batch":
+                old_value = f"{old_value} ({_layout(recorded)})"
+                new_value = f"{new_value} ({_layout(current)})"
+            changes.append(f"{name} {old_value} → {new_value}")
     old_data, new_data = recorded.get("data"), current.get("data")
     if old_data and new_data and old_data.get("digest") != new_data.get("digest"):
         if (old_data["rows"], old_data["tokens"]) == (new_data["rows"], new_data["tokens"]):
@@ -155,3 +168,14 @@ def setting_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
                 f"{new_data['rows']} rows, {new_data['tokens']} tokens"
             )
     return changes
+
+
+def _layout(fingerprint: dict[str, Any]) -> str:
+    per_device, accumulation, processes = fingerprint.get("batch_layout") or ("?", "?", "?")
+    return f"{per_device} per device × {accumulation} accumulated × {processes} processes"
+
+
+def layout_change(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How the same effective batch is now formed differently (more processes, less accumulation), if so."""
+    old, new = recorded.get("batch_layout"), current.get("batch_layout")
+    return f"{_layout(recorded)} → {_layout(current)}" if old and new and old != new else None

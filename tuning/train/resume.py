@@ -29,7 +29,7 @@ from tuning.train.checkpoints import (
     read_marker,
     verify_checkpoint,
 )
-from tuning.train.fingerprint import model_mismatch, setting_changes
+from tuning.train.fingerprint import layout_change, model_mismatch, setting_changes
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,9 @@ def check_fits(checkpoint: Path, args: object, fingerprint: dict[str, Any] | Non
                 "--resume_from_checkpoint false to start over"
             )
         changes = setting_changes(recorded, fingerprint)
+        layout = layout_change(recorded, fingerprint)
+        if layout and not any(c.startswith("effective_batch") for c in changes):
+            logger.info("%s: the same effective batch, formed as %s", checkpoint.name, layout)
     if not has_optimizer_state(checkpoint):
         if getattr(args, "save_only_model", False):
             logger.warning(
