@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from tuning.errors import UserError
-from tuning.files import TOMBSTONE_PREFIX, delete_folder, temporary_sibling
+from tuning.files import TOMBSTONE_PREFIX, delete_folder, staging_folder
 from tuning.train.callbacks import TRAINING_LOGS_NAME, TrainingLogCallback, continue_training_logs
 from tuning.train.checkpoints import (
     COMPLETE_MARKER,
@@ -161,8 +161,9 @@ def test_the_next_start_removes_what_it_can_prove_unfinished_and_nothing_else(tm
     asked_for = make_checkpoint(tmp_path, 10, complete=False, state=False)
     (tmp_path / ".training_logs.jsonl.tmp").write_text("half")
     final = tmp_path / "final"
-    temporary_sibling(final).mkdir()
-    (temporary_sibling(final) / "model.safetensors").write_text("half")
+    half_built = staging_folder(final)  # a final model save killed halfway
+    half_built.mkdir()
+    (half_built / "model.safetensors").write_text("half")
     with caplog.at_level(logging.WARNING):
         removed = clean_output_dir(tmp_path, keep=asked_for, final_dir=final)
     assert names(removed) == ["checkpoint-4", "checkpoint-6"]
@@ -306,9 +307,15 @@ def test_changed_settings_are_refused_on_auto_resume_and_warned_about_when_asked
         check_fits(folder, args(tmp_path, None), same_size, explicit=False)
     with caplog.at_level(logging.WARNING):
         check_fits(folder, args(tmp_path, str(folder)), changed, explicit=True)
+    assert "as asked, although it is not the same run: effective_batch" in caplog.text
+    caplog.clear()
+    relaid = fingerprint()
+    relaid["batch_layout"] = [2, 1, 2]  # twice the processes, half the accumulation: the same steps
+    with caplog.at_level(logging.INFO):
+        check_fits(folder, args(tmp_path, None), relaid, explicit=False)
     assert (
-        "resuming from" in caplog.text
-        and "as asked, although it is not the same run: per_device" in caplog.text
+        "the same effective batch, formed as 2 per device × 2 accumulated × 1 processes → 2 per"
+        in caplog.text
     )
 
 

@@ -412,8 +412,9 @@ def test_resuming_with_other_settings_is_refused_unless_the_checkpoint_is_named(
     assert main(changed) == 1
     err = capsys.readouterr().err
     assert (
-        "error: checkpoint-6 was written by a different run: per_device_train_batch_size 2 → 4. Rerun" in err
-    )
+        "error: checkpoint-6 was written by a different run: effective_batch 4 (2 per device × 2 accumulated × "
+        "1 processes) → 8 (4 per device × 2 accumulated × 1 processes). Rerun"
+    ) in err
     assert f"pass --resume_from_checkpoint {out / 'checkpoint-6'} to continue from it anyway" in err
     assert (out / "resolved_config.yaml").read_bytes() == config
 

@@ -54,6 +54,53 @@ def fsync_dir(path: Path) -> None:
         fsync_file(path)
 
 
+# weight files of an earlier save that a new save in the same folder does not rewrite must go: a loader
+# would otherwise find a stale shard (or a stale full model beside a new adapter)
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*", "adapter_model.bin")
+
+
+def staging_folder(target: Path) -> Path:
+    """An empty sibling of ``target`` to write into before :func:`publish_folder` (same filesystem, so the
+    final rename is atomic); a leftover of an earlier attempt by this process is removed."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def publish_folder(tmp: Path, target: Path) -> Path:
+    """Put the complete folder ``tmp`` in place as ``target``, so that a crash at any moment leaves either
+    the old contents or the new files, never a half-written file where a loader would pick it up.
+
+    Every file is flushed to disk first. A new ``target`` is one rename; an existing folder (a rerun, or
+    a model saved into ``output_dir``) gets the new files renamed in one by one (each ``os.replace`` is
+    atomic), and weight files of an earlier save that this one doesn't rewrite are removed.
+    """
+    for item in tmp.rglob("*"):
+        if item.is_file():
+            fsync_file(item)
+    fsync_dir(tmp)
+    if target.exists() and not target.is_dir():
+        target.unlink()
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return target
+    new = {item.name for item in tmp.iterdir()}
+    for pattern in WEIGHT_PATTERNS:
+        for stale in target.glob(pattern):
+            if stale.name not in new:
+                stale.unlink()
+    for item in tmp.iterdir():
+        destination = target / item.name
+        if item.is_dir() and destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(item, destination)
+    tmp.rmdir()
+    fsync_dir(target)
+    return target
+
+
 ATOMIC_WRITE_SUFFIX = ".tmp"
 
 
@@ -97,14 +144,8 @@ def remove_tombstones(folder: str | Path) -> list[Path]:
     return found
 
 
-def temporary_sibling(target: str | Path) -> Path:
-    """Where a folder is built before it is renamed to ``target`` in one step: ``.NAME.tmp-PID`` beside it."""
-    target = Path(target)
-    return target.parent / f".{target.name}.tmp-{os.getpid()}"
-
-
-def remove_temporary_siblings(target: str | Path) -> list[Path]:
-    """Remove the half-built copies of ``target`` that killed runs left (:func:`temporary_sibling`)."""
+def remove_staging_folders(target: str | Path) -> list[Path]:
+    """Remove the half-built copies of ``target`` killed runs left (:func:`staging_folder`, any pid)."""
     target = Path(target)
     found = sorted(target.parent.glob(f".{target.name}.tmp-*")) if target.parent.is_dir() else []
     for leftover in found:

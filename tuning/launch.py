@@ -23,7 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
+from tuning.errors import (
+    INTERNAL_ERROR_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    UserError,
+    did_you_mean,
+    run_command,
+    write_termination_log,
+)
 from tuning.files import read_mapping_file
 
 ACCELERATE_KEY = "accelerate_launch_args"
@@ -65,13 +72,13 @@ def accelerate_flags(launch: dict[str, Any]) -> list[str]:
     """``--key=value`` per flag (true booleans as bare ``--key``); unknown flags are a user error."""
     from accelerate.commands.launch import launch_command_parser
 
-    from tuning.config.parser import closest
-
     known = {a.dest for a in launch_command_parser()._actions}
     flags = []
     for key, value in launch.items():
         if key not in known:
-            raise UserError(f"unknown key '{key}' in {ACCELERATE_KEY}{closest(key, sorted(known))}")
+            raise UserError(
+                f"unknown key '{key}' in {ACCELERATE_KEY}{did_you_mean(key, sorted(known), flag=True)}"
+            )
         if value is True:
             flags.append(f"--{key}")
         elif value not in (None, False):
@@ -153,15 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     path = argv[0] if argv else os.environ.get(JOB_PATH_ENV)
-    try:
+
+    def body() -> int:
         if not path or len(argv) > 1:
             raise UserError(f"usage: tuning launch JOB.yaml (or set ${JOB_PATH_ENV}); got {argv}")
         return run_job(path)
-    except UserError as e:
-        line = f"error: {e}"
-        print(line, file=sys.stderr)
-        write_termination_log(line, None)
-        return USER_ERROR_EXIT_CODE
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.config import parse_config
+from tuning.config import build_parser, output_dir_hint, parse_command_line
 from tuning.data import IGNORE_INDEX, DataStats, check_data_config, preview_parts
-from tuning.errors import USER_ERROR_EXIT_CODE, UserError
+from tuning.errors import UserError, run_command
+from tuning.logs import setup_logging
 from tuning.model import context_length, load_model_config, load_tokenizer
 
 DEFAULT_SAMPLES = 3
@@ -26,36 +27,23 @@ _GREEN, _RESET = "\033[32;1m", "\033[0m"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        n, rest = _pop_preview_flag(argv)
-        if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in rest):
-            rest += ["--output_dir", str(Path(tempfile.gettempdir()) / "tuning-preview")]  # never written
-        config = parse_config(rest)
-        check_data_config(config.data, config.train.max_steps)
-        tokenizer = load_tokenizer(config.model, config.data)
-        max_len = context_length(load_model_config(config.model), config.data.max_seq_length)
-        parts = preview_parts(config.data, tokenizer, max_len)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
-    print(render_preview(parts, tokenizer, n, color=sys.stdout.isatty()))
+    setup_logging()
+    return run_command(lambda: _preview(argv), lambda: output_dir_hint(argv))
+
+
+def _preview(argv: list[str]) -> int:
+    parser = build_parser()
+    parser.add_argument("--preview", type=int, default=DEFAULT_SAMPLES, help="Samples shown per dataset.")
+    parser.set_defaults(output_dir=str(Path(tempfile.gettempdir()) / "tuning-preview"))  # never written
+    config, extras = parse_command_line(argv, parser)
+    if extras.preview < 0:
+        raise UserError(f"--preview takes a number of samples, got {extras.preview}")
+    check_data_config(config.data, config.train.max_steps)
+    tokenizer = load_tokenizer(config.model, config.data)
+    max_len = context_length(load_model_config(config.model), config.data.max_seq_length)
+    parts = preview_parts(config.data, tokenizer, max_len)
+    print(render_preview(parts, tokenizer, extras.preview, color=sys.stdout.isatty()))
     return 0
-
-
-def _pop_preview_flag(argv: list[str]) -> tuple[int, list[str]]:
-    rest, n, i = [], DEFAULT_SAMPLES, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--preview" or arg.startswith("--preview="):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if "=" in arg else 2
-            if not value.isdigit():
-                raise UserError(f"--preview takes a number of samples, got {value!r}")
-            n = int(value)
-            continue
-        rest.append(arg)
-        i += 1
-    return n, rest
 
 
 def render_preview(

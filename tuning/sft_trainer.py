@@ -15,36 +15,38 @@ if __package__ in (None, ""):  # run as a file: import the package, not sibling 
 import logging
 import os
 import time
-import traceback
 
-from tuning.config import SFTConfig, parse_config, save_resolved_config
+from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolved_config
 from tuning.data import build_datasets, check_data_config, write_processed
-from tuning.errors import (
-    INTERNAL_ERROR_EXIT_CODE,
-    USER_ERROR_EXIT_CODE,
-    TrainingInterrupted,
-    UserError,
-    write_termination_log,
-)
+from tuning.errors import run_command
 from tuning.lock import output_dir_lock
 from tuning.logs import setup_logging
-from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
-from tuning.model.peft import apply_peft
-from tuning.model.quantization import quantization_config
+from tuning.model import (
+    apply_peft,
+    context_length,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    precision_plan,
+    quantization_config,
+)
 from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
 from tuning.trackers import build_trackers
 from tuning.train import (
     build_trainer,
     clean_output_dir,
+    exit_process,
     explicit_checkpoint,
+    leave_process_group,
     log_run_start,
     pending_dir,
     promote_pending,
     resume_checkpoint,
     run_fingerprint,
+    select_cpu_backend,
+    set_seed,
     start_pending,
 )
-from tuning.train.distributed import exit_process, leave_process_group, select_cpu_backend, set_seed
 
 logger = logging.getLogger("tuning")
 
@@ -98,44 +100,28 @@ def _train(config: SFTConfig) -> dict:
     return summary
 
 
+def load_config(argv: list[str]) -> SFTConfig:
+    """The validated job: flags and ``--config`` file, then what only the data stage can check."""
+    config = parse_config(argv)
+    setup_logging(debug=config.train.get_process_log_level() == logging.DEBUG)
+    check_data_config(config.data, config.train.max_steps)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = setup_logging(argv)
-    try:
-        select_cpu_backend()  # before the training arguments set up devices
-        config = parse_config(argv)
-        check_data_config(config.data, config.train.max_steps)
-        run(config)
-        leave_process_group(wait=True)
-        return 0
-    except TrainingInterrupted as e:  # a checkpoint is saved: the scheduler reruns the command to resume
-        line, code = f"interrupted: {e}", e.exit_code
-    except UserError as e:
-        line, code = f"error: {e}", USER_ERROR_EXIT_CODE
-        if debug:
-            traceback.print_exc()
-    except Exception as e:  # anything not a user mistake is ours to fix: 203, with the traceback
-        traceback.print_exc()
-        kind = "out of memory" if "OutOfMemoryError" in type(e).__name__ else "internal error"
-        line, code = (
-            f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-            INTERNAL_ERROR_EXIT_CODE,
-        )
-    finally:
-        leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
-    print(line, file=sys.stderr)
-    write_termination_log(line, _output_dir_hint(argv))
-    return code
+    setup_logging()
 
+    def train() -> int:
+        try:
+            select_cpu_backend()  # before the training arguments set up devices
+            run(load_config(argv))
+            leave_process_group(wait=True)
+            return 0
+        finally:
+            leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
 
-def _output_dir_hint(argv: list[str]) -> str | None:
-    """``--output_dir`` from the raw command line, for the termination log when parsing itself failed."""
-    for i, arg in enumerate(argv):
-        if arg == "--output_dir" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--output_dir="):
-            return arg.split("=", 1)[1]
-    return None
+    return run_command(train, lambda: output_dir_hint(argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-DTYPES = ("bfloat16", "float16", "float32", "auto")
+from tuning.dtypes import DTYPE_NAMES
+
 DataFormat = Literal["auto", "pretokenized", "text", "template", "input_output", "chat"]
 
 
@@ -43,7 +44,7 @@ class ModelArgs:
             "help": "Compute dtype: bfloat16 (default), float16, float32 or auto (the checkpoint's). "
             "Half precision computes under autocast while trainable weights and optimizer state stay "
             "float32, unless --half_precision_master_weights.",
-            "choices": list(DTYPES),
+            "choices": list(DTYPE_NAMES),
         },
     )
     half_precision_master_weights: bool = field(

@@ -4,7 +4,6 @@ sets values, command-line flags override them. Unknown keys fail with the closes
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import math
 from dataclasses import asdict
@@ -15,7 +14,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from tuning.config.args import DataArgs, ModelArgs, PeftArgs, QuantArgs, SFTConfig, TrackerArgs, TrainArgs
-from tuning.errors import UserError
+from tuning.errors import ArgumentParser, UserError, did_you_mean
 from tuning.files import read_mapping_file
 
 # SFTConfig field → dataclass; a new stage's arguments are one more entry here.
@@ -38,17 +37,8 @@ STEP_FLAGS = {
 logger = logging.getLogger(__name__)
 
 
-def closest(name: str, candidates: list[str]) -> str:
-    """`` (did you mean --x?)`` for the nearest candidate, or an empty string."""
-    match = difflib.get_close_matches(name.lstrip("-"), candidates, n=1, cutoff=0.6)
-    return f" (did you mean --{match[0]}?)" if match else ""
-
-
-class _Parser(HfArgumentParser):
-    """argparse exits 2 with usage text on a bad flag; we raise a UserError (exit 1, one line)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"invalid command line: {message}; run with --help for the list of flags")
+class _Parser(ArgumentParser, HfArgumentParser):
+    """The dataclasses' flags, with our error handling (a UserError, not argparse's exit 2)."""
 
 
 def build_parser() -> HfArgumentParser:
@@ -61,13 +51,36 @@ def build_parser() -> HfArgumentParser:
     return parser
 
 
-def _config_file_arg(argv: list[str]) -> str | None:
+def peek_flag(argv: list[str], dest: str, parser: argparse.ArgumentParser | None = None) -> str | None:
+    """The value given for ``--dest`` on a command line that may not parse: the exact flag, ``--dest=V``
+    or a unique prefix of it (argparse's abbreviation rule over ``parser``'s flags). The last one wins."""
+    options = [o for a in (parser or build_parser())._actions for o in a.option_strings if o.startswith("--")]
+    target, found = f"--{dest}", None
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--"):
+            continue
+        matches = [o for o in options if o.startswith(name)]
+        if name == target or matches == [target]:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def output_dir_hint(argv: list[str]) -> str | None:
+    """``--output_dir`` of a command line, or of its ``--config`` file, for the termination log of a
+    command that failed before (or while) parsing."""
+    parser = build_parser()
+    given = peek_flag(argv, "output_dir", parser)
+    if given:
+        return given
+    config_file = peek_flag(argv, "config", parser)
+    try:
+        value = read_mapping_file(config_file, "config file").get("output_dir") if config_file else None
+    except UserError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
@@ -75,15 +88,25 @@ def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
     values = read_mapping_file(path, "config file")
     for key in values:
         if key not in valid_keys:
-            raise UserError(f"unknown key '{key}' in config file {path}{closest(key, valid_keys)}")
+            raise UserError(
+                f"unknown key '{key}' in config file {path}{did_you_mean(key, valid_keys, flag=True)}"
+            )
     return values
 
 
 def parse_config(argv: list[str]) -> SFTConfig:
     """Parse flags (and ``--config FILE``) into a validated :class:`SFTConfig`."""
-    parser = build_parser()
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(
+    argv: list[str], parser: HfArgumentParser | None = None
+) -> tuple[SFTConfig, argparse.Namespace]:
+    """:func:`parse_config` for a command whose ``parser`` (from :func:`build_parser`) has flags of its
+    own: returns them too, as a namespace."""
+    parser = parser or build_parser()
     dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
-    config_file = _config_file_arg(argv)
+    config_file = peek_flag(argv, "config", parser)
     file_values = load_config_file(config_file, dests) if config_file else {}
     parser.set_defaults(**file_values)
     imply_step_strategies(parser, argv, file_values)
@@ -93,11 +116,16 @@ def parse_config(argv: list[str]) -> SFTConfig:
         raise UserError(f"invalid arguments: {e}") from None
     if remaining:
         flag = next((r for r in remaining if r.startswith("-")), remaining[0])
-        raise UserError(f"unknown flag {flag}{closest(flag.split('=')[0], dests)}; see --help")
+        raise UserError(
+            f"unknown flag {flag}{did_you_mean(flag.split('=')[0], dests, flag=True)}; see --help"
+        )
+    extras = argparse.Namespace()
+    for namespace in [g for g in groups if isinstance(g, argparse.Namespace)]:
+        vars(extras).update(vars(namespace))
     groups = [g for g in groups if not isinstance(g, argparse.Namespace)]
     config = SFTConfig(**dict(zip(ARG_GROUPS, groups, strict=True)))
     validate(config)
-    return config
+    return config, extras
 
 
 def imply_step_strategies(parser: HfArgumentParser, argv: list[str], file_values: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 The surface the later stages and the commands use; everything else is this package's own.
 """
 
+from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
 from tuning.data.pipeline import build_datasets, check_data_config, preview_parts
 from tuning.data.prepare import DataStats, PreparedData
@@ -15,9 +16,11 @@ __all__ = [
     "PaddingCollator",
     "PaddingFreeCollator",
     "PreparedData",
+    "TokenBudgetBatchSampler",
     "build_datasets",
     "check_data_config",
     "pad_token_id",
     "preview_parts",
+    "sample_lengths",
     "write_processed",
 ]

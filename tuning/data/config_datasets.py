@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data import formats, loading
 from tuning.data.data_config import (
     OWN_KEYWORDS,
@@ -22,10 +22,10 @@ from tuning.data.data_config import (
     load_data_config,
     local_path,
 )
-from tuning.data.handlers.registry import did_you_mean, input_columns
+from tuning.data.handlers.registry import input_columns
 from tuning.data.prepare import DataStats, prepare, process_batch
 from tuning.data.tokenize import OK
-from tuning.errors import UserError
+from tuning.errors import UserError, check, did_you_mean, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,14 @@ def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
     except Exception as e:  # datasets raises many types; the user needs the path and the first line
         raise UserError(
             f"data config {config.path}: dataset '{ds.name}': could not load {path} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path and builder"
+            f"({type(e).__name__}: {first_line(e)}); check the path and builder"
         ) from None
 
 
 def apply_step(data: Any, step: HandlerStep, context: dict[str, Any], where: str) -> Any:
     """Run one handler over a dataset; input columns are checked against the data first."""
     handler = step.handler
-    assert handler is not None, "validated by load_data_config"
+    check(handler is not None, f"{where}: handler not resolved by load_data_config")
     columns = column_names(data)
     for col in input_columns(handler, step.kwargs):
         if col not in columns:
@@ -169,7 +169,7 @@ def _finalize_stream(data: Any, fmt: str, args: DataArgs, tokenizer: Any, max_le
 
 
 def process_all(args: DataArgs, tokenizer: Any, max_len: int) -> tuple[DataConfig, list[ProcessedDataset]]:
-    assert args.data_config_path, "validated by the config stage"
+    check(args.data_config_path, "process_all needs --data_config_path")
     config = load_data_config(args.data_config_path)
     if config.chat_template:
         # the saved tokenizer must carry the template the model was trained with

@@ -25,8 +25,8 @@ from typing import Any, Literal
 import datasets
 
 from tuning.data.handlers import Handler, get_handler, resolve_kwargs
-from tuning.data.handlers.registry import did_you_mean, type_matches
-from tuning.errors import UserError
+from tuning.data.handlers.registry import type_matches
+from tuning.errors import UserError, did_you_mean
 from tuning.files import read_mapping_file
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data.tokenize import Span
 from tuning.errors import UserError
 

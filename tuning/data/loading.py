@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from tuning.errors import UserError
+from tuning.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _load_hub_dataset(name: str) -> datasets.Dataset:
     except Exception as e:
         raise UserError(
             f"could not load dataset '{name}': it is not a local file or folder, and as a hub id it "
-            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path"
+            f"failed ({type(e).__name__}: {first_line(e)}); check the path"
         ) from None
 
 
@@ -116,7 +116,7 @@ def _explain_load_failure(files: list[Path], builder: str, error: Exception) -> 
             problem = _json_problem(text)
             if problem:
                 return f"data file {f} is malformed: {problem}; fix the JSON there"
-    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    cause = first_line(error)
     return f"could not read data {', '.join(map(str, files))} as {builder}: {cause}"
 
 

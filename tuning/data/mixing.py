@@ -8,7 +8,7 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data.config_datasets import ProcessedDataset, process_all
 from tuning.data.data_config import DataConfig
 from tuning.data.prepare import DataStats, PreparedData

@@ -7,7 +7,7 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data.batching import pack_fixed_length
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config

@@ -11,7 +11,7 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data import formats
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch

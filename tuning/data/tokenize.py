@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tuning.errors import UserError
+from tuning.errors import UserError, check
 
 IGNORE_INDEX = -100
 Span = tuple[int, int]
@@ -58,12 +58,13 @@ def build_labeled_ids(
 
 def check_invariants(ids: list[int], labels: list[int], *, eos_id: int | None, complete: bool) -> None:
     """What every training sample must satisfy; a violation is a bug in this package, not user error."""
-    assert len(ids) == len(labels), "labels and input_ids differ in length"
-    assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ids, labels, strict=True)), (
-        "a label differs from its input token (labels must be input_ids or ignored)"
+    check(len(ids) == len(labels), "labels and input_ids differ in length")
+    check(
+        all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ids, labels, strict=True)),
+        "a label differs from its input token (labels must be input_ids or ignored)",
     )
     if complete and eos_id is not None:
-        assert ids[-1] == eos_id and labels[-1] == eos_id, "a complete sample must end with a trained EOS"
+        check(ids[-1] == eos_id and labels[-1] == eos_id, "a complete sample must end with a trained EOS")
 
 
 def tokenize_batch(

@@ -1,4 +1,4 @@
-"""Model stage: tokenizer and model loading, precision, attention, embeddings."""
+"""Model stage: tokenizer and model loading, precision, attention, quantization, adapters."""
 
 from tuning.model.loading import (
     PrecisionPlan,
@@ -7,13 +7,27 @@ from tuning.model.loading import (
     load_model_config,
     precision_plan,
 )
+from tuning.model.peft import (
+    ADDED_TOKENS_INFO_NAME,
+    NEW_EMBEDDING_KEYS,
+    NEW_EMBEDDINGS_NAME,
+    apply_peft,
+    write_adapter_extras,
+)
+from tuning.model.quantization import quantization_config
 from tuning.model.tokenizer import load_tokenizer
 
 __all__ = [
+    "ADDED_TOKENS_INFO_NAME",
+    "NEW_EMBEDDINGS_NAME",
+    "NEW_EMBEDDING_KEYS",
     "PrecisionPlan",
+    "apply_peft",
     "context_length",
     "load_model",
     "load_model_config",
     "load_tokenizer",
     "precision_plan",
+    "quantization_config",
+    "write_adapter_extras",
 ]

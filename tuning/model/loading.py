@@ -11,12 +11,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from tuning.config.args import ModelArgs
-from tuning.errors import UserError
+from tuning.config import ModelArgs
+from tuning.dtypes import torch_dtype
+from tuning.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def load_model_config(args: ModelArgs) -> PretrainedConfig:
         return AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load model {args.model_name_or_path}: {str(e).splitlines()[0]}; pass a local "
+            f"cannot load model {args.model_name_or_path}: {first_line(e)}; pass a local "
             "folder with config.json or a hub id to --model_name_or_path"
         ) from None
 
@@ -64,7 +63,7 @@ def precision_plan(args: ModelArgs, config: PretrainedConfig, peft_method: str =
         native = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         dtype = native if isinstance(native, torch.dtype) else getattr(torch, str(native), torch.float32)
     else:
-        dtype = _DTYPES[name]
+        dtype = torch_dtype(name)
     if dtype == torch.float16 and not torch.cuda.is_available():
         logger.warning("torch_dtype float16 needs a GPU for mixed precision; computing in bfloat16 instead")
         dtype = torch.bfloat16
@@ -175,7 +174,7 @@ def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:
     A hub kernel fails in many ways (offline, no build for this GPU, missing package) and the next
     candidate loads the same weights, so any real model error still surfaces there.
     """
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    first = first_line(e)
     about_attention = "attn" in first.lower() or "attention" in first.lower()
     if "/" in impl or (isinstance(e, (ValueError, ImportError)) and about_attention):
         return first

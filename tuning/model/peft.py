@@ -21,8 +21,8 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, Ta
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
-from tuning.config.args import PeftArgs
-from tuning.errors import UserError
+from tuning.config import PeftArgs
+from tuning.errors import UserError, first_line
 from tuning.model.loading import PrecisionPlan
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def apply_peft(args: PeftArgs, model: Any, tokenizer: Any, plan: PrecisionPlan) 
     try:
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=plan.autocast is not None)
     except ValueError as e:
-        raise UserError(f"cannot apply --peft_method {args.peft_method}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot apply --peft_method {args.peft_method}: {first_line(e)}") from None
     if plan.autocast is not None:
         _upcast_trainable(peft_model)
     if args.peft_method != "pt":

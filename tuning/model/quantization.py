@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import Mxfp4Config, PretrainedConfig
 
-from tuning.config.args import QuantArgs
+from tuning.config import QuantArgs
 from tuning.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from tuning.config.args import DataArgs, ModelArgs
-from tuning.errors import UserError
+from tuning.config import DataArgs, ModelArgs
+from tuning.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def load_tokenizer(model_args: ModelArgs, data_args: DataArgs) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load a tokenizer from {name}: {str(e).splitlines()[0]}; pass a folder with "
+            f"cannot load a tokenizer from {name}: {first_line(e)}; pass a folder with "
             "tokenizer files or a hub id via --tokenizer_name_or_path"
         ) from None
     if data_args.chat_template:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from tuning.files import delete_folder, fsync_dir, fsync_file, temporary_sibling
-from tuning.model import PrecisionPlan
-from tuning.model.peft import write_adapter_extras
-from tuning.train.distributed import barrier, full_state_dict
+from tuning.files import publish_folder, staging_folder
+from tuning.model import PrecisionPlan, write_adapter_extras
+from tuning.train import barrier, full_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +22,7 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     file where a loader would pick it up.
     """
     target = Path(save_dir)
-    tmp = temporary_sibling(target)  # a kill leaves it; the next run's start removes it
-    delete_folder(tmp)
+    tmp = staging_folder(target)
     # keep_fp32_wrapper=False also strips the autocast wrapper accelerate put on forward: training is
     # over, and the model in memory should compute like the saved one when reloaded
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -41,15 +38,6 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     write_adapter_extras(model, tmp)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the args
-    for item in tmp.iterdir():
-        (fsync_dir if item.is_dir() else fsync_file)(item)
-    if not target.exists():
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-        barrier()  # released only once the model is in place: no rank reloads or reports it earlier
-        return target
-    for item in tmp.iterdir():
-        os.replace(item, target / item.name)
-    tmp.rmdir()
+    publish_folder(tmp, target)
     barrier()
     return target

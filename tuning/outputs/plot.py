@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from tuning.errors import UserError
-from tuning.train.callbacks import TRAINING_LOGS_NAME, read_training_logs
+from tuning.train import TRAINING_LOGS_NAME, read_training_logs
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from tuning.files import (
     delete_folder,
     fsync_dir,
     fsync_file,
-    remove_temporary_siblings,
+    remove_staging_folders,
     remove_tombstones,
     remove_unfinished_writes,
 )
@@ -274,7 +274,7 @@ def clean_output_dir(
         removed.append(folder)
     run_ids = {read_marker(p).get("run_id") for p in complete_checkpoints(output_dir)}
     settle_pending(output_dir, {r for r in run_ids if r})
-    for leftover in remove_temporary_siblings(final_dir) if final_dir else []:
+    for leftover in remove_staging_folders(final_dir) if final_dir else []:
         logger.warning("removed %s: a final model save a kill interrupted", leftover)
     return removed
 

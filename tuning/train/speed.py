@@ -8,8 +8,13 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
-from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
+from tuning.data import (
+    PaddingCollator,
+    PaddingFreeCollator,
+    TokenBudgetBatchSampler,
+    pad_token_id,
+    sample_lengths,
+)
 
 COLLATED_COLUMNS = ["input_ids", "labels"]
 

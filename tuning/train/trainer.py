@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
 
-from tuning.config.args import TrainArgs
-from tuning.data import PreparedData
-from tuning.data.tokenize import IGNORE_INDEX
+from tuning.config import TrainArgs
+from tuning.data import IGNORE_INDEX, PreparedData
 from tuning.model import PrecisionPlan
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin

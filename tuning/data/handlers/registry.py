@@ -8,7 +8,6 @@ by the pipeline. Register your own with :func:`register_handler` before the job 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import types
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
-from tuning.errors import UserError
+from tuning.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +77,6 @@ def register_handler(
         return fn
 
     return decorate
-
-
-def did_you_mean(name: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def get_handler(name: str, where: str) -> Handler:
