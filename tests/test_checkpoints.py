@@ -31,6 +31,7 @@ from tuning.train.checkpoints import (
     read_marker,
     verify_checkpoint,
 )
+from tuning.train.fingerprint import data_fingerprint, model_fingerprint
 from tuning.train.records import pending_dir, promote_pending, record_path, start_pending
 from tuning.train.resume import check_fits, resume_checkpoint
 from tuning.train.signals import StopOnSignal, interrupted_exit_code
@@ -392,3 +393,38 @@ def test_a_stop_signal_is_recorded_not_acted_on_and_handlers_are_restored():
             os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C forces the way out
     assert signal.getsignal(signal.SIGTERM) is before
     assert (interrupted_exit_code(signal.SIGTERM), interrupted_exit_code(signal.SIGINT)) == (143, 130)
+
+
+def test_the_data_fingerprint_sees_content_order_and_dropped_rows():
+    import datasets
+
+    rows = {"input_ids": [[1, 2, 3], [4, 5], [6]], "labels": [[-100, 2, 3], [-100, 5], [6]]}
+    base = data_fingerprint(datasets.Dataset.from_dict(rows))
+    assert (base["rows"], base["tokens"]) == (3, 6)
+    assert data_fingerprint(datasets.Dataset.from_dict(rows)) == base  # deterministic across processes
+    edited = {**rows, "labels": [[-100, 2, 3], [-100, -100], [6]]}  # one label masked: same sizes
+    assert data_fingerprint(datasets.Dataset.from_dict(edited))["digest"] != base["digest"]
+    reordered = datasets.Dataset.from_dict(rows).select([2, 0, 1])
+    assert data_fingerprint(reordered)["digest"] != base["digest"]
+    kept = datasets.Dataset.from_dict(rows).filter(lambda r: len(r["input_ids"]) > 1)
+    assert (data_fingerprint(kept)["rows"], data_fingerprint(kept)["tokens"]) == (2, 5)
+    assert data_fingerprint(iter([])) is None  # a stream can't be read twice
+
+
+def test_the_model_fingerprint_sees_shapes_and_what_trains():
+    from tuning.testing.tiny_model import build_model
+
+    model = build_model(vocab_size=300)
+    fp = model_fingerprint(model)
+    # 300 x 32 embeddings, an untied 300 x 32 head, 18,592 in the two layers and the final norm
+    assert fp["description"] == (
+        "llama (2 layers, hidden size 32, vocabulary 300): 37,792 parameters, 37,792 trainable"
+    )
+    model.model.embed_tokens.weight.requires_grad_(False)
+    frozen = model_fingerprint(model)
+    assert frozen["digest"] != fp["digest"] and frozen["description"].endswith(
+        "37,792 parameters, 28,192 trainable"
+    )
+    assert (
+        model_fingerprint(build_model(vocab_size=300, seed=1))["digest"] == fp["digest"]
+    )  # weights don't count
