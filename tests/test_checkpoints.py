@@ -32,7 +32,7 @@ from tuning.train.checkpoints import (
     verify_checkpoint,
 )
 from tuning.train.fingerprint import data_fingerprint, model_fingerprint
-from tuning.train.records import pending_dir, promote_pending, record_path, start_pending
+from tuning.train.records import new_record_path, pending_dir, promote_pending, record_path, start_pending
 from tuning.train.resume import check_fits, resume_checkpoint
 from tuning.train.signals import StopOnSignal, interrupted_exit_code
 
@@ -373,13 +373,17 @@ def test_records_of_surviving_checkpoints_stay_until_the_new_run_commits(tmp_pat
     assert not pending_dir(tmp_path).exists() and logged_steps(live) == [1, 2, 3, 4]
 
     # the same run again, this time committing: its records replace the old ones in one step each
+    (tmp_path / "aim_tracker.json").write_text('{"run_id": "old"}')
     run_id = start_pending(tmp_path)
     (pending_dir(tmp_path) / "resolved_config.yaml").write_text("new: true\n")
+    new_record_path(tmp_path, "aim_tracker.json").write_text('{"run_id": "new"}')
+    assert json.loads((tmp_path / "aim_tracker.json").read_text()) == {"run_id": "old"}
     continue_training_logs(tmp_path, 0)
     callback.on_log(None, state, None, logs={"loss": 2.0})
     make_checkpoint(tmp_path, 6, record={"run_id": run_id})  # killed right after this commit ...
     clean_output_dir(tmp_path)  # ... the restart finishes moving the records in
     assert logged_steps(live) == [1] and config.read_text() == "new: true\n"
+    assert json.loads((tmp_path / "aim_tracker.json").read_text()) == {"run_id": "new"}
     assert not pending_dir(tmp_path).exists() and promote_pending(tmp_path) == []
 
 

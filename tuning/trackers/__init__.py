@@ -20,7 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from tuning.config import SFTConfig, TrackerArgs, resolved_config_dict
 from tuning.errors import UserError, first_line
-from tuning.train import TokenRate
+from tuning.train import TokenRate, new_record_path
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ class TrackerCallback(TrainerCallback):
 
 
 def write_tracker_json(output_dir: str, name: str, link: dict[str, Any]) -> Path:
-    path = Path(output_dir) / f"{name}_tracker.json"
+    # replaces the earlier run's link only once this run has committed a checkpoint (tuning/train/records.py)
+    path = new_record_path(output_dir, f"{name}_tracker.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"tracker": name, **link}, indent=2, default=str) + "\n", encoding="utf-8")
     return path

@@ -19,7 +19,7 @@ from tuning.train.distributed import (
 )
 from tuning.train.fingerprint import run_fingerprint
 from tuning.train.progress import TokenRate, log_run_start
-from tuning.train.records import pending_dir, promote_pending, start_pending
+from tuning.train.records import new_record_path, pending_dir, promote_pending, start_pending
 from tuning.train.resume import explicit_checkpoint, resume_checkpoint
 from tuning.train.trainer import SFTTrainer, build_trainer
 
@@ -39,6 +39,7 @@ __all__ = [
     "leave_process_group",
     "list_checkpoints",
     "log_run_start",
+    "new_record_path",
     "pending_dir",
     "per_rank",
     "promote_pending",

@@ -1,5 +1,5 @@
-"""A run's records in ``output_dir`` (``resolved_config.yaml``, ``training_logs.jsonl``) are replaced only
-once the new run has something to replace them with.
+"""A run's records in ``output_dir`` (``resolved_config.yaml``, ``training_logs.jsonl``, the trackers'
+``<name>_tracker.json`` links) are replaced only once the new run has something to replace them with.
 
 A rerun that fails, or is killed before its first checkpoint, must leave the previous run's records as
 they were: its ``training_logs.jsonl`` is the history of the checkpoints still in the folder, its
@@ -47,6 +47,13 @@ def pending_run_id(output_dir: str | Path) -> str | None:
         return (pending_dir(output_dir) / RUN_ID_NAME).read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
+
+
+def new_record_path(output_dir: str | Path, name: str) -> Path:
+    """Where this run writes a record it makes whole (a tracker's run link): into ``.pending/`` while
+    this run has one, else ``output_dir``."""
+    pending = pending_dir(output_dir)
+    return pending / name if pending.is_dir() else Path(output_dir) / name
 
 
 def record_path(output_dir: str | Path, name: str) -> Path:
