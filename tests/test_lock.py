@@ -84,7 +84,7 @@ def test_the_cli_exits_1_with_the_holder_in_the_message_and_the_termination_log(
     holder = hold(out, 60)
     try:
         argv = ["--model_name_or_path", "m", "--training_data_path", "d.json", "--output_dir", str(out)]
-        assert main([*argv, "--output_dir_lock_timeout", "0"]) == 1
+        assert main([*argv, "--wait_for_output_dir", "0"]) == 1
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -107,3 +107,18 @@ def test_a_filesystem_without_locks_runs_unprotected_with_a_warning(tmp_path, mo
 def test_ranks_that_write_nothing_take_no_lock(tmp_path):
     with output_dir_lock(tmp_path / "out", enabled=False):
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_or_nan_wait_is_a_user_error(tmp_path, capsys, value):
+    argv = [
+        "--model_name_or_path",
+        "m",
+        "--training_data_path",
+        "d.json",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    assert main([*argv, "--wait_for_output_dir", value]) == 1
+    assert "--wait_for_output_dir must be 0 or more seconds" in capsys.readouterr().err
+    assert not (tmp_path / "out" / LOCK_NAME).exists()

@@ -7,7 +7,7 @@ that starts while the old one still saves its checkpoint after SIGTERM. So the p
 ``--save_on_each_node``) holds ``fcntl.flock`` on ``output_dir/.tuning.lock`` for the whole run. The
 kernel releases the lock when the process ends, however it ends (kill -9, OOM, node loss of a local
 filesystem): no stale lock to clean up by hand, nothing to time out. A second run waits a bounded time
-for the holder to finish (``--output_dir_lock_timeout``, default 300 s: longer than a grace period's
+for the holder to finish (``--wait_for_output_dir``, default 300 s: longer than a grace period's
 save), then exits 1 naming the holder (pid, host, since when).
 
 - The lock file is never deleted: deleting it would let a third process lock a new file while a second
@@ -115,13 +115,13 @@ def _acquire(fd: int, folder: Path, wait_seconds: float, poll_seconds: float) ->
             raise UserError(
                 f"--output_dir {folder} is in use by another run ({holder}); waited {waited:.0f} s. "
                 "Stop that run or wait for it to end, or pass another --output_dir "
-                "(--output_dir_lock_timeout SECONDS waits longer)"
+                "(--wait_for_output_dir SECONDS waits longer)"
             )
         if reported is None or waited - reported >= _REPORT_EVERY_SECONDS:
             reported = waited
             logger.warning(
                 "--output_dir %s is in use by another run (%s); waiting up to %.0f s for it to end "
-                "(--output_dir_lock_timeout)",
+                "(--wait_for_output_dir)",
                 folder,
                 holder,
                 wait_seconds,

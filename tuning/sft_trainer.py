@@ -55,7 +55,7 @@ def run(config: SFTConfig) -> dict:
     """Run one fine-tuning job; returns the run summary."""
     args = config.train
     # one writer per output_dir: rank 0 (each node's with --save_on_each_node) holds it to the end
-    with output_dir_lock(args.output_dir, args.output_dir_lock_timeout, enabled=args.should_save):
+    with output_dir_lock(args.output_dir, args.wait_for_output_dir, enabled=args.should_save):
         if args.should_save:  # every path below is written once, even across machines
             clean_output_dir(args.output_dir, keep=explicit_checkpoint(args), final_dir=args.save_model_dir)
             start_pending(args.output_dir)  # this run's records replace the last run's at its first commit

@@ -175,7 +175,7 @@ class TrainArgs(TrainingArguments):
             "per_device_train_batch_size samples."
         },
     )
-    output_dir_lock_timeout: float = field(
+    wait_for_output_dir: float = field(
         default=300.0,
         metadata={
             "help": "Seconds to wait when another run holds --output_dir (e.g. a pod still saving after "
@@ -191,9 +191,9 @@ class TrainArgs(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if not self.output_dir_lock_timeout >= 0:  # also refuses nan
+        if not self.wait_for_output_dir >= 0:  # also refuses nan
             raise ValueError(
-                f"--output_dir_lock_timeout must be 0 or more seconds, got {self.output_dir_lock_timeout}"
+                f"--wait_for_output_dir must be 0 or more seconds, got {self.wait_for_output_dir}"
             )
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
