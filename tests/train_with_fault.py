@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from tuning.sft_trainer import main  # noqa: E402
+from tuning.train import exit_process  # noqa: E402
 from tuning.train.trainer import SFTTrainer  # noqa: E402
 
 # phase → which file operations belong to it (by the path they touch)
@@ -165,4 +166,7 @@ def inject(fault: str, step: int) -> None:
 if __name__ == "__main__":
     for one in sys.argv[1].split("+"):
         inject(one, int(sys.argv[2]))
-    sys.exit(main(sys.argv[3:]))
+    code = main(sys.argv[3:])
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate launch: as sft_trainer's own main
+        exit_process(code)
+    sys.exit(code)
