@@ -327,6 +327,11 @@ def test_training_with_split_evaluates_on_the_validation_union(tmp_path, io_file
 def test_packing_applies_to_the_mixed_train_set(tmp_path, io_file):
     config = io_config(tmp_path, io_file, "")
     plain = build(config, max_len=64)
-    packed = build_datasets(DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64)
+    args = DataArgs(data_config_path=str(config), packing=True, packing_strategy="wrapped")
+    packed = build_datasets(args, build_tokenizer(), 64)
     assert [len(r) for r in packed.train["input_ids"]][:-1] == [64] * (len(packed.train) - 1)
     assert sum(map(len, packed.train["input_ids"])) == sum(map(len, plain.train["input_ids"]))
+    # the default, bfd: whole samples, positions restarting per sample, every token kept
+    bfd = build_datasets(DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64)
+    assert sorted(map(len, bfd.train["input_ids"])) == sorted(map(len, plain.train["input_ids"]))
+    assert all(p[0] == 0 for p in bfd.train["position_ids"])

@@ -1,11 +1,14 @@
-"""Neutral file helpers every stage may use: reading YAML/JSON mappings, durable writes, and deletions
-that a kill cannot leave half-done.
+"""Neutral file helpers every stage may use: reading YAML/JSON mappings (also a job handed over in the
+environment, fms-hf-tuning's convention), durable writes, and deletions that a kill cannot leave
+half-done.
 
 Nothing here knows about configs, data or models; it imports only :mod:`tuning.errors`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -37,6 +40,51 @@ def read_mapping_file(path: str | Path, what: str, shown: str | None = None) -> 
         raise UserError(
             f"{what} {shown} must hold a mapping of keys to values, not a {type(values).__name__}"
         )
+    return values
+
+
+# fms-hf-tuning's job hand-over: a path to the job file, or the job itself as base64-encoded JSON (which wins
+# when both are set, as in fms-hf-tuning's sft_trainer). Read by `sft_trainer` (no --config) and `tuning launch`.
+JOB_PATH_ENV = "SFT_TRAINER_CONFIG_JSON_PATH"
+JOB_TEXT_ENV = "SFT_TRAINER_CONFIG_JSON_ENV_VAR"
+JOB_ENVS = (JOB_TEXT_ENV, JOB_PATH_ENV)
+# a job file's mapping of `accelerate launch` flags: tuning launch's part; the trainer sets it aside
+LAUNCH_ARGS_KEY = "accelerate_launch_args"
+
+
+def job_from_environment() -> tuple[str, dict[str, Any]] | None:
+    """(where it came from, the job mapping) from ``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` or
+    ``$SFT_TRAINER_CONFIG_JSON_PATH``; None when neither is set."""
+    text = os.environ.get(JOB_TEXT_ENV, "").strip()
+    if text:
+        where = f"job ${JOB_TEXT_ENV}"
+        return where, decode_job_text(text, where)
+    path = os.environ.get(JOB_PATH_ENV, "").strip()
+    if path:
+        where = f"job file {path} (${JOB_PATH_ENV})"
+        return where, read_mapping_file(path, "job file", f"{path} (${JOB_PATH_ENV})")
+    return None
+
+
+def decode_job_text(text: str, where: str) -> dict[str, Any]:
+    """A job given as base64-encoded JSON. Never a pickle (older fms-hf-tuning launchers accepted one):
+    unpickling runs code."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError(
+            f"{where} is not base64: encode the job's JSON, e.g. base64.b64encode(json.dumps(job).encode())"
+        ) from None
+    if raw[:1] == b"\x80":  # the pickle protocol 2+ opcode
+        raise UserError(
+            f"{where} holds a pickle, which is never loaded (it runs code); encode the job as JSON"
+        )
+    try:
+        values = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where} is not base64-encoded JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must hold a JSON object of keys to values, not a {type(values).__name__}")
     return values
 
 

@@ -1,4 +1,5 @@
-"""Logging set-up shared by every command: our INFO lines on stderr, the libraries' warnings only."""
+"""Logging set-up shared by every command: our INFO lines on stderr, the libraries' warnings only, and no
+library progress bars where stderr is not a terminal."""
 
 from __future__ import annotations
 
@@ -39,4 +40,13 @@ def setup_logging(debug: bool = False) -> None:
     transformers.logging.set_verbosity_info() if debug else transformers.logging.set_verbosity_warning()
     datasets.logging.set_verbosity_warning()
     if not sys.stderr.isatty():
-        datasets.disable_progress_bars()
+        disable_progress_bars()
+
+
+def disable_progress_bars() -> None:
+    """No tqdm bars from the libraries: transformers' ("Loading weights", "Writing model shards"),
+    huggingface_hub's (downloads) and datasets' (maps). In a file, a CI or Kubernetes log each bar is a
+    run of carriage-return frames between our lines; our own progress prints plain lines there instead
+    (tuning/train/progress.py). Called when stderr is not a terminal, and for ``--disable_tqdm``."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()  # turns off huggingface_hub's bars too

@@ -20,7 +20,7 @@ from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolve
 from tuning.data import build_datasets, check_data_config, write_processed
 from tuning.errors import run_command
 from tuning.lock import output_dir_lock
-from tuning.logs import setup_logging
+from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
     context_length,
@@ -30,7 +30,14 @@ from tuning.model import (
     precision_plan,
     quantization_config,
 )
-from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
+from tuning.outputs import (
+    build_summary,
+    save_final_model,
+    summary_line,
+    write_loss_plot,
+    write_model_card,
+    write_summary,
+)
 from tuning.trackers import build_trackers
 from tuning.train import (
     build_trainer,
@@ -54,6 +61,8 @@ logger = logging.getLogger("tuning")
 def run(config: SFTConfig) -> dict:
     """Run one fine-tuning job; returns the run summary."""
     args = config.train
+    if args.disable_tqdm:
+        disable_progress_bars()  # the libraries' bars too, not only our progress bar
     # one writer per output_dir: rank 0 (each node's with --save_on_each_node) holds it to the end
     with output_dir_lock(args.output_dir, args.wait_for_output_dir, enabled=args.should_save):
         if args.should_save:  # every path below is written once, even across machines
@@ -96,6 +105,8 @@ def _train(config: SFTConfig) -> dict:
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
         write_summary(args.output_dir, summary)
+        if saved:
+            write_model_card(saved, config, summary, data, quant, max_len)
         logger.info(summary_line(summary))
     return summary
 

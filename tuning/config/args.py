@@ -131,8 +131,18 @@ class DataArgs:
     packing: bool = field(
         default=False,
         metadata={
-            "help": "Pretraining-style packing: concatenate all samples and cut rows of max_seq_length "
-            "tokens; samples in a row attend to each other."
+            "help": "Pack the training samples into rows of up to max_seq_length tokens (fewer, fuller "
+            "rows); --packing_strategy says how."
+        },
+    )
+    packing_strategy: Literal["bfd", "wrapped"] = field(
+        default="bfd",
+        metadata={
+            "help": "bfd (default, TRL's): whole samples by best-fit decreasing, position_ids restarting per "
+            "sample, so no sample attends to another and the loss equals unpacked training (needs "
+            "padding-free batches). wrapped: pretraining-style, everything concatenated and cut every "
+            "max_seq_length tokens; samples in a row attend to each other and may be split.",
+            "choices": ["bfd", "wrapped"],
         },
     )
 
@@ -159,6 +169,29 @@ class TrainArgs(TrainingArguments):
     # family's commands still pass --warmup_ratio, so it stays a flag of its own.
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Linear warmup over this fraction of the total steps."}
+    )
+    disable_tqdm: bool = field(
+        default=False,
+        metadata={
+            "help": "No progress bars: plain progress lines on a terminal too, and no library bars (loading "
+            "weights, writing shards). Where stderr is not a terminal there are never bars."
+        },
+    )
+    # transformers 5 dropped this flag; fms-hf-tuning's job files (its README's, its tests') still set it
+    include_tokens_per_second: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility (transformers 4): trained tokens/s is always in the progress "
+            "lines and run_summary.json."
+        },
+    )
+    # transformers 5's JIT checkpoint saves on SIGTERM; that is always on here (tuning/train/signals.py)
+    enable_jit_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility; always on here: SIGTERM (or SIGINT) finishes the current "
+            "step, commits a checkpoint and exits 143 (130); rerunning resumes (docs/checkpoints.md)."
+        },
     )
     # speed and memory (docs/performance.md)
     padding_free: bool = field(
@@ -289,7 +322,8 @@ class PeftArgs:
         default=False,
         metadata={
             "help": "With added tokens: write the new embedding rows to new_embeddings.safetensors next to "
-            "an adapter without them (for servers such as vLLM that can't load embeddings in an adapter)."
+            "an adapter without them (for vLLM releases before Nov 2025; current vLLM takes no new "
+            "vocabulary in an adapter: serve the model from tuning merge instead)."
         },
     )
 

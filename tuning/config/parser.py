@@ -1,4 +1,5 @@
-"""One parser for the command line and config files, with one precedence rule: the file (``--config``)
+"""One parser for the command line and config files, with one precedence rule: the file (``--config``, or
+the job fms-hf-tuning's ``$SFT_TRAINER_CONFIG_JSON_PATH`` / ``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` hand over)
 sets values, command-line flags override them. Unknown keys fail with the closest valid name."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers import HfArgumentParser
 
 from tuning.config.args import DataArgs, ModelArgs, PeftArgs, QuantArgs, SFTConfig, TrackerArgs, TrainArgs
 from tuning.errors import ArgumentParser, UserError, did_you_mean
-from tuning.files import read_mapping_file
+from tuning.files import LAUNCH_ARGS_KEY, job_from_environment, read_mapping_file
 
 # SFTConfig field → dataclass; a new stage's arguments are one more entry here.
 ARG_GROUPS: dict[str, type] = {
@@ -69,33 +70,59 @@ def peek_flag(argv: list[str], dest: str, parser: argparse.ArgumentParser | None
 
 
 def output_dir_hint(argv: list[str]) -> str | None:
-    """``--output_dir`` of a command line, or of its ``--config`` file, for the termination log of a
-    command that failed before (or while) parsing."""
+    """``--output_dir`` of a command line, or of its ``--config`` file (or the job in the environment),
+    for the termination log of a command that failed before (or while) parsing."""
     parser = build_parser()
     given = peek_flag(argv, "output_dir", parser)
     if given:
         return given
     config_file = peek_flag(argv, "config", parser)
     try:
-        value = read_mapping_file(config_file, "config file").get("output_dir") if config_file else None
+        if config_file:
+            values = read_mapping_file(config_file, "config file")
+        else:
+            values = (job_from_environment() or ("", {}))[1]
     except UserError:
         return None
+    value = values.get("output_dir")
     return value if isinstance(value, str) else None
 
 
 def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
     """Read a flat YAML/JSON mapping of flag names to values; reject unknown keys."""
-    values = read_mapping_file(path, "config file")
+    return check_config_keys(read_mapping_file(path, "config file"), f"config file {path}", valid_keys)
+
+
+def check_config_keys(values: dict[str, Any], where: str, valid_keys: list[str]) -> dict[str, Any]:
+    """The flag values of a config or job mapping: unknown keys rejected, the launcher's own key set aside
+    (a ``tuning launch`` job file is also a ``--config`` file)."""
+    values = dict(values)
+    if values.pop(LAUNCH_ARGS_KEY, None) is not None:
+        logger.info("%s: %s is read by tuning launch only; ignored here", where, LAUNCH_ARGS_KEY)
     for key in values:
         if key not in valid_keys:
-            raise UserError(
-                f"unknown key '{key}' in config file {path}{did_you_mean(key, valid_keys, flag=True)}"
-            )
+            raise UserError(f"unknown key '{key}' in {where}{did_you_mean(key, valid_keys, flag=True)}")
     return values
 
 
+def config_file_values(
+    argv: list[str], valid_keys: list[str], parser: argparse.ArgumentParser | None = None
+) -> dict[str, Any]:
+    """The values a file sets: ``--config FILE``, else the job fms-hf-tuning's environment variables hand
+    over (``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` / ``$SFT_TRAINER_CONFIG_JSON_PATH``); flags override both."""
+    config_file = peek_flag(argv, "config", parser)
+    if config_file:
+        return load_config_file(config_file, valid_keys)
+    job = job_from_environment()
+    if job is None:
+        return {}
+    where, values = job
+    logger.info("reading the %s; command-line flags override it", where)
+    return check_config_keys(values, where, valid_keys)
+
+
 def parse_config(argv: list[str]) -> SFTConfig:
-    """Parse flags (and ``--config FILE``) into a validated :class:`SFTConfig`."""
+    """Parse flags (and ``--config FILE``, or a job in the environment) into a validated :class:`SFTConfig`."""
     return parse_command_line(argv)[0]
 
 
@@ -106,8 +133,7 @@ def parse_command_line(
     own: returns them too, as a namespace."""
     parser = parser or build_parser()
     dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
-    config_file = peek_flag(argv, "config", parser)
-    file_values = load_config_file(config_file, dests) if config_file else {}
+    file_values = config_file_values(argv, dests, parser)
     parser.set_defaults(**file_values)
     imply_step_strategies(parser, argv, file_values)
     try:
@@ -167,6 +193,12 @@ def validate(config: SFTConfig) -> None:
         )
     if config.data.max_seq_length <= 0:
         raise UserError(f"--max_seq_length must be positive, got {config.data.max_seq_length}")
+    if config.data.packing and config.data.packing_strategy == "bfd" and not train.padding_free:
+        raise UserError(
+            "--packing_strategy bfd keeps packed samples apart only in padding-free batches, and "
+            "--padding_free is false; drop --padding_free false, or pass --packing_strategy wrapped "
+            "(samples in a row then attend to each other)"
+        )
     if config.data.instruction_template and not config.data.response_template:
         raise UserError("--instruction_template needs --response_template (loss starts after it)")
 

@@ -5,7 +5,7 @@ The surface the later stages and the commands use; everything else is this packa
 
 from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
-from tuning.data.pipeline import build_datasets, check_data_config, preview_parts
+from tuning.data.pipeline import build_datasets, check_data_config, data_sources, preview_parts
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
 from tuning.data.tokenize import IGNORE_INDEX
@@ -19,6 +19,7 @@ __all__ = [
     "TokenBudgetBatchSampler",
     "build_datasets",
     "check_data_config",
+    "data_sources",
     "pad_token_id",
     "preview_parts",
     "sample_lengths",

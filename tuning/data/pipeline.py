@@ -3,17 +3,20 @@ for a data file and a data config; the data config's own checks; what ``tuning p
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import datasets
 
 from tuning.config import DataArgs
-from tuning.data.batching import pack_fixed_length
+from tuning.data.batching import pack, sample_lengths
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
 from tuning.data.mixing import build_from_data_config
 from tuning.data.prepare import DataStats, PreparedData, prepare_path
 from tuning.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def build_datasets(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData:
@@ -29,7 +32,17 @@ def build_datasets(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData
     if args.packing:  # one place for both paths: packing cuts the final (mixed) training set
         if not isinstance(data.train, datasets.Dataset):
             raise UserError("--packing needs row counts, and streamed data has none; set streaming: false")
-        data.train = pack_fixed_length(data.train, max_len)
+        samples = len(data.train)
+        data.train = pack(data.train, max_len, args.packing_strategy)
+        tokens = sum(sample_lengths(data.train))
+        logger.info(
+            "packing (%s): %d samples into %d rows of up to %d tokens (%.0f%% full)",
+            args.packing_strategy,
+            samples,
+            len(data.train),
+            max_len,
+            100 * tokens / (len(data.train) * max_len) if len(data.train) else 0,
+        )
     return data
 
 
@@ -43,6 +56,17 @@ def check_data_config(args: DataArgs, max_steps: int) -> None:
             f"data config {args.data_config_path} streams its datasets, so epochs have no length; "
             "pass --max_steps"
         )
+
+
+def data_sources(args: DataArgs) -> list[tuple[str, list[str]]]:
+    """(name, data paths) of every dataset the job reads: the training and validation paths, or a data
+    config's datasets. What a model card lists."""
+    if args.data_config_path:
+        return [(d.name, list(d.data_paths)) for d in load_data_config(args.data_config_path).datasets]
+    sources = [("train", [args.training_data_path])] if args.training_data_path else []
+    if args.validation_data_path:
+        sources.append(("validation", [args.validation_data_path]))
+    return sources
 
 
 def preview_parts(args: DataArgs, tokenizer: Any, max_len: int) -> list[tuple[str, Any, DataStats | None]]:

@@ -3,6 +3,7 @@
 from tuning.model.loading import (
     PrecisionPlan,
     context_length,
+    generation_use_cache,
     load_model,
     load_model_config,
     precision_plan,
@@ -24,6 +25,7 @@ __all__ = [
     "PrecisionPlan",
     "apply_peft",
     "context_length",
+    "generation_use_cache",
     "load_model",
     "load_model_config",
     "load_tokenizer",

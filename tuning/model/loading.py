@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,9 +165,29 @@ def load_model(
     if impl != candidates[0]:
         logger.warning("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
     drop_stale_quantization_config(model)
-    model.config.use_cache = False  # the KV cache is for generation; training never reads it
+    # The KV cache is for generation; training never reads it, and with a cache object transformers skips
+    # the per-sample mask that keeps padding-free rows exact. The base's value is what a saved model
+    # must carry (generation recomputes every token without it): see generation_use_cache.
+    model.tuning_base_use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
     _resize_for_added_tokens(model, tokenizer)
     return model
+
+
+@contextmanager
+def generation_use_cache(model: Any) -> Iterator[None]:
+    """While saving: the model config's ``use_cache`` is the base model's again (load_model turned it off
+    for training), so a saved ``config.json`` generates with a KV cache like the base did."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "tuning_base_use_cache", None)  # peft wrappers forward the lookup to the base
+    if config is None or base is None or getattr(config, "use_cache", None) == base:
+        yield
+        return
+    training, config.use_cache = config.use_cache, base
+    try:
+        yield
+    finally:
+        config.use_cache = training
 
 
 def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:

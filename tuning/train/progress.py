@@ -77,7 +77,8 @@ class TokenRate:
 
 class RunProgress(TrainerCallback):
     """Progress on rank 0: a bar on a terminal (steps, epoch, loss, tokens/s, ETA); on anything else (CI,
-    Kubernetes logs) one plain line per log step and at least every ``every_seconds``.
+    Kubernetes logs), or with ``--disable_tqdm``, one plain line per log step and at least every
+    ``every_seconds``.
 
     Replaces transformers' own progress callback, which prints every raw log dict under its bar and
     rewrites carriage-return frames into files that are not terminals.
@@ -109,7 +110,7 @@ class RunProgress(TrainerCallback):
         )
         if state.global_step:
             logger.info("resumed from step %d of %d", state.global_step, state.max_steps)
-        if self.tty:
+        if self.tty and not args.disable_tqdm:  # --disable_tqdm: plain lines on a terminal too
             self.bar = tqdm(
                 total=state.max_steps,
                 initial=state.global_step,
