@@ -387,7 +387,7 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
 
     def before_checkpoint_write(self, folder: Path) -> bool:
         if self.state.global_step == self.last_saved_step:
-            return False  # a stop signal already saved this step; the epoch-end save would repeat it
+            return False  # saved already (at the step, then asked again at the epoch end or on a stop)
         if self.args.should_save:
             begin_checkpoint(folder)
         self.accelerator.wait_for_everyone()  # no rank writes into the folder before it is fresh
@@ -402,9 +402,8 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
                 record["run_id"] = run_id
             commit_checkpoint(folder, self.state.global_step, self.state.epoch, record)
             self.written_steps.add(self.state.global_step)
-            promote_pending(
-                self.args.output_dir
-            )  # this run has a checkpoint now: its records replace the old
+            # this run has a checkpoint now: its records replace the earlier run's
+            promote_pending(self.args.output_dir)
             prune_checkpoints(
                 folder.parent,
                 self._checkpoint_limit,
