@@ -120,5 +120,8 @@ def test_a_negative_or_nan_wait_is_a_user_error(tmp_path, capsys, value):
         str(tmp_path / "out"),
     ]
     assert main([*argv, "--wait_for_output_dir", value]) == 1
-    assert "--wait_for_output_dir must be 0 or more seconds" in capsys.readouterr().err
+    assert (
+        f"--wait_for_output_dir is {value} (command line): it must be a finite number >= 0"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "out" / LOCK_NAME).exists()

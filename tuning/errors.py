@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import os
 import signal
@@ -134,6 +135,17 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _failure_line(e: Exception) -> tuple[str, int]:
+    """The line and exit code for an exception that is not a UserError."""
+    refusal = environment_error(e)  # a full, read-only or forbidden path: the user's to fix
+    if refusal is not None:
+        return f"error: {refusal}", USER_ERROR_EXIT_CODE
+    traceback.print_exc()
+    oom = isinstance(e, MemoryError) or "OutOfMemoryError" in type(e).__name__
+    line = f"{'out of memory' if oom else 'internal error'}: {type(e).__name__}: {first_line(e)}"
+    return line, INTERNAL_ERROR_EXIT_CODE
+
+
 def run_command(body: Callable[[], int], output_dir: Callable[[], str | None] = lambda: None) -> int:
     """Run a command's ``body`` and turn how it ended into an exit code and one line.
 
@@ -159,10 +171,7 @@ def run_command(body: Callable[[], int], output_dir: Callable[[], str | None] = 
         if logging.getLogger("tuning").isEnabledFor(logging.DEBUG):
             traceback.print_exc()
     except Exception as e:  # anything not a user mistake is ours to fix: 203, with the traceback
-        traceback.print_exc()
-        oom = isinstance(e, MemoryError) or "OutOfMemoryError" in type(e).__name__
-        line = f"{'out of memory' if oom else 'internal error'}: {type(e).__name__}: {first_line(e)}"
-        code = INTERNAL_ERROR_EXIT_CODE
+        line, code = _failure_line(e)
     line = clip(line)
     print(line, file=sys.stderr)
     try:
@@ -171,3 +180,35 @@ def run_command(body: Callable[[], int], output_dir: Callable[[], str | None] = 
         where = None
     write_termination_log(line, where)
     return code
+
+
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """A short, quoted, one-line excerpt of data for an error message: data files may hold secrets, and
+    error lines end up in logs and termination logs, so no message quotes more than ``limit`` characters
+    of a row (``'first words...' (1234 chars)``)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"
+
+
+# filesystem refusals a user fixes, and what to do about each (exit 1, not 203: nothing of ours failed)
+_ENVIRONMENT_FIXES = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (disk quota exceeded)",
+    errno.EROFS: "pass a folder on a writable filesystem",
+    errno.EACCES: "fix the permissions or pass another path",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def environment_error(error: BaseException) -> UserError | None:
+    """A filesystem refusal the user fixes (full, read-only, permission, name too long) as a UserError
+    naming the path; None for anything else."""
+    if not isinstance(error, OSError) or error.errno not in _ENVIRONMENT_FIXES:
+        return None
+    where = f" {error.filename}" if error.filename else ""
+    return UserError(f"cannot access{where}: {error.strerror}; {_ENVIRONMENT_FIXES[error.errno]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuning.dtypes import DTYPE_NAMES, torch_dtype
 from tuning.errors import ArgumentParser, UserError, first_line, run_command
-from tuning.files import publish_folder, staging_folder
+from tuning.files import publish_folder, refused_pickle, staging_folder
 from tuning.logs import setup_logging
 from tuning.model import ADDED_TOKENS_INFO_NAME, NEW_EMBEDDING_KEYS, NEW_EMBEDDINGS_NAME
 
@@ -60,7 +61,10 @@ def merge(
     if not base_name:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
     model = _load_base(base_name, adapter_dir, torch_dtype(opts.get("dtype", "auto")))
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except pickle.UnpicklingError as e:  # an adapter_model.bin with more than tensors in it
+        raise (refused_pickle(e, f"adapter {adapter_dir}") or e) from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if _has_tokenizer(adapter_dir) else base_name)
     tmp = staging_folder(out)
     merged.save_pretrained(tmp, max_shard_size=opts.get("max_shard_size", "5GB"))
@@ -94,6 +98,8 @@ def _has_tokenizer(folder: Path) -> bool:
 def _load_base(name: str, adapter_dir: Path, dtype: Any) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except pickle.UnpicklingError as e:
+        raise (refused_pickle(e, f"base model {name}") or e) from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load base model {name}: {first_line(e)}; pass --base MODEL") from None
     info_file = adapter_dir / ADDED_TOKENS_INFO_NAME

@@ -19,8 +19,10 @@ from tuning.config.parser import (
     resolved_config_dict,
     save_resolved_config,
 )
+from tuning.config.rules import SEED_MAX
 
 __all__ = [
+    "SEED_MAX",
     "DataArgs",
     "ModelArgs",
     "PeftArgs",

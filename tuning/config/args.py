@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Literal
+import typing
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any, Literal
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+from transformers.training_args import OptimizerNames
 
+from tuning.config.rules import check_values
 from tuning.dtypes import DTYPE_NAMES
+from tuning.errors import UserError
 
 DataFormat = Literal["auto", "pretokenized", "text", "template", "input_output", "chat"]
 
@@ -28,6 +34,49 @@ def unescape(text: str | None) -> str | None:
         return None
     table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
     return re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], text)
+
+
+@cache
+def text_fields(cls: type) -> tuple[str, ...]:
+    """Our own free-text and list-of-text fields of ``cls`` (not Hugging Face's TrainingArguments', not
+    those with choices), where an empty value means nothing: an empty ``--response_template`` would match
+    everywhere."""
+    hints = typing.get_type_hints(cls)
+    inherited = {f.name for f in fields(TrainingArguments)}
+    text_types = (str, str | None, list[str], list[str] | None)
+    return tuple(
+        f.name
+        for f in fields(cls)
+        if f.name not in inherited and hints[f.name] in text_types and "choices" not in f.metadata
+    )
+
+
+@cache
+def float_fields(cls: type) -> frozenset[str]:
+    hints = typing.get_type_hints(cls)
+    return frozenset(n for n, h in hints.items() if h is float or h == float | None)
+
+
+@cache
+def literal_choices(cls: type) -> dict[str, tuple]:
+    """Fields of ``cls`` typed ``Literal[...]`` (or an Optional one) → their choices."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        literal = next((a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal), None)
+        if literal is not None:
+            out[name] = typing.get_args(literal)
+    return out
+
+
+def check_group(group: Any) -> None:
+    """The value rules (tuning/config/rules.py) and Literal choices for an argument group, however it
+    was built (the parser has checked both already, saying where each value came from)."""
+    cls = type(group)
+    for name, choices in literal_choices(cls).items():
+        value = getattr(group, name)
+        if value is not None and value not in choices:
+            raise UserError(f"--{name} is {value!r}: choose one of {', '.join(map(str, choices))}")
+    check_values(vars(group), text_fields(cls), floats=float_fields(cls))
 
 
 @dataclass
@@ -66,6 +115,9 @@ class ModelArgs:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repo's own code."})
+
+    def __post_init__(self) -> None:
+        check_group(self)
 
 
 @dataclass
@@ -150,17 +202,28 @@ class DataArgs:
         self.response_template = unescape(self.response_template)
         self.instruction_template = unescape(self.instruction_template)
         self.data_formatter_template = unescape(self.data_formatter_template)
+        check_group(self)
 
 
 # The established defaults of the fms-hf-tuning family, which differ from Hugging Face's own.
 @dataclass
 class TrainArgs(TrainingArguments):
-    save_strategy: str = field(default="epoch", metadata={"help": "no | steps | epoch | best"})
-    logging_strategy: str = field(default="epoch", metadata={"help": "no | steps | epoch"})
+    # retyped as str for the new defaults: the choices transformers derives from its enums are restated
+    save_strategy: str = field(
+        default="epoch",
+        metadata={"help": "no | steps | epoch | best", "choices": [s.value for s in SaveStrategy]},
+    )
+    logging_strategy: str = field(
+        default="epoch",
+        metadata={"help": "no | steps | epoch", "choices": [s.value for s in IntervalStrategy]},
+    )
     report_to: None | str | list[str] = field(
         default="none", metadata={"help": "Hugging Face integrations to report to (default none)."}
     )
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (default adamw_torch)."})
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer (default adamw_torch).", "choices": [o.value for o in OptimizerNames]},
+    )
     save_model_dir: str | None = field(
         default=None,
         metadata={"help": "Where the final model goes (safetensors + config + tokenizer)."},
@@ -224,13 +287,8 @@ class TrainArgs(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if not self.wait_for_output_dir >= 0:  # also refuses nan
-            raise ValueError(
-                f"--wait_for_output_dir must be 0 or more seconds, got {self.wait_for_output_dir}"
-            )
+        check_group(self)
         if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             if self.warmup_steps:
                 raise ValueError("pass either --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
@@ -329,6 +387,7 @@ class PeftArgs:
 
     def __post_init__(self) -> None:
         self.alora_invocation_string = unescape(self.alora_invocation_string)
+        check_group(self)
         if self.peft_method == "alora" and not self.alora_invocation_string:
             raise ValueError(
                 "--peft_method alora needs --alora_invocation_string (the text that activates it)"
@@ -339,10 +398,6 @@ class PeftArgs:
             and not self.prompt_tuning_init_text
         ):
             raise ValueError("--prompt_tuning_init TEXT needs --prompt_tuning_init_text")
-        if self.lora_r <= 0 or self.num_virtual_tokens <= 0 or self.embedding_size_multiple_of <= 0:
-            raise ValueError(
-                "--lora_r, --num_virtual_tokens and --embedding_size_multiple_of must be positive"
-            )
 
 
 TRACKERS = ("file_logger", "aim", "tensorboard", "mlflow")
@@ -379,6 +434,7 @@ class TrackerArgs:
     )
 
     def __post_init__(self) -> None:
+        check_group(self)
         self.trackers = list(dict.fromkeys(["file_logger", *self.trackers]))
         if isinstance(self.exp_metadata, str):
             try:
@@ -407,3 +463,6 @@ class QuantArgs:
             "default). false keeps MXFP4, which needs a Hopper-class GPU and an adapter."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_group(self)

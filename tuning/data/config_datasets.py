@@ -25,7 +25,7 @@ from tuning.data.data_config import (
 from tuning.data.handlers.registry import input_columns
 from tuning.data.prepare import DataStats, prepare, process_batch
 from tuning.data.tokenize import OK
-from tuning.errors import UserError, check, did_you_mean, first_line
+from tuning.errors import UserError, check, did_you_mean, excerpt, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,20 @@ def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
     if not streaming and ds.builder is None and ds.dataset_split_name in (None, "train"):
         return loading.load_data(path)  # the CLI's loader, with its line-numbered error messages
     files = [Path(path)] if Path(path).is_file() else loading.resolve_files(path)
+    builder = None if files is None else ds.builder or loading.BUILDERS[files[0].suffix]
     try:
         if files is None:
             return datasets.load_dataset(path, split=ds.dataset_split_name or "train", streaming=streaming)
-        builder = ds.builder or loading.BUILDERS[files[0].suffix]
         return datasets.load_dataset(
             builder, data_files=[str(f) for f in files], split="train", streaming=streaming
         )
     except Exception as e:  # datasets raises many types; the user needs the path and the first line
+        where = f"data config {config.path}: dataset '{ds.name}'"
+        if files is not None and builder is not None:
+            raise UserError(f"{where}: {loading.explain_load_failure(files, builder, e)}") from None
+        cause = excerpt(first_line(e))
         raise UserError(
-            f"data config {config.path}: dataset '{ds.name}': could not load {path} "
-            f"({type(e).__name__}: {first_line(e)}); check the path and builder"
+            f"{where}: could not load {path} ({type(e).__name__}: {cause}); check the path and builder"
         ) from None
 
 

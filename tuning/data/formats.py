@@ -10,10 +10,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import StrictUndefined, UndefinedError
 
 from tuning.config import DataArgs
+from tuning.data.sandbox import BoundedSandbox, template_errors
 from tuning.data.tokenize import Span
 from tuning.errors import UserError
 
@@ -91,29 +91,28 @@ class RowTemplate:
     """``{{column}}`` placeholders rendered with sandboxed, strict Jinja; a missing column is an error.
 
     Columns whose names are not identifiers (``{{Tweet text}}``, accepted by the reference tool) are
-    rewritten to ``{{ row["Tweet text"] }}`` before compiling.
+    rewritten to ``{{ row["Tweet text"] }}`` before compiling. ``what`` names the template in errors.
     """
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, what: str = "--data_formatter_template") -> None:
         self.source = template
+        self.what = what
         rewritten = re.sub(
             r"{{\s*([\w ]*?\w)\s*}}",
             lambda m: m.group(0) if m.group(1).isidentifier() else "{{ row[" + repr(m.group(1)) + "] }}",
             template,
         )
-        try:
-            self.template = SandboxedEnvironment(undefined=StrictUndefined).from_string(rewritten)
-        except TemplateError as e:
-            raise UserError(f"--data_formatter_template is not valid Jinja: {e}") from None
+        with template_errors(what, compiling=True):
+            self.template = BoundedSandbox(undefined=StrictUndefined).from_string(rewritten)
 
     def render(self, row: dict[str, Any]) -> str:
-        try:
-            return self.template.render(**row, row=row)
-        except UndefinedError as e:
-            raise UserError(
-                f"--data_formatter_template refers to a missing column ({e.message}); "
-                f"available columns: {list(row)}"
-            ) from None
+        with template_errors(self.what, row):
+            try:
+                return self.template.render(**row, row=row)
+            except UndefinedError as e:
+                raise UserError(
+                    f"{self.what} refers to a missing column ({e.message}); available columns: {list(row)}"
+                ) from None
 
 
 # A chat template that marks assistant text itself ({% generation %} ... {% endgeneration %}) is trusted
@@ -136,7 +135,22 @@ def chat_text_and_spans(
     spans come from rendering each prefix: a turn starts where the rendering with a generation prompt
     stops agreeing with the whole, and ends where the rendering up to that turn does. Working on
     characters, not token ids, keeps this right when the assistant header tokenizes differently in
-    context. A template that rewrites earlier turns would mis-mask, so overlapping spans are an error."""
+    context. A template that rewrites earlier turns would mis-mask, so overlapping spans are an error.
+    A template's failure (a sandbox refusal, its own ``raise_exception``) is a one-line user error."""
+    with template_errors(CHAT_TEMPLATE, messages):
+        return _chat_text_and_spans(messages, tokenizer, chat_template, tools, documents)
+
+
+CHAT_TEMPLATE = "the chat template"
+
+
+def _chat_text_and_spans(
+    messages: list[dict[str, Any]],
+    tokenizer: Any,
+    chat_template: str | None,
+    tools: list | None,
+    documents: list | None,
+) -> tuple[str, list[Span]]:
     if not isinstance(messages, list) or not messages:
         raise UserError("a conversation is empty or not a list of {role, content} messages")
     template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -193,7 +207,8 @@ def _chat_renderer(
         return via_tokenizer
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    compiled = _compile_jinja_template(template)
+    with template_errors(CHAT_TEMPLATE, compiling=True):
+        compiled = _compile_jinja_template(template)
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
 
     def direct(msgs: list, generation_prompt: bool = False) -> str:
@@ -220,8 +235,10 @@ def _generation_spans(
 ) -> tuple[str, list[Span]]:
     # transformers computes the character spans of {% generation %} blocks while rendering (the same
     # machinery as return_assistant_tokens_mask); using them directly keeps our offset-based masking.
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
+    with template_errors(CHAT_TEMPLATE, compiling=True):
+        _compile_jinja_template(template)  # cached: render_jinja_template reuses it
     rendered, indices = render_jinja_template(
         conversations=[messages],
         tools=tools,

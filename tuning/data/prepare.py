@@ -15,7 +15,7 @@ from tuning.config import DataArgs
 from tuning.data import formats
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
-from tuning.errors import UserError
+from tuning.errors import UserError, excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def render_batch(
 def _text(row: dict[str, Any], column: str | None) -> str:
     value = row[column]
     if not isinstance(value, str):
-        raise UserError(f"column '{column}' must hold text, found {type(value).__name__}: {value!r:.80}")
+        raise UserError(f"column '{column}' must hold text, found {type(value).__name__}: {excerpt(value)}")
     return value
 
 
@@ -148,6 +148,6 @@ def _nothing_to_train_message(
         sample = render_batch(raw[:1], fmt, args, tokenizer)[0][0]
         return (
             f"--response_template {args.response_template!r} was not found in any of {len(raw)} rows; "
-            f"first row renders as {sample[:300]!r}; pass a marker that occurs in the text"
+            f"first row renders as {excerpt(sample)}; pass a marker that occurs in the text"
         )
     return f"no row has a trained token ({dict(status)}); check --max_seq_length and the labels"

@@ -16,6 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from tuning.config import ModelArgs
 from tuning.dtypes import torch_dtype
 from tuning.errors import UserError, first_line
+from tuning.files import refused_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,9 @@ def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:
     A hub kernel fails in many ways (offline, no build for this GPU, missing package) and the next
     candidate loads the same weights, so any real model error still surfaces there.
     """
+    refused = refused_pickle(e, f"model folder {args.model_name_or_path}")
+    if refused is not None:
+        raise refused from None
     first = first_line(e)
     about_attention = "attn" in first.lower() or "attention" in first.lower()
     if "/" in impl or (isinstance(e, (ValueError, ImportError)) and about_attention):

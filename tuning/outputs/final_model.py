@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tuning.files import publish_folder, staging_folder
+from tuning.files import is_disk_full, publish_folder, staging_folder
 from tuning.model import PrecisionPlan, write_adapter_extras
-from tuning.train import barrier, full_state_dict
+from tuning.train import barrier, full_state_dict, out_of_space
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,18 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     """
     target = Path(save_dir)
     tmp = staging_folder(target)
+    try:
+        return _write_final_model(trainer, tokenizer, target, tmp, plan)
+    except Exception as e:
+        if not is_disk_full(e, tmp):
+            raise
+        writing = f"the final model to {target}"
+        raise out_of_space(
+            tmp, trainer.args.output_dir, discard=trainer.args.should_save, writing=writing
+        ) from None
+
+
+def _write_final_model(trainer: Any, tokenizer: Any, target: Path, tmp: Path, plan: PrecisionPlan) -> Path:
     # keep_fp32_wrapper=False also strips the autocast wrapper accelerate put on forward: training is
     # over, and the model in memory should compute like the saved one when reloaded
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)

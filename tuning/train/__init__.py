@@ -7,6 +7,7 @@ from tuning.train.checkpoints import (
     is_complete,
     latest_complete_checkpoint,
     list_checkpoints,
+    out_of_space,
 )
 from tuning.train.distributed import (
     barrier,
@@ -40,6 +41,7 @@ __all__ = [
     "list_checkpoints",
     "log_run_start",
     "new_record_path",
+    "out_of_space",
     "pending_dir",
     "per_rank",
     "promote_pending",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -36,11 +37,13 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tuning.errors import TrainingInterrupted
+from tuning.errors import TrainingInterrupted, UserError
 from tuning.files import (
     delete_folder,
     fsync_dir,
     fsync_file,
+    is_disk_full,
+    refused_pickle,
     remove_staging_folders,
     remove_tombstones,
     remove_unfinished_writes,
@@ -316,6 +319,24 @@ def prune_checkpoints(
     return deleted
 
 
+def out_of_space(
+    partial: str | Path, output_dir: str | Path, *, discard: bool, writing: str | None = None
+) -> UserError:
+    """The error for a disk that filled up while writing ``partial`` (a checkpoint folder, or the final
+    model's temporary folder; ``writing`` names it for the user): the partial folder is removed (it
+    frees space, and could never be resumed) and the message names the newest complete checkpoint,
+    which a rerun resumes from. Exit code 1: the environment needs fixing, not the job."""
+    folder = Path(partial)
+    if discard:
+        discard_checkpoint(folder)
+    intact = latest_complete_checkpoint(output_dir)
+    kept = f"{intact.name} is intact" if intact else "no earlier checkpoint exists"
+    return UserError(
+        f"no space left on device writing {writing or folder}; {kept} and the partial files were removed; "
+        "free space (or lower --save_total_limit) and rerun the same command to resume"
+    )
+
+
 # --- the Trainer glue ------------------------------------------------------------------------------
 
 
@@ -354,6 +375,15 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
                 result = super().train(resume_from_checkpoint, *args, **kwargs)
                 if self.stopped_on is not None and self.last_saved_step != self.state.global_step:
                     hf_private.save_checkpoint_now(self)  # the step's save was skipped (save_strategy best)
+        except pickle.UnpicklingError as e:  # a checkpoint's optimizer/scheduler/RNG state
+            refused = refused_pickle(
+                e,
+                f"checkpoint {resume_from_checkpoint}",
+                "resume from another one (--resume_from_checkpoint PATH) or start over (false)",
+            )
+            if refused is None:
+                raise
+            raise refused from None
         finally:
             self.args.load_best_model_at_end = load_best
         if self.stopped_on is not None:
@@ -412,6 +442,10 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
                 self.written_steps,
             )
         self.last_saved_step = self.state.global_step
+
+    def checkpoint_write_failed(self, folder: Path, error: Exception) -> None:
+        if is_disk_full(error, folder):  # a user's problem with a clear fix, not a crash of ours
+            raise out_of_space(folder, self.args.output_dir, discard=self.args.should_save) from None
 
     def resume_record(self) -> dict[str, Any]:
         """What the next run needs beyond Hugging Face's files, gathered from every rank: the partial

@@ -31,7 +31,7 @@ class PrivateTrainerHooks:
 
     ``_save_checkpoint`` runs between two methods of ours: ``before_checkpoint_write(folder)`` may
     return False to skip the save; ``after_checkpoint_write`` runs on every rank once the Trainer has
-    written its files. The folder is ``output_dir/checkpoint-N`` (hyperparameter search, which puts
+    written its files; ``checkpoint_write_failed(folder, error)`` sees what either raised. The folder is ``output_dir/checkpoint-N`` (hyperparameter search, which puts
     runs in subfolders, is not supported).
 
     ``_run_epoch`` trains nothing once ``max_steps`` is reached: resumed from the run's last checkpoint
@@ -41,9 +41,14 @@ class PrivateTrainerHooks:
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         folder = checkpoint_folder(self)
-        if self.before_checkpoint_write(folder):
+        if not self.before_checkpoint_write(folder):
+            return
+        try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
             self.after_checkpoint_write(folder)
+        except Exception as e:
+            self.checkpoint_write_failed(folder, e)
+            raise
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
         if 0 < self.state.max_steps <= self.state.global_step:  # type: ignore[attr-defined]
@@ -55,6 +60,9 @@ class PrivateTrainerHooks:
 
     def after_checkpoint_write(self, folder: Path) -> None:
         pass
+
+    def checkpoint_write_failed(self, folder: Path, error: Exception) -> None:
+        """Called with what the save raised; raise another error to replace it (else it propagates)."""
 
 
 def save_checkpoint_now(trainer: Any) -> None:

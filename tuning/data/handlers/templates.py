@@ -5,17 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from tuning.data.formats import RowTemplate
+from tuning.data.formats import CHAT_TEMPLATE, RowTemplate
 from tuning.data.handlers.registry import register_handler
+from tuning.data.sandbox import template_errors
 from tuning.errors import UserError
 
 
 @lru_cache(maxsize=32)
 def _compiled(template: str) -> RowTemplate:
-    try:
-        return RowTemplate(template)
-    except UserError as e:
-        raise UserError(str(e).replace("--data_formatter_template", "template")) from None
+    return RowTemplate(template, what="the handler's template")
 
 
 def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
@@ -38,11 +36,7 @@ def apply_custom_jinja_template(
     special tokens) into ``formatted_text_column_name``. A missing column is an error, not blank text."""
     compiled = _compiled(template)
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    try:
-        texts = [compiled.render({**specials, **row}) for row in _rows(batch)]
-    except UserError as e:
-        raise UserError(str(e).replace("--data_formatter_template", "template")) from None
-    return {formatted_text_column_name: texts}
+    return {formatted_text_column_name: [compiled.render({**specials, **row}) for row in _rows(batch)]}
 
 
 def require_chat_template(tokenizer: Any, chat_template: str | None, handler: str) -> None:
@@ -72,18 +66,19 @@ def apply_tokenizer_chat_template(
     texts = []
     for row in _rows(batch):
         tools, documents = row.get("tools"), row.get("documents")
-        if conversation_column_name is None:
-            texts.append(_render_row(row, tokenizer, chat_template, tools, documents))
-            continue
-        texts.append(
-            tokenizer.apply_chat_template(
-                row[conversation_column_name],
-                tokenize=False,
-                chat_template=chat_template,
-                tools=tools,
-                documents=documents,
+        with template_errors(CHAT_TEMPLATE, row):
+            if conversation_column_name is None:
+                texts.append(_render_row(row, tokenizer, chat_template, tools, documents))
+                continue
+            texts.append(
+                tokenizer.apply_chat_template(
+                    row[conversation_column_name],
+                    tokenize=False,
+                    chat_template=chat_template,
+                    tools=tools,
+                    documents=documents,
+                )
             )
-        )
     return {formatted_text_column_name: texts}
 
 
@@ -95,7 +90,8 @@ def _render_row(
     # sandboxed Jinja environment transformers uses, directly.
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    template = _compile_jinja_template(chat_template or tokenizer.chat_template)
+    with template_errors(CHAT_TEMPLATE, compiling=True):
+        template = _compile_jinja_template(chat_template or tokenizer.chat_template)
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     return template.render(
         messages=row, tools=tools, documents=documents, add_generation_prompt=False, **specials
