@@ -163,8 +163,8 @@ def verify_checkpoint(path: str | Path) -> str | None:
     Cheap on any size: every file's size against the marker's manifest (a stat each), the header of
     every ``.safetensors`` file against its length (reads a few KB), the zip directory of every torch
     file (``.pt``/``.pth``/``.bin``; reads its end), ``trainer_state.json`` parsed. That finds truncated,
-    missing and replaced files; it does not find flipped bits inside a file, which would take reading
-    every byte (minutes for a 70B checkpoint with its optimizer state).
+    missing and resized files; not flipped bits, nor a file replaced by one of the same size, which
+    would take reading every byte (minutes for a 70B checkpoint with its optimizer state).
     """
     folder = Path(path)
     for name, size in (read_marker(folder).get("files") or {}).items():
