@@ -17,7 +17,8 @@ import torch
 from tests.conftest import io_rows, write_jsonl
 from tuning import sft_trainer
 from tuning.config import parse_config
-from tuning.data.formats import RowTemplate, chat_text_and_spans
+from tuning.data import chat
+from tuning.data.formats import RowTemplate
 from tuning.data.handlers.chat import tokenize_and_apply_chat_template_with_masking as chat_masking
 from tuning.data.handlers.templates import apply_custom_jinja_template, apply_tokenizer_chat_template
 from tuning.data.loading import load_data
@@ -43,6 +44,14 @@ ROW_ONLY = {"huge repetition": "{{ 'a' * 10**10 }}", "huge power": "{{ 7 ** 1000
 MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
 
+def chat_samples(messages: list, tokenizer, template: str) -> list:
+    """The chat rule's samples of one conversation (tuning.data.chat: contexts and completions)."""
+    conversation = chat.Conversation(chat.normalize_messages(messages, "messages"))
+    return chat.conversation_samples(
+        conversation, chat.ChatTemplate(tokenizer, template), chat.ChatSettings(), ()
+    )
+
+
 def surfaces(tokenizer):
     """Every place a template given by a user or a model is compiled and rendered."""
     return {
@@ -50,8 +59,8 @@ def surfaces(tokenizer):
         "handler template": lambda t: apply_custom_jinja_template(
             {"input": ["a"]}, tokenizer=tokenizer, template=t
         ),
-        "chat, by prefixes": lambda t: chat_text_and_spans(MESSAGES, tokenizer, t),
-        "chat, {% generation %}": lambda t: chat_text_and_spans(
+        "chat, by prefixes": lambda t: chat_samples(MESSAGES, tokenizer, t),
+        "chat, {% generation %}": lambda t: chat_samples(
             MESSAGES, tokenizer, t + "{% generation %}{{ messages[-1].content }}{% endgeneration %}"
         ),
         "render-only handler": lambda t: apply_tokenizer_chat_template(

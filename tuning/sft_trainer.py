@@ -24,6 +24,7 @@ from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
     context_length,
+    generation_stop_ids,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -82,8 +83,9 @@ def _train(config: SFTConfig) -> dict:
     model_config = load_model_config(config.model)
     quant = quantization_config(config.quant, model_config, config.peft.peft_method)  # fails before the data
     max_len = context_length(model_config, config.data.max_seq_length)
+    stop_ids = generation_stop_ids(config.model, model_config, tokenizer)  # where chat turns end
     with args.main_process_first(desc="dataset"):  # one rank per machine tokenizes; the rest read its cache
-        data = build_datasets(config.data, tokenizer, max_len)
+        data = build_datasets(config.data, tokenizer, max_len, stop_ids)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
     plan = precision_plan(config.model, model_config, config.peft.peft_method)

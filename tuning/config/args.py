@@ -22,7 +22,10 @@ from tuning.config.rules import check_values
 from tuning.dtypes import DTYPE_NAMES
 from tuning.errors import UserError
 
-DataFormat = Literal["auto", "pretokenized", "text", "template", "input_output", "chat"]
+DataFormat = Literal[
+    "auto", "pretokenized", "text", "template", "input_output", "prompt_completion", "alpaca", "chat"
+]
+TrainOn = Literal["responses", "last_response", "all"]
 
 
 def unescape(text: str | None) -> str | None:
@@ -34,6 +37,18 @@ def unescape(text: str | None) -> str | None:
         return None
     table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
     return re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], text)
+
+
+def json_object(value: dict | str | None, flag: str, example: str) -> dict | None:
+    """A flag's JSON object, given as text on the command line or as a mapping in a config file."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--{flag} is not valid JSON: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"--{flag} must be a JSON object, e.g. {example}")
+    return value
 
 
 @cache
@@ -150,8 +165,26 @@ class DataArgs:
         default="auto",
         metadata={
             "help": "How rows become tokens. auto picks by the rule in docs/data.md: template flag, "
-            "text-field flag, conversation flag, then the columns (input_ids, messages, input+output)."
+            "text-field flag, conversation flag, then the columns (input_ids, messages/conversations, "
+            "prompt+completion, instruction+output, input+output, text)."
         },
+    )
+    train_on: TrainOn = field(
+        default="responses",
+        metadata={
+            "help": "What carries loss. responses (default): every assistant turn of chat data (as the "
+            "model generates it), the completion/output column, the text after --response_template; "
+            "last_response: only the last of those; all: every token of the text.",
+            "choices": ["responses", "last_response", "all"],
+        },
+    )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's name: true is --train_on responses, false is --train_on all."},
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's name: true is --train_on responses, false is --train_on all."},
     )
     dataset_text_field: str | None = field(
         default=None, metadata={"help": "Column with the full training text."}
@@ -170,6 +203,27 @@ class DataArgs:
     chat_template: str | None = field(
         default=None, metadata={"help": "Jinja chat template overriding the tokenizer's."}
     )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A chat template file (.jinja), or a tokenizer folder whose template to use, instead of "
+            "the tokenizer's (TRL's name)."
+        },
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON object of extra chat template variables, e.g. {"enable_thinking": false} or '
+            '{"reasoning_effort": "high"}; a row\'s chat_template_kwargs column overrides it.'
+        },
+    )
+    chat_render_budget: int = field(
+        default=4_000_000,
+        metadata={
+            "help": "Characters the chat template may render per conversation to find each assistant "
+            "turn's context (quadratic in turns); later turns beyond it are left untrained and counted."
+        },
+    )
     dataset_conversation_field: str | None = field(
         default=None, metadata={"help": "Column with a list of chat messages (default: messages)."}
     )
@@ -178,7 +232,11 @@ class DataArgs:
         metadata={"help": "New special tokens to add to the tokenizer (embeddings are resized)."},
     )
     max_seq_length: int = field(
-        default=4096, metadata={"help": "Longest sample in tokens (capped by the model's context)."}
+        default=4096,
+        metadata={
+            "help": "Longest sample in tokens (capped by the model's context).",
+            "aliases": ["--max_length"],
+        },
     )
     packing: bool = field(
         default=False,
@@ -202,6 +260,20 @@ class DataArgs:
         self.response_template = unescape(self.response_template)
         self.instruction_template = unescape(self.instruction_template)
         self.data_formatter_template = unescape(self.data_formatter_template)
+        self.chat_template_kwargs = json_object(
+            self.chat_template_kwargs, "chat_template_kwargs", '{"enable_thinking": false}'
+        )
+        if self.chat_template and self.chat_template_path:
+            raise ValueError("pass either --chat_template or --chat_template_path, not both")
+        # TRL's switches: false trains every token, true is our default (a conflict is an error)
+        for name in ("assistant_only_loss", "completion_only_loss"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (self.train_on == "all") if value else (self.train_on == "last_response"):
+                raise ValueError(f"--{name} {str(value).lower()} contradicts --train_on {self.train_on}")
+            if not value:
+                self.train_on = "all"
         check_group(self)
 
 
@@ -436,13 +508,7 @@ class TrackerArgs:
     def __post_init__(self) -> None:
         check_group(self)
         self.trackers = list(dict.fromkeys(["file_logger", *self.trackers]))
-        if isinstance(self.exp_metadata, str):
-            try:
-                self.exp_metadata = json.loads(self.exp_metadata)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--exp_metadata is not valid JSON: {e}") from None
-        if self.exp_metadata is not None and not isinstance(self.exp_metadata, dict):
-            raise ValueError('--exp_metadata must be a JSON object, e.g. {"team": "nlp"}')
+        self.exp_metadata = json_object(self.exp_metadata, "exp_metadata", '{"team": "nlp"}')
 
 
 @dataclass

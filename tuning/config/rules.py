@@ -66,6 +66,7 @@ BOUNDS: dict[str, Bounds] = {
     "num_train_dataset_shards": POSITIVE,
     "num_eval_dataset_shards": POSITIVE,
     "max_seq_length": Bounds(1, example="4096"),
+    "chat_render_budget": Bounds(1, example="4000000"),
     # schedule and optimizer
     "per_device_train_batch_size": Bounds(1, example="8"),
     "per_device_eval_batch_size": Bounds(1, example="8"),

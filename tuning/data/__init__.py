@@ -4,6 +4,7 @@ The surface the later stages and the commands use; everything else is this packa
 """
 
 from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
+from tuning.data.chat import SAMPLE_INFO
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
 from tuning.data.pipeline import build_datasets, check_data_config, data_sources, preview_parts
 from tuning.data.prepare import DataStats, PreparedData
@@ -12,6 +13,7 @@ from tuning.data.tokenize import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
+    "SAMPLE_INFO",
     "DataStats",
     "PaddingCollator",
     "PaddingFreeCollator",

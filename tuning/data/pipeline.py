@@ -4,12 +4,14 @@ for a data file and a data config; the data config's own checks; what ``tuning p
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
 
 from tuning.config import DataArgs
 from tuning.data.batching import pack, sample_lengths
+from tuning.data.chat import settings_from_args
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
 from tuning.data.mixing import build_from_data_config
@@ -19,15 +21,19 @@ from tuning.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def build_datasets(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData:
-    """Load, format, tokenize and mask the training (and validation) data."""
+def build_datasets(
+    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+) -> PreparedData:
+    """Load, format, tokenize and mask the training (and validation) data. ``stop_token_ids`` end a
+    generated turn (the model's generation config); chat turns are trained through the first of them."""
+    settings = settings_from_args(args, stop_token_ids)
     if args.data_config_path:
-        data = build_from_data_config(args, tokenizer, max_len)
+        data = build_from_data_config(args, tokenizer, max_len, settings)
     else:
-        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
+        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
         validation = None
         if args.validation_data_path:
-            validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len)
+            validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len, settings)
         data = PreparedData(train, validation, fmt, stats)
     if args.packing:  # one place for both paths: packing cuts the final (mixed) training set
         if not isinstance(data.train, datasets.Dataset):
@@ -69,10 +75,14 @@ def data_sources(args: DataArgs) -> list[tuple[str, list[str]]]:
     return sources
 
 
-def preview_parts(args: DataArgs, tokenizer: Any, max_len: int) -> list[tuple[str, Any, DataStats | None]]:
-    """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data."""
+def preview_parts(
+    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+) -> list[tuple[str, Any, DataStats | None]]:
+    """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data.
+    Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
+    settings = settings_from_args(args, stop_token_ids, keep_sample_info=True)
     if args.data_config_path:
-        _, processed = process_all(args, tokenizer, max_len)
+        _, processed = process_all(args, tokenizer, max_len, settings)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
-    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
+    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
     return [(args.training_data_path, ds, stats)]

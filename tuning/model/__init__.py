@@ -16,7 +16,7 @@ from tuning.model.peft import (
     write_adapter_extras,
 )
 from tuning.model.quantization import quantization_config
-from tuning.model.tokenizer import load_tokenizer
+from tuning.model.tokenizer import generation_stop_ids, load_tokenizer
 
 __all__ = [
     "ADDED_TOKENS_INFO_NAME",
@@ -25,6 +25,7 @@ __all__ = [
     "PrecisionPlan",
     "apply_peft",
     "context_length",
+    "generation_stop_ids",
     "generation_use_cache",
     "load_model",
     "load_model_config",

@@ -38,11 +38,10 @@ def log_run_start(
         total,
     )
     logger.info(
-        "data %s (%s): %d rows kept of %d, %d tokens, %d trained; effective batch %d",
+        "data %s (%s): %s, %d tokens, %d trained; effective batch %d",
         config.data.training_data_path or config.data.data_config_path,
         data.data_format,
-        stats.kept,
-        stats.rows,
+        stats.sample_counts(),
         stats.total_tokens,
         stats.trained_tokens,
         effective,
