@@ -23,7 +23,9 @@ def test_defaults_of_the_tool_family(base):
     assert cfg.train.save_strategy == "epoch"
     assert cfg.train.logging_strategy == "epoch"
     assert cfg.train.report_to in ([], "none", ["none"])
-    assert cfg.train.optim == "adamw_torch"
+    assert (
+        cfg.train.optim == "adamw_torch_fused"
+    )  # Hugging Face's default (torch >= 2.8), not fms's: faster, same losses
     assert cfg.model.torch_dtype == "bfloat16" and cfg.model.use_flash_attn
     assert cfg.model.flash_attn_implementation == "flash_attention_2"
     assert cfg.model.trust_remote_code is False

@@ -292,9 +292,14 @@ class TrainArgs(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="none", metadata={"help": "Hugging Face integrations to report to (default none)."}
     )
+    # Hugging Face's own default since torch 2.8: one fused kernel per tensor instead of a dozen passes
+    # (10x faster on CPU). fms-hf-tuning's default adamw_torch gives the same losses, only slower.
     optim: str = field(
-        default="adamw_torch",
-        metadata={"help": "Optimizer (default adamw_torch).", "choices": [o.value for o in OptimizerNames]},
+        default="adamw_torch_fused",
+        metadata={
+            "help": "Optimizer (default adamw_torch_fused: torch's AdamW, fused kernel).",
+            "choices": [o.value for o in OptimizerNames],
+        },
     )
     save_model_dir: str | None = field(
         default=None,

@@ -10,6 +10,8 @@ from functools import partial
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tuning.config import DataArgs
 from tuning.data import chat, formats
@@ -76,7 +78,7 @@ def prepare(
     settings = settings or chat.settings_from_args(args)
     fn = partial(process_batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings)
     ds = raw.map(fn, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
-    status = Counter(ds["status"])
+    status = Counter(ds.data.column("status").to_pylist())  # the mapped table, before any filter
     stats = DataStats(rows=len(raw), kept=status.pop(OK, 0), dropped=dict(status))
     if chat.SAMPLE_INFO in ds.column_names:
         _count_splits(stats, ds[chat.SAMPLE_INFO], name)
@@ -86,7 +88,9 @@ def prepare(
         logger.warning("%s: dropped %d of %d rows (%s)", name, count, len(raw), reason.replace("_", " "))
     if status:
         ds = ds.filter(lambda s: s == OK, input_columns="status")
-    stats.truncated = sum(ds["truncated"])
+    kept = ds.select_columns(["labels", "truncated"]).with_format("arrow")[:]  # one columnar read
+    stats.truncated = pc.sum(kept.column("truncated")).as_py() or 0
+    stats.total_tokens, stats.trained_tokens = token_counts(kept.column("labels"))
     if stats.truncated:
         logger.warning(
             "%s: %d rows were longer than max_seq_length=%d and were truncated (no EOS trained for them)",
@@ -95,12 +99,14 @@ def prepare(
             max_len,
         )
     extra = [] if settings.keep_sample_info or chat.SAMPLE_INFO not in ds.column_names else [chat.SAMPLE_INFO]
-    ds = ds.remove_columns(["status", "truncated", *extra])
-    for labels in ds.select_columns("labels").iter(batch_size=1000):
-        for row in labels["labels"]:
-            stats.trained_tokens += sum(1 for t in row if t != IGNORE_INDEX)
-            stats.total_tokens += len(row)
-    return ds, stats
+    return ds.remove_columns(["status", "truncated", *extra]), stats
+
+
+def token_counts(labels: pa.ChunkedArray) -> tuple[int, int]:
+    """(all tokens, trained tokens) of a column of label lists, computed by arrow (no Python loop)."""
+    flat = pc.list_flatten(labels)
+    total = len(flat)
+    return total, total - (pc.sum(pc.equal(flat, IGNORE_INDEX)).as_py() or 0)
 
 
 def _count_splits(stats: DataStats, info: list[list[int]], name: str) -> None:

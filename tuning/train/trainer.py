@@ -19,7 +19,8 @@ from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, route_cpu_fsdp
 from tuning.train.loss import label_only_loss, resolve_loss_implementation
 from tuning.train.progress import RunProgress
-from tuning.train.speed import choose_collator, token_budget_loader
+from tuning.train.sparse_rows import with_sparse_rows
+from tuning.train.speed import choose_collator, reuse_freed_memory, token_budget_loader
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def get_train_dataloader(self) -> Any:
         budget = getattr(self.args, "max_tokens_per_batch", None)
         return token_budget_loader(self, budget) if budget else super().get_train_dataloader()
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        # torch's AdamW → the same AdamW skipping embedding rows that never had a gradient, where exact
+        return with_sparse_rows(*Trainer.get_optimizer_cls_and_kwargs(args, model), model)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -107,6 +113,7 @@ def build_trainer(
     configure_precision(args, plan)
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        reuse_freed_memory()  # CPU steps re-allocate large buffers; on a GPU host RSS should shrink back
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         # non-reentrant checkpointing lets gradients reach inputs that don't require grad (adapters)
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
