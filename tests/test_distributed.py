@@ -8,7 +8,7 @@ relative error ~1e-7 per step (measured: final losses equal to the last bit, epo
 The tolerance, 1e-4 absolute on a loss of ~5.5, is 100x that and far below what one step at lr 1e-3
 moves the loss (> 0.05), so a run that skipped or doubled a step fails.
 
-The 2-process runs are the slowest tests in the suite: three launches in all, tiny model, 12 steps.
+The 2-process runs are the slowest tests in the suite: a few launches each, tiny model, 12 steps.
 """
 
 from __future__ import annotations
@@ -235,3 +235,39 @@ def test_gpt_oss_lora_recipe_under_fsdp_matches_one_process(tmp_path, data, monk
     model_one.eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, model_one(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_between_log_lines_resume_with_the_uninterrupted_log(
+    tmp_path, tiny_model_dir, data
+):
+    """Each rank carries its own share of the logging window in the checkpoint: after a SIGTERM at step
+    7 (lines every 3 steps), the resumed 2-rank run logs what the uninterrupted 2-rank run logs."""
+    every_3 = (
+        "--logging_strategy",
+        "steps",
+        "--logging_steps",
+        "3",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "5",
+    )
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    entry = ["-m", "tuning.sft_trainer"]
+    done = accelerate_launch(entry, training_args(tiny_model_dir, data, reference, 2, *every_3))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    fault = [str(REPO / "tests" / "train_with_fault.py"), "sigterm-in-step", "7"]
+    stopped = accelerate_launch(fault, training_args(tiny_model_dir, data, out, 2, *every_3))
+    assert "stopped by SIGTERM at step 7 after saving checkpoint-7" in stopped.stderr, stopped.stderr[-3000:]
+    marker = json.loads((out / "checkpoint-7" / "checkpoint_complete.json").read_text())
+    assert (
+        marker["logging_window"]["last_logged_step"] == 6 and len(marker["logging_window"]["loss_sum"]) == 2
+    )
+
+    resumed = accelerate_launch(entry, training_args(tiny_model_dir, data, out, 2, *every_3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in read_training_logs(out)]
+    assert steps == [3, 6, 9, 12] == [r["step"] for r in read_training_logs(reference)]
+    assert final_losses(out) == pytest.approx(final_losses(reference), abs=1e-6)

@@ -200,12 +200,25 @@ def test_a_checkpoint_with_a_hostile_pickle_is_refused_on_resume(
             "--torch_dtype", "float32", "--per_device_train_batch_size", "4", "--save_steps", "1"]  # fmt: skip
     assert sft_trainer.main([*argv, "--max_steps", "1"]) == 0
     checkpoint = out / "checkpoint-1"
+    marker_path = checkpoint / "checkpoint_complete.json"
+    committed = marker_path.read_text()
     for name in ("optimizer.pt", "rng_state.pth"):
         original = (checkpoint / name).read_bytes()
         state = torch.load(checkpoint / name, weights_only=False)
         state["payload"] = Hostile()
         torch.save(state, checkpoint / name)
         capsys.readouterr()
+        if (checkpoint / name).stat().st_size != len(original):  # optimizer.pt here; torch pads zips
+            # the marker lists every file's size: a file of another size than committed is found
+            # before anything loads it
+            assert sft_trainer.main([*argv, "--max_steps", "2"]) == USER_ERROR_EXIT_CODE
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert f"is damaged (checkpoint-1: {name} is " in line, line
+        # the same size, or a marker that lists the hostile file (a crafted checkpoint): torch's loader
+        # refuses it
+        marker = json.loads(committed)
+        marker["files"][name] = (checkpoint / name).stat().st_size
+        marker_path.write_text(json.dumps(marker))
         assert sft_trainer.main([*argv, "--max_steps", "2"]) == USER_ERROR_EXIT_CODE
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert line.startswith(f"error: refused to load {checkpoint / name} from checkpoint {checkpoint}"), (
@@ -213,6 +226,7 @@ def test_a_checkpoint_with_a_hostile_pickle_is_refused_on_resume(
         )
         assert "--resume_from_checkpoint" in line
         (checkpoint / name).write_bytes(original)
+        marker_path.write_text(committed)
 
 
 # --- folders a run can't write ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ LAYERS = {
     "files": 0,
     "logs": 0,
     "dtypes": 0,
+    "lock": 0,
     "config": 1,
     "data": 2,
     "model": 3,

@@ -1,6 +1,6 @@
 """Neutral file helpers every stage may use: reading YAML/JSON mappings (also a job handed over in the
-environment, fms-hf-tuning's convention), durable writes, checking a folder can be written before a run
-starts, and naming a pickle torch refused to load.
+environment, fms-hf-tuning's convention), durable writes, deletions that a kill cannot leave half-done,
+checking a folder can be written before a run starts, and naming a pickle torch refused to load.
 
 Nothing here knows about configs, data or models; it imports only :mod:`tuning.errors`.
 """
@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +327,64 @@ def is_disk_full(error: BaseException, path: str | Path) -> bool:
         return True
     free = free_bytes(path)
     return free is not None and free < DISK_FULL_BYTES
+
+
+ATOMIC_WRITE_SUFFIX = ".tmp"
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` in one step: a kill leaves the old file or the new one, never half
+    of either (the temporary sibling it may leave is named ``.NAME.tmp``)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}{ATOMIC_WRITE_SUFFIX}")
+    tmp.write_text(text, encoding="utf-8")
+    fsync_file(tmp)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return target
+
+
+# A folder being deleted is first renamed to this prefix + its name: the rename is atomic, so a kill
+# during the (long) deletion leaves a folder that is visibly rubbish, never a damaged original.
+TOMBSTONE_PREFIX = ".deleting-"
+
+
+def delete_folder(path: str | Path) -> None:
+    """Delete a folder so that a kill at any moment leaves either all of it or a tombstone."""
+    folder = Path(path)
+    if not folder.exists():
+        return
+    tombstone = folder.with_name(f"{TOMBSTONE_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(folder, tombstone)
+    fsync_dir(folder.parent)
+    shutil.rmtree(tombstone, ignore_errors=True)
+
+
+def remove_tombstones(folder: str | Path) -> list[Path]:
+    """Finish the deletions a kill interrupted (see :func:`delete_folder`); returns what was removed."""
+    root = Path(folder)
+    found = sorted(root.glob(f"{TOMBSTONE_PREFIX}*")) if root.is_dir() else []
+    for tombstone in found:
+        if tombstone.is_dir():
+            shutil.rmtree(tombstone, ignore_errors=True)
+        else:
+            tombstone.unlink(missing_ok=True)
+    return found
+
+
+def remove_staging_folders(target: str | Path) -> list[Path]:
+    """Remove the half-built copies of ``target`` killed runs left (:func:`staging_folder`, any pid)."""
+    target = Path(target)
+    found = sorted(target.parent.glob(f".{target.name}.tmp-*")) if target.parent.is_dir() else []
+    for leftover in found:
+        delete_folder(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    return found
+
+
+def remove_unfinished_writes(folder: str | Path) -> list[Path]:
+    """Remove the temporaries of :func:`write_text_atomic` calls a kill interrupted (``.NAME.tmp``)."""
+    root = Path(folder)
+    found = [p for p in root.glob(f".*{ATOMIC_WRITE_SUFFIX}") if p.is_file()] if root.is_dir() else []
+    for leftover in found:
+        leftover.unlink(missing_ok=True)
+    return sorted(found)

@@ -19,6 +19,7 @@ import time
 from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolved_config
 from tuning.data import build_datasets, check_data_config, write_processed
 from tuning.errors import run_command
+from tuning.lock import output_dir_lock
 from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
@@ -41,13 +42,19 @@ from tuning.outputs import (
 from tuning.trackers import build_trackers
 from tuning.train import (
     build_trainer,
+    clean_output_dir,
     exit_process,
+    explicit_checkpoint,
     launch_defaults,
     leave_process_group,
     log_run_start,
+    pending_dir,
+    promote_pending,
     resume_checkpoint,
+    run_fingerprint,
     select_cpu_backend,
     set_seed,
+    start_pending,
 )
 
 logger = logging.getLogger("tuning")
@@ -58,8 +65,20 @@ def run(config: SFTConfig) -> dict:
     args = config.train
     if args.disable_tqdm:
         disable_progress_bars()  # the libraries' bars too, not only our progress bar
-    if args.should_save:  # rank 0 only: every path below is written once, even across machines
-        save_resolved_config(config, args.output_dir)
+    # one writer per output_dir: rank 0 (each node's with --save_on_each_node) holds it to the end
+    with output_dir_lock(args.output_dir, args.wait_for_output_dir, enabled=args.should_save):
+        if args.should_save:  # every path below is written once, even across machines
+            clean_output_dir(args.output_dir, keep=explicit_checkpoint(args), final_dir=args.save_model_dir)
+            start_pending(args.output_dir)  # this run's records replace the last run's at its first commit
+            save_resolved_config(config, pending_dir(args.output_dir))
+        summary = _train(config)
+        if args.should_save:
+            promote_pending(args.output_dir)
+        return summary
+
+
+def _train(config: SFTConfig) -> dict:
+    args = config.train
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
@@ -75,11 +94,12 @@ def run(config: SFTConfig) -> dict:
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)
-    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking])
+    fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
+    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking], fingerprint=fingerprint)
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, fingerprint))
     finally:
         tracking.close()  # also when training fails; a no-op after a normal end
         if args.should_save:

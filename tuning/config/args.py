@@ -358,6 +358,13 @@ class TrainArgs(TrainingArguments):
             "storage every machine shares)."
         },
     )
+    wait_for_output_dir: float = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds to wait when another run holds --output_dir (e.g. a pod still saving after "
+            "SIGTERM) before exiting 1; 0 exits at once. See docs/checkpoints.md."
+        },
+    )
     loss_implementation: Literal["auto", "label_only", "standard"] = field(
         default="auto",
         metadata={

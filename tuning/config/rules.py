@@ -100,6 +100,7 @@ BOUNDS: dict[str, Bounds] = {
     "ddp_timeout": Bounds(1, example="1800"),
     "local_rank": Bounds(-1, example="-1 (set by the launcher)"),
     "max_tokens_per_batch": Bounds(1, example="16384"),  # and >= max_seq_length: validate
+    "wait_for_output_dir": Bounds(0, example="300 (seconds; 0 exits at once)"),
     # adapters
     "lora_r": Bounds(1, example="8"),
     "lora_alpha": Bounds(1, example="16"),

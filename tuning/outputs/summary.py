@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tuning.data import PreparedData
+from tuning.files import write_text_atomic
 from tuning.outputs.plot import LOSS_PLOT_NAME
 from tuning.trackers import TrackerCallback
 from tuning.train import is_complete, list_checkpoints, per_rank
@@ -23,21 +24,25 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
     """Every number a person asks about after a run; ``run_summary.json`` is this dict."""
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
+    mean = trainer.mean_train_loss() if hasattr(trainer, "mean_train_loss") else result.training_loss
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     out = Path(trainer.args.output_dir)
     trackers = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrackerCallback)), None)
-    tokens = sum(per_rank(trainer.trained_tokens))  # each rank counted its own batches; all ranks call this
+    # each rank counted its own batches; all ranks call this. The count is the whole run's (a resumed run
+    # starts from its checkpoint's); the rate is this process's: its tokens over its seconds
+    tokens = sum(per_rank(trainer.trained_tokens))
+    this_run = sum(per_rank(trainer.trained_tokens - getattr(trainer, "trained_tokens_at_start", 0)))
     return {
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_seconds": round(seconds, 3),
         "trained_tokens": tokens,
-        "trained_tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "trained_tokens_per_second": this_run / seconds if seconds > 0 else 0.0,
         "peak_memory_bytes": peak_memory_bytes(),
-        "final_loss": losses[-1] if losses else result.training_loss,
-        "best_loss": min(losses) if losses else result.training_loss,
-        "mean_train_loss": result.training_loss,
+        "final_loss": losses[-1] if losses else mean,
+        "best_loss": min(losses) if losses else mean,
+        "mean_train_loss": mean,
         "final_validation_loss": evals[-1] if evals else None,
         "best_validation_loss": min(evals) if evals else None,
         "rows": data.stats.rows,
@@ -60,9 +65,9 @@ def peak_memory_bytes() -> int:
 
 
 def write_summary(output_dir: str, summary: dict[str, Any]) -> Path:
-    path = Path(output_dir) / RUN_SUMMARY_NAME
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(
+        Path(output_dir) / RUN_SUMMARY_NAME, json.dumps(summary, indent=2, default=str) + "\n"
+    )
 
 
 def summary_line(summary: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from tuning.config import SFTConfig, TrackerArgs, resolved_config_dict
 from tuning.errors import UserError, first_line
+from tuning.train import TokenRate, new_record_path
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class TrackerCallback(TrainerCallback):
         self.trackers = list(trackers)
         self.info = info
         self.run_ids: dict[str, Any] = {}
-        self._start = time.perf_counter()
+        self.rate = TokenRate()
         self._started = False
 
     def _guard(self, tracker: Any, action: str, call: Any) -> Any:
@@ -155,7 +155,7 @@ class TrackerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.start()  # no-op when on_init_end already did it (a callback added after the Trainer was built)
-        self._start = time.perf_counter()
+        self.rate.start(resumed=state.global_step > 0)
 
     def start(self) -> None:
         if self._started:
@@ -177,8 +177,9 @@ class TrackerCallback(TrainerCallback):
     ) -> None:
         metrics = loggable(logs or {})
         if "trained_tokens" in metrics:
-            elapsed = time.perf_counter() - self._start
-            metrics["trained_tokens_per_second"] = metrics["trained_tokens"] / elapsed if elapsed > 0 else 0.0
+            rate = self.rate.update(metrics["trained_tokens"])
+            if rate is not None:
+                metrics["trained_tokens_per_second"] = rate
         if not metrics:
             return
         epoch = float(state.epoch or 0.0)
@@ -199,7 +200,8 @@ class TrackerCallback(TrainerCallback):
 
 
 def write_tracker_json(output_dir: str, name: str, link: dict[str, Any]) -> Path:
-    path = Path(output_dir) / f"{name}_tracker.json"
+    # replaces the earlier run's link only once this run has committed a checkpoint (tuning/train/records.py)
+    path = new_record_path(output_dir, f"{name}_tracker.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"tracker": name, **link}, indent=2, default=str) + "\n", encoding="utf-8")
     return path

@@ -1,14 +1,22 @@
-"""Trainer callbacks: the ``training_logs.jsonl`` file every run writes."""
+"""Trainer callbacks: the ``training_logs.jsonl`` file every run writes.
+
+The file is one history, consistent with the checkpoints in ``output_dir``: a resumed run drops the
+records after its checkpoint (it logs those steps again), and never removes records of a checkpoint
+that still exists before it has replaced that checkpoint (``tuning/train/records.py``).
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tuning.files import write_text_atomic
+from tuning.train.checkpoints import checkpoint_step, latest_complete_checkpoint
+from tuning.train.records import pending_dir, record_path
 
 TRAINING_LOGS_NAME = "training_logs.jsonl"
 # Hugging Face log key → the record name the fms-hf-tuning family writes.
@@ -19,15 +27,18 @@ class TrainingLogCallback(TrainerCallback):
     """Appends ``{"name", "data": {epoch, step, value, timestamp}}`` lines; rank 0 only."""
 
     def __init__(self, output_dir: str) -> None:
-        self.path = Path(output_dir) / TRAINING_LOGS_NAME
+        self.output_dir = Path(output_dir)
+
+    @property
+    def path(self) -> Path:
+        """Where the next record goes: the pending copy until this run's first commit, if it has one."""
+        return record_path(self.output_dir, TRAINING_LOGS_NAME)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        # A resumed run re-logs every step after its checkpoint: drop the killed run's records past it
-        # (and all of them on a fresh start) so the file stays one history, no duplicates, no gaps.
-        if state.is_world_process_zero and self.path.is_file():
-            truncate_training_logs(self.path, state.global_step)
+        if state.is_world_process_zero:
+            continue_training_logs(self.output_dir, state.global_step)
 
     def on_log(
         self,
@@ -55,15 +66,30 @@ class TrainingLogCallback(TrainerCallback):
                 f.write("\n".join(lines) + "\n")
 
 
-def truncate_training_logs(path: Path, last_step: int) -> None:
-    """Keep only the records with ``step <= last_step``; rewritten under a temporary name, then renamed."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and _record_step(line) <= last_step]
+def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
+    """Make the log this run appends to hold exactly the records up to ``resumed_step``.
+
+    Records after it (all of them on a fresh start) are the steps this run logs again. When they are
+    only a killed run's steps past the newest checkpoint, they are dropped in place. When they belong
+    to a checkpoint still in ``output_dir`` (starting over, resuming from an earlier one, skipping a
+    damaged one) the file stays as it is and this run continues a pending copy, which replaces it at
+    this run's first commit: a kill before that leaves the checkpoints and their history together.
+    """
+    live = output_dir / TRAINING_LOGS_NAME
+    if not live.is_file():
+        return
+    lines = [line for line in live.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if _record_step(line) <= resumed_step]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    newest = latest_complete_checkpoint(output_dir)
+    newest_step = checkpoint_step(newest) if newest else None
+    orphans = newest_step is not None and all(
+        _record_step(line) > newest_step for line in lines if _record_step(line) > resumed_step
+    )
+    target = live if orphans else pending_dir(output_dir) / TRAINING_LOGS_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(target, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> int:

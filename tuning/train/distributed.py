@@ -1,8 +1,8 @@
 """What accelerate's FSDP needs from us: a CPU compatibility layer, and rank-aware helpers for writes.
 
 The distributed engine is accelerate over ``torch.distributed`` FSDP; nothing here shards or gathers
-weights. Our own communication is limited to barriers and gathering one integer per rank (token and
-parameter counts).
+weights. Our own communication is limited to barriers and gathering one number per rank (token and
+parameter counts, the loss summed since the last log line when a checkpoint is saved).
 
 Why a compatibility layer: accelerate 1.15 turns on FSDP only for accelerator backends. Under
 ``accelerate launch`` with an FSDP config on CPU (gloo), ``AcceleratorState`` leaves the job as
@@ -168,12 +168,16 @@ def local_parameter_count(model: Any) -> int:
     return sum(_held(p) for p in model.parameters())
 
 
-def per_rank(value: int) -> list[int]:
-    """``value`` from every rank, in rank order (just ``[value]`` when not distributed)."""
+def per_rank(value: int | float) -> list:
+    """``value`` from every rank, in rank order (just ``[value]`` when not distributed). Floats travel
+    as float64, so a float32 value (a loss sum) arrives exactly."""
     state = PartialState()
     if state.num_processes == 1:
         return [value]
-    return [int(v) for v in gather(torch.tensor([value], device=state.device)).tolist()]
+    is_float = isinstance(value, float)
+    tensor = torch.tensor([value], dtype=torch.float64 if is_float else torch.int64, device=state.device)
+    values = gather(tensor).tolist()
+    return [float(v) for v in values] if is_float else [int(v) for v in values]
 
 
 class ShardingReport(TrainerCallback):

@@ -54,6 +54,27 @@ def _clock(seconds: float) -> str:
     return str(timedelta(seconds=round(seconds)))
 
 
+class TokenRate:
+    """Trained tokens per second in this process. The logged count is the run's (a resumed run starts
+    from its checkpoint's count), so after a resume the rate is measured from the first count seen;
+    a fresh run measures from zero at the start."""
+
+    def __init__(self) -> None:
+        self._base: tuple[float, float] | None = (0.0, time.perf_counter())
+
+    def start(self, resumed: bool) -> None:
+        self._base = None if resumed else (0.0, time.perf_counter())
+
+    def update(self, tokens: float) -> float | None:
+        """The rate up to now, given the current count (None until there are two points)."""
+        now = time.perf_counter()
+        if self._base is None:
+            self._base = (tokens, now)
+            return None
+        count, since = self._base
+        return (tokens - count) / (now - since) if now > since else None
+
+
 class RunProgress(TrainerCallback):
     """Progress on rank 0: a bar on a terminal (steps, epoch, loss, tokens/s, ETA); on anything else (CI,
     Kubernetes logs), or with ``--disable_tqdm``, one plain line per log step and at least every
@@ -68,6 +89,7 @@ class RunProgress(TrainerCallback):
         self.every_seconds = every_seconds
         self.bar: Any = None
         self.values: dict[str, float] = {}
+        self.rate = TokenRate()
         self._start = self._last_line = 0.0
         self._first_step = 0
 
@@ -78,6 +100,7 @@ class RunProgress(TrainerCallback):
             return
         self._start = self._last_line = time.perf_counter()
         self._first_step = state.global_step
+        self.rate.start(resumed=state.global_step > 0)
         logger.info(
             "training: %d steps, %g epochs, logging %s, saving %s",
             state.max_steps,
@@ -115,7 +138,11 @@ class RunProgress(TrainerCallback):
         logs = logs or {}
         if not state.is_world_process_zero or not ({"loss", "eval_loss"} & logs.keys()):
             return
-        self.values.update({k: float(logs[k]) for k in ("loss", "eval_loss", "trained_tokens") if k in logs})
+        self.values.update({k: float(logs[k]) for k in ("loss", "eval_loss") if k in logs})
+        if "trained_tokens" in logs:
+            rate = self.rate.update(float(logs["trained_tokens"]))
+            if rate is not None:
+                self.values["tokens_per_second"] = rate
         if self.bar is not None:
             self.bar.set_postfix_str(self.postfix(state), refresh=True)
         else:
@@ -134,9 +161,8 @@ class RunProgress(TrainerCallback):
             parts.append(f"loss {self.values['loss']:.4f}")
         if "eval_loss" in self.values:
             parts.append(f"eval_loss {self.values['eval_loss']:.4f}")
-        elapsed = time.perf_counter() - self._start
-        if "trained_tokens" in self.values and elapsed > 0:
-            parts.append(f"{self.values['trained_tokens'] / elapsed:.0f} tokens/s")
+        if "tokens_per_second" in self.values:
+            parts.append(f"{self.values['tokens_per_second']:.0f} tokens/s")
         return " | ".join(parts)
 
     def line(self, state: TrainerState) -> str:

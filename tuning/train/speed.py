@@ -20,6 +20,8 @@ from tuning.data import (
 )
 from tuning.errors import UserError
 
+COLLATED_COLUMNS = ["input_ids", "labels"]
+
 logger = logging.getLogger(__name__)
 
 
@@ -109,7 +111,8 @@ def token_budget_loader(trainer: Any, max_tokens: int) -> Any:
     Under several processes accelerate hands whole batches to ranks in turn, so each rank's batches
     keep the budget.
     """
-    dataset = trainer._remove_unused_columns(trainer.train_dataset, description="Training")
+    # the data stage's datasets hold input_ids and labels; keep just what the collators read
+    dataset = trainer.train_dataset.select_columns(COLLATED_COLUMNS)
     sampler = TokenBudgetBatchSampler(
         sample_lengths(dataset),
         max_tokens,

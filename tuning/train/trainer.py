@@ -109,6 +109,7 @@ def build_trainer(
     data: PreparedData,
     plan: PrecisionPlan,
     callbacks: list[Any] | None = None,
+    fingerprint: dict | None = None,
 ) -> SFTTrainer:
     configure_precision(args, plan)
     if not torch.cuda.is_available():
@@ -136,6 +137,7 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
     )
+    trainer.fingerprint = fingerprint  # recorded in every checkpoint, checked when a run resumes from it
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RunProgress())
