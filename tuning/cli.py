@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from tuning import launch, merge, plot, preview, sft_trainer
+from tuning import launch, merge, plan, plot, preview, sft_trainer
 
 COMMANDS = {"train": sft_trainer.main, "merge": merge.main, "preview": preview.main, "plot": plot.main}
 COMMANDS["launch"] = launch.main  # one job file → accelerate launch (docs/distributed.md)
+COMMANDS["plan"] = plan.main  # the memory plan without training (docs/memory.md)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,12 +28,20 @@ from tuning.errors import (
 )
 from tuning.logs import setup_logging
 from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
+from tuning.model.memory import check_memory, setup_for
 from tuning.model.peft import apply_peft
 from tuning.model.quantization import quantization_config
 from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
 from tuning.trackers import build_trackers
 from tuning.train import build_trainer, log_run_start, resume_checkpoint
-from tuning.train.distributed import exit_process, leave_process_group, select_cpu_backend, set_seed
+from tuning.train.distributed import (
+    exit_process,
+    leave_process_group,
+    select_cpu_backend,
+    set_seed,
+    topology,
+)
+from tuning.train.optimizers import optimizer_name
 
 logger = logging.getLogger("tuning")
 
@@ -46,13 +54,19 @@ def run(config: SFTConfig) -> dict:
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
-    quant = quantization_config(config.quant, model_config, config.peft.peft_method)  # fails before the data
+    plan = precision_plan(config.model, model_config, config.peft.peft_method, optimizer_name(args))
+    spread = topology(args)
+    quant = quantization_config(
+        config.quant, model_config, config.peft.peft_method, plan.load_dtype, spread.sharded
+    )
     max_len = context_length(model_config, config.data.max_seq_length)
+    if not config.data.do_dataprocessing_only:  # the plan, and a run that can't fit, before data and weights
+        setup = setup_for(config, model_config, plan, spread, tokenizer, max_len)
+        check_memory(setup, args.memory_check, show=args.should_save)
     with args.main_process_first(desc="dataset"):  # one rank per machine tokenizes; the rest read its cache
         data = build_datasets(config.data, tokenizer, max_len)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
-    plan = precision_plan(config.model, model_config, config.peft.peft_method)
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)

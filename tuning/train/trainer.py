@@ -19,6 +19,7 @@ from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, route_cpu_fsdp
 from tuning.train.loss import label_only_loss, resolve_loss_implementation
+from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
 from tuning.train.speed import choose_collator, token_budget_loader
 
@@ -111,6 +112,7 @@ def build_trainer(
         data_collator=choose_collator(args.padding_free, model, tokenizer),
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, plan),
     )
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
     trainer.remove_callback(ProgressCallback)
