@@ -24,17 +24,15 @@ from tuning.config import parse_config
 from tuning.errors import USER_ERROR_EXIT_CODE, UserError
 from tuning.files import read_mapping_file
 from tuning.model import context_length, load_model_config, load_tokenizer, precision_plan
-from tuning.model.memory import (
+from tuning.model.memory import Topology, estimate, setup_for
+from tuning.model.memory_check import (
     GPU_RUNTIME_RESERVE,
     Capacity,
-    Topology,
     check_fits,
     device_capacity,
-    estimate,
     gib,
     parse_size,
     render,
-    setup_for,
 )
 
 PLAN_FLAGS = ("--device_memory", "--num_processes", "--accelerate_config")

@@ -28,7 +28,8 @@ from tuning.errors import (
 )
 from tuning.logs import setup_logging
 from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
-from tuning.model.memory import check_memory, setup_for
+from tuning.model.memory import setup_for
+from tuning.model.memory_check import check_memory
 from tuning.model.peft import apply_peft
 from tuning.model.quantization import quantization_config
 from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary

@@ -17,9 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,14 +25,13 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from tuning.config.args import BNB_METHODS, KAHAN_OPTIMIZERS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
+from tuning.config.args import BNB_METHODS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
 from tuning.errors import UserError
 from tuning.model.loading import (
     PrecisionPlan,
     attention_candidates,
     causal_lm_class,
     model_refuses,
-    precision_plan,
     why_unusable,
 )
 from tuning.model.peft import wrap
@@ -42,8 +39,6 @@ from tuning.model.peft import wrap
 logger = logging.getLogger(__name__)
 
 GiB = 2**30
-# CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation: memory the device loses besides tensors
-GPU_RUNTIME_RESERVE = 2 * GiB
 LABEL_ONLY_CHUNK = 2048  # tuning/train/loss.py DEFAULT_CHUNK_TOKENS: logits alive at once with label_only
 BNB_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
 BNB_NESTED_BLOCK = 256  # double quantization: one float32 absmax per 256 first-level blocks
@@ -175,7 +170,7 @@ def bnb_bytes(numel: int, out_features: int, quant: QuantArgs) -> int:
     return math.ceil(numel / 2) + constants
 
 
-def _keeps_mxfp4(setup: Setup) -> bool:
+def keeps_mxfp4(setup: Setup) -> bool:
     declared = getattr(setup.model_config, "quantization_config", None)
     method = (
         declared.get("quant_method")
@@ -199,7 +194,7 @@ class _Counts:
 
 def count_parameters(model: Any, quantized: set[int], setup: Setup) -> _Counts:
     counts = _Counts()
-    keeps_mxfp4 = _keeps_mxfp4(setup)
+    mxfp4 = keeps_mxfp4(setup)
     adapters = setup.peft.peft_method != "none"
     linear = {
         id(m.weight)
@@ -211,7 +206,7 @@ def count_parameters(model: Any, quantized: set[int], setup: Setup) -> _Counts:
         for name, param in module.named_parameters(recurse=False):
             if id(param) in quantized:
                 stored = bnb_bytes(param.numel(), param.shape[0], setup.quant)
-            elif keeps_mxfp4 and type(module).__name__.endswith("Experts") and param.dim() == 3:
+            elif mxfp4 and type(module).__name__.endswith("Experts") and param.dim() == 3:
                 stored = param.numel() // 2 + param.numel() // MXFP4_BLOCK  # 4-bit values + a scale per 32
             else:
                 stored = param.numel() * param.element_size()
@@ -297,17 +292,28 @@ def optimizer_bytes(model: Any, setup: Setup) -> tuple[int, int, str]:
 # --- activations ---
 
 
-def layer_activation_bytes(config: PretrainedConfig, tokens: int, compute: int, residual: int) -> int:
+def layer_activation_bytes(
+    config: PretrainedConfig, tokens: int, compute: int, residual: int, frozen: bool = False
+) -> int:
     """Bytes one decoder layer keeps for backward, for ``tokens`` tokens, with flash-style attention.
 
     Counted from the tensors autograd saves in a Llama-family block (RMSNorm, attention, gated MLP), per
-    token: each RMSNorm keeps a float32 copy of its input (4h), its normalised output and the product
-    with its weight (in the half dtype, 2 × 2h); attention keeps rotated q and k, v, its output and a
-    float32 log-sum-exp per head; the MLP keeps gate and up projections, the activation and their product
-    (4 × 2i). A float32 residual stream (float32 master weights under autocast) instead keeps each norm's
-    float32 output, and every projection keeps its own half-precision copy of its input (five per layer).
-    Mixture-of-experts layers keep that MLP once per active expert, plus the routed copies of the hidden
-    state.
+    token, ``compute`` and ``residual`` being the bytes of the compute dtype and of the residual stream:
+
+    - each RMSNorm keeps a float32 copy of its input (4h) and its float32 rsqrt (4); trainable norms and
+      projections also keep the normalised input and its product with the weight (2 × compute·h); a float32
+      residual under autocast keeps the float32 normalised input instead, and each of the five projections
+      then casts its own copy of its input (5 × compute·h);
+    - attention keeps rotated q and k, v and its output (compute · (2q + 2kv)) and a float32 log-sum-exp
+      per head;
+    - the gated MLP keeps the gate and up projections, the activation and their product (4 × compute·i);
+      with a frozen MLP the product is not kept (its projection needs no input for its weight's gradient);
+    - a mixture-of-experts layer keeps that MLP per active expert, the routed input and output of each
+      (2 × compute·h) and the router's float32 logits.
+
+    ``frozen``: an adapter run, where the base weights need no gradient; what adapters keep themselves is
+    :func:`adapter_activation_bytes`. tests/test_memory.py checks every case against the tensors a real
+    layer saves.
     """
     text = config.get_text_config()
     h = text.hidden_size
@@ -316,15 +322,18 @@ def layer_activation_bytes(config: PretrainedConfig, tokens: int, compute: int, 
     q = heads * head_dim
     kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     inter, experts = _mlp_width(text)
-    if compute == 4:  # float32 throughout: norms keep input, normalised and weighted outputs
-        norms = 2 * 3 * 4 * h
-    elif residual == 4:  # float32 residual under autocast: norms in float32, 5 projection inputs cast
-        norms = 2 * 2 * 4 * h + 5 * compute * h
+    rsqrt = 4
+    if frozen:
+        norms = 2 * (4 * h + rsqrt)
+    elif compute == 4:  # float32 throughout: the input is the float32 copy; normalised and weighted outputs
+        norms = 2 * (3 * 4 * h + rsqrt)
+    elif residual == 4:  # float32 residual under autocast
+        norms = 2 * (2 * 4 * h + rsqrt) + 5 * compute * h
     else:
-        norms = 2 * (4 * h + 2 * compute * h)
+        norms = 2 * (4 * h + rsqrt + 2 * compute * h)
     attention = compute * (2 * q + 2 * kv) + 4 * heads
-    mlp = 4 * compute * inter
-    if experts:  # each active expert's MLP, its routed input and output, and the router's float32 logits
+    mlp = (3 if frozen else 4) * compute * inter
+    if experts:
         total = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or experts
         mlp = experts * (mlp + 2 * compute * h) + 4 * total
     return tokens * (norms + attention + mlp)
@@ -394,36 +403,62 @@ def logits_bytes(setup: Setup, compute: int, vocab: int) -> tuple[int, str]:
     ) * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label-only)"
 
 
-def lora_activation_bytes(model: Any, setup: Setup, compute: int) -> int:
-    """What adapters add per layer: each adapted input's dropout copy and mask, and the rank-r product."""
+def adapter_activation_bytes(model: Any, setup: Setup) -> int:
+    """What LoRA adapters keep for backward per token, all layers together.
+
+    peft casts each adapted module's input to the adapter's dtype and, with ``--lora_dropout``, drops
+    out that copy: on GPUs dropout keeps a boolean mask (1 byte per value), on CPU a noise tensor in the
+    input's dtype. ``lora_A`` keeps its own input in the compute dtype and ``lora_B`` the rank-r product.
+    """
     if setup.peft.peft_method not in ("lora", "alora"):
         return 0
+    compute = 4 if (setup.precision.autocast or setup.precision.load_dtype) == torch.float32 else 2
     per_token = 0
-    for _, module in model.named_modules():
+    for module in model.modules():
         lora_a = getattr(module, "lora_A", None)
         if not lora_a or not hasattr(module, "in_features"):
             continue
-        per_token += compute * setup.peft.lora_r
+        adapter = next(iter(lora_a.values()))
+        width, rank = adapter.in_features, adapter.out_features
+        per_token += compute * (width + rank)
         if setup.peft.lora_dropout > 0:
-            per_token += (compute + 1) * module.in_features
-    return per_token * setup.workload.tokens
+            per_token += (1 if setup.on_gpu else adapter.weight.element_size()) * width
+    return per_token
 
 
 # --- the plan ---
 
 
-def estimate(setup: Setup) -> MemoryPlan:
-    """The memory plan for one device."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate needs from the meta-device model (the slow part: built once per model variant)."""
+
+    counts: _Counts
+    state: int
+    temporaries: int
+    optimizer_note: str
+    adapter_per_token: int
+
+
+def model_facts(setup: Setup) -> ModelFacts:
     model, quantized = meta_model(setup)
+    state, temporaries, note = optimizer_bytes(model, setup)
     counts = count_parameters(model, quantized, setup)
-    state, temporaries, optimizer_note = optimizer_bytes(model, setup)
+    return ModelFacts(counts, state, temporaries, note, adapter_activation_bytes(model, setup))
+
+
+def estimate(setup: Setup, facts: ModelFacts | None = None) -> MemoryPlan:
+    """The memory plan for one device (``facts``: the model's, when already counted for this variant)."""
+    facts = facts or model_facts(setup)
+    counts, state, temporaries = facts.counts, facts.state, facts.temporaries
     precision, w, topo = setup.precision, setup.workload, setup.topology
     residual = 4 if precision.load_dtype == torch.float32 else 2
     compute = 4 if (precision.autocast or precision.load_dtype) == torch.float32 else 2
     text = setup.model_config.get_text_config()
     layers = text.num_hidden_layers
-    per_layer = layer_activation_bytes(setup.model_config, w.tokens, compute, residual)
-    per_layer += lora_activation_bytes(model, setup, compute) // max(layers, 1)
+    frozen = setup.peft.peft_method != "none"
+    per_layer = layer_activation_bytes(setup.model_config, w.tokens, compute, residual, frozen)
+    per_layer += facts.adapter_per_token * w.tokens // max(layers, 1)
     scores, once = attention_score_bytes(setup, compute)
     logits, logits_note = logits_bytes(setup, compute, max(setup.vocab_size or 0, text.vocab_size))
     full = layers * (per_layer + scores) + once
@@ -462,239 +497,11 @@ def estimate(setup: Setup) -> MemoryPlan:
         step_temporaries=temporaries,
         total=max(forward_backward, step),
         describe={
-            "optimizer": optimizer_note,
+            "optimizer": facts.optimizer_note,
             "logits": logits_note,
             "attention": attention_implementation(setup),
         },
     )
-
-
-def gib(n: int) -> str:
-    """Bytes as GiB, or MiB below one GiB."""
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def describe_mode(setup: Setup) -> str:
-    """``full fine-tuning, bfloat16 weights, kahan master weights`` and the like."""
-    precision, quant = setup.precision, setup.quant
-    dtype = str(precision.load_dtype).removeprefix("torch.")
-    if quant.quantization_method == "bnb_4bit":
-        nested = " double-quantized" if quant.use_bnb_nested_quant else ""
-        base = f"{quant.bnb_4bit_quant_type}{nested} 4-bit base (QLoRA), {dtype} elsewhere"
-    elif quant.quantization_method == "bnb_8bit":
-        base = f"8-bit base (QLoRA), {dtype} elsewhere"
-    elif _keeps_mxfp4(setup):
-        base = f"MXFP4 experts, {dtype} elsewhere"
-    else:
-        base = f"{dtype} weights"
-    what = "full fine-tuning" if setup.peft.peft_method == "none" else f"{setup.peft.peft_method} adapter"
-    autocast = (
-        f", computing in {str(precision.autocast).removeprefix('torch.')}" if precision.autocast else ""
-    )
-    return f"{what}, {base}{autocast}, {precision.master_weights} master weights"
-
-
-def render(plan: MemoryPlan, setup: Setup, capacity: Capacity | None = None) -> str:
-    """The plan as the lines a person reads before the model loads."""
-    w, topo = setup.workload, setup.topology
-    adapters = setup.peft.peft_method != "none"
-    share = f", FSDP share of {topo.world_size} processes" if topo.sharded else ""
-    recompute = w.gradient_checkpointing or (topo.sharded and topo.activation_checkpointing)
-    layers = setup.model_config.get_text_config().num_hidden_layers
-    rows = [
-        (
-            "weights",
-            plan.weights,
-            f"{_count(plan.parameters - (plan.trainable if adapters else 0))} parameters as stored",
-        ),
-        ("adapter", plan.adapter, f"{_count(plan.trainable)} trainable parameters" if adapters else ""),
-        ("gradients", plan.gradients, f"{_count(plan.trainable)} trainable parameters"),
-        ("optimizer state", plan.optimizer, plan.describe["optimizer"]),
-        (
-            "autocast copies",
-            plan.autocast_copies,
-            "half-precision copies of float32 weights in the forward pass",
-        ),
-        ("FSDP gathered", plan.gathered, "the unsharded root unit and one decoder layer (+ prefetch)"),
-        (
-            "activations",
-            plan.activations,
-            f"{w.tokens} tokens × {layers} layers, attention {plan.describe['attention']}, gradient "
-            f"checkpointing {'on' if recompute else 'off'} (on: {gib(plan.activations_checkpointed)}, "
-            f"off: {gib(plan.activations_full)})",
-        ),
-        ("output head", plan.logits, plan.describe["logits"]),
-    ]
-    if plan.step_temporaries * 100 > plan.total:
-        rows.append(
-            ("optimizer step", plan.step_temporaries, "the update's temporaries (AdamW foreach: sqrt(v))")
-        )
-    lines = [
-        f"memory plan per device ({describe_mode(setup)}{share}; estimated from the config, no weights read):"
-    ]
-    lines += [
-        f"  {name:<16} {gib(n):>11}  {note}"
-        for name, n, note in rows
-        if n or name in ("weights", "gradients")
-    ]
-    verdict = ""
-    if capacity is not None:
-        fits = "fits" if plan.total <= capacity.bytes else "does NOT fit"
-        verdict = f"  of {gib(capacity.bytes)} {capacity.what}: {fits}"
-    lines.append(f"  {'peak':<16} {gib(plan.total):>11}{verdict}")
-    return "\n".join(lines)
-
-
-# --- the device ---
-
-
-@dataclass(frozen=True)
-class Capacity:
-    bytes: int
-    what: str
-
-
-def device_capacity() -> Capacity:
-    """Memory this process can use: the GPU's free memory less a runtime reserve; on CPU the RAM that is
-    available now (MemAvailable, or the cgroup's limit when lower), shared by the processes on this machine."""
-    if torch.cuda.is_available():
-        index = torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        name = torch.cuda.get_device_name(index)
-        return Capacity(
-            max(free - GPU_RUNTIME_RESERVE, 0),
-            f"free on cuda:{index} ({name}, {gib(total)}; {gib(GPU_RUNTIME_RESERVE)} kept for the CUDA runtime)",
-        )
-    available = _meminfo_available()
-    limit = _cgroup_available()
-    source = "MemAvailable"
-    if limit is not None and limit < available:
-        available, source = limit, "the cgroup limit"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    per = f", shared by {local} processes" if local > 1 else ""
-    return Capacity(available // max(local, 1), f"CPU RAM available ({source}{per})")
-
-
-def _meminfo_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def _cgroup_available() -> int | None:
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return None if limit == "max" else int(limit) - used
-
-
-def parse_size(text: str) -> int:
-    """``80GB``, ``79.2GiB``, ``24G``, ``512MiB`` → bytes (GB = 10^9, GiB and a bare G = 2^30)."""
-    units = {
-        "tib": 2**40,
-        "gib": GiB,
-        "mib": 2**20,
-        "tb": 10**12,
-        "gb": 10**9,
-        "mb": 10**6,
-        "t": 2**40,
-        "g": GiB,
-        "m": 2**20,
-    }
-    lowered = text.strip().lower().replace(" ", "")
-    for unit, size in units.items():
-        if lowered.endswith(unit):
-            try:
-                return int(float(lowered.removesuffix(unit)) * size)
-            except ValueError:
-                break
-    raise UserError(f"--device_memory {text!r} is not a size; write it like 80GB, 79.2GiB or 24G")
-
-
-# --- what would fit ---
-
-
-def variant(setup: Setup, **changes: Any) -> Setup:
-    """``setup`` with some flags changed, precision resolved again as the run would."""
-    model = replace(setup.model, **changes.pop("model", {}))
-    peft = replace(setup.peft, **changes.pop("peft", {}))
-    quant = replace(setup.quant, **changes.pop("quant", {}))
-    workload = replace(setup.workload, **changes.pop("workload", {}))
-    precision = precision_plan(model, setup.model_config, peft.peft_method, workload.optim)
-    return replace(setup, model=model, peft=peft, quant=quant, workload=workload, precision=precision)
-
-
-def _suggestions(setup: Setup) -> list[tuple[str, Setup]]:
-    """Changes that need less memory, least intrusive first; each builds on the ones before it."""
-    options: list[tuple[str, Setup]] = []
-    current, flags = setup, []
-
-    def add(flag: str, **changes: Any) -> None:
-        nonlocal current
-        current = variant(current, **changes)
-        flags.append(flag)
-        options.append((" ".join(flags), current))
-
-    w = setup.workload
-    if not w.gradient_checkpointing:
-        add("--gradient_checkpointing True", workload={"gradient_checkpointing": True})
-    full = setup.peft.peft_method == "none"
-    adamw_bf16 = w.optim in KAHAN_OPTIMIZERS and setup.precision.autocast == torch.bfloat16
-    if full and setup.precision.master_weights == "float32" and adamw_bf16:
-        add(
-            "--master_weights kahan",
-            model={"master_weights": "kahan", "half_precision_master_weights": False},
-        )
-    if w.token_budget is None and w.batch_size > 1:
-        add(
-            "--per_device_train_batch_size 1 (raise --gradient_accumulation_steps to keep the batch)",
-            workload={"batch_size": 1},
-        )
-    if full:
-        base = (current, list(flags))
-        add(
-            "--peft_method lora",
-            peft={"peft_method": "lora"},
-            model={"master_weights": "auto", "half_precision_master_weights": False},
-        )
-        current, flags = base[0], base[1]
-        add(
-            "--peft_method lora --quantization_method bnb_4bit",
-            peft={"peft_method": "lora"},
-            quant={"quantization_method": "bnb_4bit", "load_in_4bit": True},
-            model={"master_weights": "auto", "half_precision_master_weights": False},
-        )
-    elif setup.quant.quantization_method not in BNB_METHODS and setup.peft.peft_method in ("lora", "alora"):
-        add("--quantization_method bnb_4bit", quant={"quantization_method": "bnb_4bit", "load_in_4bit": True})
-    return options
-
-
-def check_fits(plan: MemoryPlan, setup: Setup, capacity: Capacity) -> str | None:
-    """None when the plan fits; else the one-line reason, naming flags that would fit."""
-    if plan.total <= capacity.bytes:
-        return None
-    head = f"the memory plan needs {gib(plan.total)} per device, more than the {gib(capacity.bytes)} {capacity.what}"
-    for flags, option in _suggestions(setup):
-        try:
-            needed = estimate(option).total
-        except UserError:
-            continue
-        if needed <= capacity.bytes:
-            return f"{head}; would fit ({gib(needed)}): {flags}"
-    return f"{head}; no single-device setting of these flags fits: shard it with FSDP over more GPUs (docs/distributed.md)"
 
 
 def setup_for(
@@ -727,30 +534,3 @@ def setup_for(
         vocab_size=len(tokenizer) if tokenizer is not None else None,
         tokenizer=tokenizer,
     )
-
-
-def check_memory(setup: Setup, mode: str, show: bool = True) -> MemoryPlan | None:
-    """Print the plan (``show``: this process is the one that logs) and apply ``--memory_check``.
-
-    ``error``: a plan that exceeds this device's memory stops the run (UserError) naming flags that
-    would fit; ``warn``: it is logged and the run goes on; ``off``: nothing is estimated. An estimator
-    that cannot handle the architecture never stops a run: it says so and the run goes on.
-    """
-    if mode == "off":
-        return None
-    try:
-        plan = estimate(setup)
-    except UserError as e:
-        logger.warning("%s; going on without a memory plan", e)
-        return None
-    capacity = device_capacity()
-    if show:
-        logger.info(render(plan, setup, capacity))
-    problem = check_fits(plan, setup, capacity)
-    if problem and mode == "error":
-        raise UserError(
-            f"{problem}; `tuning plan ARGS` prints the breakdown, --memory_check warn runs anyway"
-        )
-    if problem:
-        logger.warning(problem)
-    return plan
