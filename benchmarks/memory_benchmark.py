@@ -3,7 +3,7 @@ default (Kahan-compensated bf16) and pure bf16, plus LoRA and QLoRA, each beside
 prediction.
 
     python benchmarks/memory_benchmark.py [--steps 200] [--out benchmarks/memory_results.json]
-    python benchmarks/memory_benchmark.py --quick        # the memory columns only (a few steps per mode)
+    python benchmarks/memory_benchmark.py --quick        # 5 steps per mode: the memory columns
 
 Every mode runs the real CLI in its own process (so the peak is that run's): a random Llama (hidden
 256, 4 layers, intermediate 688) with the 32k TinyLlama vocabulary, AdamW at lr 1e-5, seed 42, rows of
@@ -35,6 +35,10 @@ MODES = {
     "float32 master": (["--master_weights", "float32"], "float32 weights + AdamW state, bf16 autocast"),
     "kahan (default)": ([], "bf16 weights + AdamW state, Kahan-compensated updates"),
     "pure bf16": (["--master_weights", "half"], "bf16 weights + AdamW state, plain updates"),
+    "kahan + checkpointing": (
+        ["--gradient_checkpointing", "True"],
+        "as kahan, layers recomputed in backward",
+    ),
     "LoRA r=16": (["--peft_method", "lora", "--lora_r", "16", "--target_modules", "all-linear"], "bf16 base"),
     "QLoRA r=16": (
         ["--peft_method", "lora", "--lora_r", "16", "--target_modules", "all-linear", "--load_in_4bit"],
@@ -103,7 +107,8 @@ def child(spec: dict) -> None:
 
     def load_model(*args, **kwargs):
         seen["baseline"] = rss_now()
-        profiler.start()  # from here on it records every tensor allocation and free
+        if spec["profile"]:
+            profiler.start()  # from here on it records every tensor allocation and free
         return real_load(*args, **kwargs)
 
     def check_memory(setup, mode, show=True):
@@ -114,15 +119,28 @@ def child(spec: dict) -> None:
     sft_trainer.load_model, sft_trainer.check_memory = load_model, check_memory
     code = sft_trainer.main(spec["argv"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    profiler.stop()
-    seen["tensor_peak"] = tensor_peak(profiler)
+    if spec["profile"]:
+        profiler.stop()
+        seen["tensor_peak"] = tensor_peak(profiler)
     losses = [r["value"] for r in read_training_logs(spec["argv"][spec["argv"].index("--output_dir") + 1])]
     print("RESULT " + json.dumps({"code": code, "peak": peak, "losses": losses, **seen}), flush=True)
 
 
 def run_mode(name: str, model_dir: Path, data: Path, root: Path, steps: int, seq_len: int) -> dict:
+    """The mode's run (losses, resident memory), then 3 steps under torch's memory profiler (tensor peak:
+    the profiler's own records would inflate the resident memory of the first)."""
+    measured = run_child(name, model_dir, data, root, steps, seq_len, profile=False)
+    profiled = run_child(name, model_dir, data, root, 3, seq_len, profile=True)
+    measured["tensor_peak"] = profiled["tensor_peak"]
+    return measured
+
+
+def run_child(
+    name: str, model_dir: Path, data: Path, root: Path, steps: int, seq_len: int, profile: bool
+) -> dict:
     flags, _ = MODES[name]
-    out = root / name.split()[0].lower().replace("(", "")
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    out = root / f"{slug}-{'profiled' if profile else 'run'}"
     argv = [
         *(
             "--model_name_or_path",
@@ -139,7 +157,7 @@ def run_mode(name: str, model_dir: Path, data: Path, root: Path, steps: int, seq
         *("--use_flash_attn", "false", "--torch_dtype", "bfloat16", *flags),
     ]
     result = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps({"argv": argv})],
+        [sys.executable, __file__, "--child", json.dumps({"argv": argv, "profile": profile})],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
@@ -176,7 +194,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--quick", action="store_true", help="5 steps per mode: the memory columns only")
+    parser.add_argument("--quick", action="store_true", help="5 steps per mode: the memory columns")
     parser.add_argument("--tokenizer", default=str(TOKENIZER))
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "memory_results.json"))

@@ -6,10 +6,11 @@ targets), and every parameter is counted in the bytes its mode stores it in. Act
 the decoder layer's saved tensors, counted per token (see :func:`layer_activation_bytes`; the counts are
 the tensors autograd keeps for a Llama-family block, checked against a real layer in tests/test_memory.py).
 
-Peak memory is the larger of two moments: the forward/backward pass (weights, optimizer state,
-gradients, activations and logits) and the optimizer step (weights, state, gradients and the step's
-temporaries). docs/memory.md has the arithmetic for Llama-2-7B, Llama-3-70B and gpt-oss-120b, and
-benchmarks/RESULTS.md compares the estimate with measured peaks.
+Peak memory is the larger of two moments: the forward/backward pass (weights and optimizer state, plus
+the larger of the activations with logits and the gradients, or both when gradients accumulate over
+micro-batches) and the optimizer step (weights, state, gradients and the step's temporaries).
+docs/memory.md has the arithmetic for Llama-2-7B, Llama-3-70B and gpt-oss-120b, and benchmarks/RESULTS.md
+compares the estimate with measured peaks.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Workload:
     padding_free: bool = True
     loss: str = "auto"  # --loss_implementation
     optim: str = "adamw_torch"
+    accumulation: int = 1  # --gradient_accumulation_steps
 
     @property
     def tokens(self) -> int:
@@ -385,7 +387,11 @@ def attention_score_bytes(setup: Setup, compute: int) -> tuple[int, int]:
 
 
 def logits_bytes(setup: Setup, compute: int, vocab: int) -> tuple[int, str]:
-    """The output head's logits and cross-entropy buffers (forward copy, float32 log-softmax, gradients)."""
+    """The output head's logits and cross-entropy buffers, per position: the float32 log-softmax kept for
+    backward and the float32 gradient (8 bytes), the logits and their gradient in the compute dtype
+    (2 × compute), and with the model's own loss also the half-precision logits it returns (measured
+    with torch's memory profiler: 12 and 14 bytes per position and vocabulary entry in bfloat16).
+    Label-only loss (tuning/train/loss.py) does this for at most one chunk of trained positions."""
     w = setup.workload
     text = setup.model_config.get_text_config()
     standard = (
@@ -393,14 +399,12 @@ def logits_bytes(setup: Setup, compute: int, vocab: int) -> tuple[int, str]:
         or setup.topology.sharded  # the head is sharded: tuning/train/loss.py falls back to the model's loss
         or (w.loss == "auto" and getattr(text, "output_router_logits", False))
     )
+    per = 8 + 2 * compute
     if standard:
-        return (
-            8 + 2 * compute
-        ) * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab (full loss)"
+        returned = compute if compute < 4 else 0  # float32 logits are their own float32 copy
+        return (per + returned) * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab (full loss)"
     positions = min(w.tokens, LABEL_ONLY_CHUNK)
-    return (
-        8 + compute
-    ) * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label-only)"
+    return per * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label-only)"
 
 
 def adapter_activation_bytes(model: Any, setup: Setup) -> int:
@@ -479,7 +483,10 @@ def estimate(setup: Setup, facts: ModelFacts | None = None) -> MemoryPlan:
     # FSDP: the root unit (embeddings, head) stays gathered through the pass; one layer plus its prefetch
     gathered = counts.root + 2 * counts.largest_layer if shard > 1 else 0
     resident = weights + adapter + state + gathered
-    forward_backward = resident + gradients + activations + logits + copies
+    # backward frees each layer's activations as it fills that layer's gradients, so one micro-batch
+    # peaks at the larger of the two; accumulated gradients stay while the next micro-batch runs
+    working = activations + logits + copies
+    forward_backward = resident + (gradients + working if w.accumulation > 1 else max(working, gradients))
     step = resident + gradients + temporaries
     return MemoryPlan(
         parameters=counts.parameters,
@@ -522,6 +529,7 @@ def setup_for(
         padding_free=train.padding_free,
         loss=train.loss_implementation,
         optim=str(getattr(train.optim, "value", train.optim)),
+        accumulation=train.gradient_accumulation_steps,
     )
     return Setup(
         model_config=model_config,
