@@ -3,8 +3,12 @@ computes logits at every position. Same data, model, seed, batches and optimizer
 in its own process (so peak RSS is that run's).
 
     python benchmarks/cpu_benchmark.py [--reps 2] [--tokenizer DIR] [--out benchmarks/cpu_results.json]
+    python benchmarks/cpu_benchmark.py --paths ours bfd wrapped   # packing vs padding-free, side by side
 
-Prints a markdown table (trained tokens/s, padding share, peak RSS, final loss, speed-up) and writes
+Paths: ``reference`` (plain Trainer), ``ours`` (defaults: padding-free batches), ``bfd`` and ``wrapped``
+(our defaults on rows packed with ``--packing_strategy bfd`` / ``wrapped``: one row per step, of
+batch-size × mean-sample-length tokens, so a step holds about the tokens of an unpacked batch).
+Prints a markdown table (trained tokens/s, padding share, peak RSS, final loss, speed-ups) and writes
 JSON. The model is tiny but has a real vocabulary (hidden 256, 2 layers, 32k vocab), so the output head
 costs what it costs in real models relative to the rest: most of the compute.
 """
@@ -119,12 +123,16 @@ class CountingCollator:
         return batch
 
 
+PATHS = ("reference", "ours", "bfd", "wrapped")
+
+
 def run_one(path: str, workload: str, tokenizer_dir: str) -> dict:
     import torch
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tuning.config.args import DataArgs, TrainArgs
     from tuning.data import build_datasets
+    from tuning.data.batching import pack, sample_lengths
     from tuning.model.loading import PrecisionPlan
     from tuning.train.trainer import build_trainer
 
@@ -151,7 +159,12 @@ def run_one(path: str, workload: str, tokenizer_dir: str) -> dict:
         dataloader_pin_memory=False,
         disable_tqdm=True,
     )
-    if path == "ours":  # our defaults: padding-free rows, label-only chunked loss
+    if path in ("bfd", "wrapped"):  # packed rows, each about one unpacked batch of tokens
+        lengths = sample_lengths(data.train)
+        block = max(max(lengths), -(-WORKLOADS[workload][1] * sum(lengths) // len(lengths)))
+        data.train = pack(data.train, block, path)
+        common["per_device_train_batch_size"] = 1
+    if path != "reference":  # our defaults: padding-free rows, label-only chunked loss
         plan = PrecisionPlan(torch.float32, None, torch.float32)
         trainer = build_trainer(TrainArgs(**common), model, tokenizer, data, plan)
     else:  # what a plain transformers user writes: pad each batch, the model's full-logits loss
@@ -193,10 +206,12 @@ def run_child(path: str, workload: str, tokenizer_dir: str) -> dict:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
+    """Per workload: medians per path, and each path's ratio to the first path run (the baseline)."""
     rows = []
+    order = [p for p in PATHS if any(r["path"] == p for r in runs)]
     for workload in WORKLOADS:
         by_path = {}
-        for path in ("reference", "ours"):
+        for path in order:
             mine = [r for r in runs if r["workload"] == workload and r["path"] == path]
             if not mine:
                 continue
@@ -211,35 +226,33 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "real_tokens": mine[0]["real_tokens"],
                 "steps": mine[0]["steps"],
             }
-        if len(by_path) == 2:
-            ref, ours = by_path["reference"]["trained_tokens_per_s"], by_path["ours"]["trained_tokens_per_s"]
-            cpu_ratio = (
-                by_path["ours"]["trained_tokens_per_cpu_s"] / by_path["reference"]["trained_tokens_per_cpu_s"]
-            )
-            rows.append(
-                {"workload": workload, **by_path, "speedup": ours / ref, "speedup_cpu_time": cpu_ratio}
-            )
+        if len(by_path) < 2:
+            continue
+        base = by_path[order[0]]
+        for stats in by_path.values():
+            stats["speedup"] = stats["trained_tokens_per_s"] / base["trained_tokens_per_s"]
+            stats["speedup_cpu_time"] = stats["trained_tokens_per_cpu_s"] / base["trained_tokens_per_cpu_s"]
+        rows.append({"workload": workload, "baseline": order[0], **by_path})
     return rows
 
 
 def table(rows: list[dict]) -> str:
+    baseline = rows[0]["baseline"] if rows else "reference"
     lines = [
-        "| workload | path | trained tok/s | tok/CPU-s | padding share | peak RSS MiB | final loss | mean loss "
-        "| speed-up (wall) | speed-up (CPU time) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | path | steps | trained tok/s | tok/CPU-s | padding share | peak RSS MiB | final loss "
+        f"| mean loss | vs {baseline} (wall) | vs {baseline} (CPU time) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        for path in ("reference", "ours"):
+        for path in PATHS:
+            if path not in row:
+                continue
             r = row[path]
-            ratio = (
-                f"**{row['speedup']:.2f}×** | {row['speedup_cpu_time']:.2f}×"
-                if path == "ours"
-                else "1.00× | 1.00×"
-            )
             lines.append(
-                f"| {row['workload']} | {path} | {r['trained_tokens_per_s']:.1f} | "
+                f"| {row['workload']} | {path} | {r['steps']} | {r['trained_tokens_per_s']:.1f} | "
                 f"{r['trained_tokens_per_cpu_s']:.1f} | {r['padding_share']:.1%} | "
-                f"{r['peak_rss_mib']:.0f} | {r['final_loss']:.4f} | {r['mean_loss']:.4f} | {ratio} |"
+                f"{r['peak_rss_mib']:.0f} | {r['final_loss']:.4f} | {r['mean_loss']:.4f} | "
+                f"{r['speedup']:.2f}× | {r['speedup_cpu_time']:.2f}× |"
             )
     return "\n".join(lines)
 
@@ -249,6 +262,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--tokenizer", default=TOKENIZER)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--paths", nargs="+", default=["reference", "ours"], choices=PATHS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "cpu_results.json"))
     parser.add_argument("--child", nargs=2, metavar=("PATH", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,7 +272,7 @@ def main() -> None:
     runs = []
     for rep in range(args.reps):
         for workload in args.workloads:
-            for path in ("reference", "ours") if rep % 2 == 0 else ("ours", "reference"):
+            for path in args.paths if rep % 2 == 0 else args.paths[::-1]:  # alternate the order
                 runs.append(run_child(path, workload, args.tokenizer))
                 r = runs[-1]
                 print(

@@ -17,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# a job handed over in the environment (fms-hf-tuning's convention) would configure every parse in the suite
+for _job_variable in ("SFT_TRAINER_CONFIG_JSON_PATH", "SFT_TRAINER_CONFIG_JSON_ENV_VAR"):
+    os.environ.pop(_job_variable, None)
 
 import pytest  # noqa: E402 (the environment above must be set before torch is imported)
 import torch  # noqa: E402
@@ -95,3 +98,11 @@ def run_keeping_model(monkeypatch: pytest.MonkeyPatch, argv: list[str]):
 
     monkeypatch.setattr(sft_trainer, "apply_peft", spy)
     return sft_trainer.main(argv), kept.get("model")
+
+
+def loss_and_grads(model, batch):
+    """The loss of one forward on ``batch`` and every parameter's gradient, flattened into one tensor."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])

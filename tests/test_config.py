@@ -118,9 +118,15 @@ def test_resolved_config_round_trips(tmp_path, base):
     ("extra", "message"),
     [
         (["--num_train_epochs", "0"], "nothing would be trained"),
-        (["--max_seq_length", "0"], "--max_seq_length must be positive"),
+        (
+            ["--max_seq_length", "0"],
+            r"--max_seq_length is 0 \(command line\): it must be a whole number >= 1",
+        ),
         (["--instruction_template", "Q:"], "--instruction_template needs --response_template"),
-        (["--warmup_ratio", "1.5"], r"--warmup_ratio must be in \[0, 1\)"),
+        (
+            ["--warmup_ratio", "1.5"],
+            r"--warmup_ratio is 1.5 \(command line\): it must be a finite number in \[0, 1\)",
+        ),
     ],
 )
 def test_invalid_values(base, extra, message):

@@ -109,8 +109,8 @@ def test_seed_example_runs_with_a_local_chat_file(tmp_path, chat_file, tiny_mode
     assert shards == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     train = datasets.load_dataset("parquet", data_files=str(out / "train" / "*.parquet"), split="train")
     assert train.column_names == ["input_ids", "labels"] and len(train) == 8
-    # <s><|user|>\nhi</s>\n<|assistant|>\n + trained: yo</s>\n
-    assert train[0]["labels"] == [X] * 28 + [93, 83, 2, 3]
+    # <s><|user|>\nhi</s>\n<|assistant|>\n + trained: yo</s> (through the stop token, nothing after)
+    assert train[0]["labels"] == [X] * 28 + [93, 83, 2]
     assert not (out / "validation").exists()
 
 
@@ -290,8 +290,8 @@ def test_preview_marks_trained_tokens_and_counts(tmp_path, chat_file, tiny_model
     argv = ["--data_config_path", str(config), "--model_name_or_path", str(tiny_model_dir), "--preview", "1"]
     assert preview.main(argv) == 0
     out = capsys.readouterr().out
-    assert "== dataset_1: 8 samples (of 8 rows), 256 tokens, 32 trained, 0 truncated, 0 dropped" in out
-    assert "-- sample 0: 32 tokens, 4 trained\n<s><|user|>\nhi</s>\n<|assistant|>\n[[yo</s>\n]]" in out
+    assert "== dataset_1: 8 samples (of 8 rows), 248 tokens, 24 trained, 0 truncated, 0 dropped" in out
+    assert "-- sample 0: 31 tokens, 3 trained\n<s><|user|>\nhi</s>\n<|assistant|>\n[[yo</s>]]\n" in out
     assert "-- sample 1" not in out
 
 
@@ -327,6 +327,11 @@ def test_training_with_split_evaluates_on_the_validation_union(tmp_path, io_file
 def test_packing_applies_to_the_mixed_train_set(tmp_path, io_file):
     config = io_config(tmp_path, io_file, "")
     plain = build(config, max_len=64)
-    packed = build_datasets(DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64)
+    args = DataArgs(data_config_path=str(config), packing=True, packing_strategy="wrapped")
+    packed = build_datasets(args, build_tokenizer(), 64)
     assert [len(r) for r in packed.train["input_ids"]][:-1] == [64] * (len(packed.train) - 1)
     assert sum(map(len, packed.train["input_ids"])) == sum(map(len, plain.train["input_ids"]))
+    # the default, bfd: whole samples, positions restarting per sample, every token kept
+    bfd = build_datasets(DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64)
+    assert sorted(map(len, bfd.train["input_ids"])) == sorted(map(len, plain.train["input_ids"]))
+    assert all(p[0] == 0 for p in bfd.train["position_ids"])

@@ -16,6 +16,12 @@ from tuning.data.handlers.tokenizing import tokenize, tokenize_and_apply_input_m
 from tuning.errors import UserError
 
 X = -100
+
+
+def ids_labels(out: dict) -> dict:
+    return {"input_ids": out["input_ids"], "labels": out["labels"]}
+
+
 HI_YO = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
 
 
@@ -62,11 +68,12 @@ def test_tokenizer_chat_template_render_only_column_and_whole_row(tokenizer):
     assert out == {"formatted_chat_data": ["user=hi</s>assistant=yo</s>"]}
 
 
-def test_chat_masking_prefix_template_trains_assistant_turn_and_end_token(tokenizer):
+def test_chat_masking_prefix_template_trains_assistant_turn_through_its_stop_token(tokenizer):
     out = chat_masking({"messages": HI_YO}, tokenizer=tokenizer, chat_template=None)
-    # <s><|user|>\nhi</s>\n<|assistant|>\n + [yo</s>\n]
-    assert out["input_ids"][0][-4:] == [93, 83, 2, 3]
-    assert out["labels"] == [[X] * 28 + [93, 83, 2, 3]]
+    # <s><|user|>\nhi</s>\n<|assistant|>\n + [yo</s>]: the template's "\n" after </s> is never generated
+    assert out["input_ids"][0][-3:] == [93, 83, 2] and len(out["input_ids"][0]) == 31
+    assert out["labels"] == [[X] * 28 + [93, 83, 2]]
+    assert out["chat_sample"] == [[0, 1, 0]] and out["_source_rows"] == [0]
 
 
 def test_chat_masking_generation_template(tokenizer):
@@ -75,7 +82,7 @@ def test_chat_masking_generation_template(tokenizer):
         "{{ eos_token }}{% endgeneration %}{% else %}U:{{ m['content'] }}\n{% endif %}{% endfor %}"
     )
     out = chat_masking({"messages": HI_YO}, tokenizer=tokenizer, chat_template=template)
-    assert out == {
+    assert ids_labels(out) == {
         "input_ids": [[57, 30, 76, 77, 3, 37, 30, 93, 83, 2]],
         "labels": [[X, X, X, X, X, X, X, 93, 83, 2]],
     }
@@ -83,7 +90,9 @@ def test_chat_masking_generation_template(tokenizer):
 
 def test_chat_masking_header_that_tokenizes_differently_in_context(tokenizer):
     # "\n### A:\n" alone starts with "\n" (3); after "hi." the "\n" merges into ".\n" (99), so a token-id
-    # search for the header would miss it. The generation prompt also differs from the in-turn header.
+    # search for the header would miss it. The generation prompt ("### A": trim_blocks eats its newline)
+    # differs from the in-turn header, so the sample is the inference context, prompt included, then the
+    # completion the template writes for the turn.
     template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
         "{% else %}{{ m['content'] }}\n### A:\n{% endif %}{% endfor %}"
@@ -91,9 +100,9 @@ def test_chat_masking_header_that_tokenizes_differently_in_context(tokenizer):
     )
     convo = [[{"role": "user", "content": "hi."}, {"role": "assistant", "content": "yo"}]]
     out = chat_masking({"messages": convo}, tokenizer=tokenizer, chat_template=template)
-    assert out == {
-        "input_ids": [[76, 77, 99, 102, 4, 37, 100, 93, 83, 2]],
-        "labels": [[X, X, X, X, X, X, X, 93, 83, 2]],
+    assert ids_labels(out) == {
+        "input_ids": [[76, 77, 99, 102, 4, 37, 100, 102, 4, 37, 93, 83, 2]],
+        "labels": [[X] * 10 + [93, 83, 2]],
     }
 
 
@@ -116,15 +125,22 @@ def test_chat_masking_multi_turn_and_tools_documents(tokenizer):
     assert out["labels"] == [[X] * 9 + [92] + [X] * 5 + [93]]
 
 
-def test_chat_masking_rejects_template_that_rewrites_earlier_turns(tokenizer):
-    # drops the text of every assistant turn but the last (as reasoning templates do with thoughts)
+def test_chat_masking_splits_a_template_that_rewrites_earlier_turns(tokenizer):
+    # drops the text of every assistant turn but the last (as reasoning templates do with thoughts): each
+    # turn is trained in a sample where it is the last message, after the context it has at inference
     template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}[old]"
         "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
     )
-    convo = [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2]
-    with pytest.raises(UserError, match="generation"):
-        chat_masking({"messages": convo}, tokenizer=tokenizer, chat_template=template)
+    convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
+    batch = {"messages": [convo], "id": [7]}
+    out = chat_masking(batch, tokenizer=tokenizer, chat_template=template)
+    # "ab" (turn 1), then "a[old]a" + "b" (turn 3): a=69 b=70 [=63 o=83 l=80 d=72 ]=65
+    assert ids_labels(out) == {
+        "input_ids": [[69, 70], [69, 63, 83, 80, 72, 65, 69, 70]],
+        "labels": [[X, 70], [X] * 7 + [70]],
+    }
+    assert out["chat_sample"] == [[0, 2, 0], [1, 2, 0]] and out["_source_rows"] == [0, 0]
 
 
 def test_column_handlers():

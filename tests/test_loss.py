@@ -12,7 +12,12 @@ from tuning.data.collate import PaddingCollator, PaddingFreeCollator
 from tuning.errors import UserError
 from tuning.model.loading import PrecisionPlan
 from tuning.testing.tiny_model import build_model
-from tuning.train.loss import chunked_cross_entropy, label_only_loss, resolve_loss_implementation
+from tuning.train.loss import (
+    VERIFIED_ARCHITECTURES,
+    chunked_cross_entropy,
+    label_only_loss,
+    resolve_loss_implementation,
+)
 from tuning.train.trainer import build_trainer
 
 X = -100
@@ -110,3 +115,59 @@ def test_batch_1_accumulate_8_equals_batch_8(tokenizer, tmp_path, loss_implement
     start = torch.cat([p.detach().flatten() for p in build_model(len(tokenizer)).parameters()])
     assert (big - start).abs().max() > 1e-3  # the step moved the weights
     assert torch.allclose(small, big, atol=1e-5, rtol=0)
+
+
+# Small shapes every verified architecture accepts; token ids stay below vocab_size.
+_SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    head_dim=8,
+    pad_token_id=None,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# Large enough to change the loss: a transform we forgot would show up as a difference.
+_LOGIT_TRANSFORMS = {"logits_scaling": 4.0, "logit_scale": 0.25, "final_logit_softcapping": 3.0}
+
+
+def _tiny_of_type(model_type: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **_SMALL)
+    for key, value in _LOGIT_TRANSFORMS.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    model.config.use_cache = False
+    with torch.no_grad():  # logits of a few units, where softcapping and scaling matter
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(VERIFIED_ARCHITECTURES))
+def test_every_verified_architecture_gets_its_own_loss_from_label_only(model_type):
+    model = _tiny_of_type(model_type)
+    for collator in (PaddingCollator(pad_id=2), PaddingFreeCollator()):
+        batch = collator(FEATURES)
+        full = model(**batch).loss
+        ours, _ = label_only_loss(model, batch, chunk_tokens=3)
+        assert torch.allclose(ours, full, rtol=1e-5, atol=1e-5), (model_type, type(collator).__name__)
+    assert full.item() > 0.5  # a real loss, not a degenerate one
+
+
+def test_auto_uses_standard_for_an_unverified_architecture(caplog):
+    model = _tiny_of_type("llama")
+    plain = TrainArgs(output_dir="o", use_liger_kernel=False)
+    model.config.model_type = "brand_new_arch"
+    with caplog.at_level("INFO", logger="tuning"):
+        assert resolve_loss_implementation("auto", model, plain) == "standard"
+    assert "architecture brand_new_arch is not verified" in caplog.text
+    assert (
+        resolve_loss_implementation("label_only", model, plain) == "label_only"
+    )  # asked for: allowed, warned

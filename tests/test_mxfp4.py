@@ -357,13 +357,24 @@ def test_harmony_chat_trains_the_analysis_and_final_channels(tokenizer):
     )
 
 
-def test_harmony_multi_turn_is_refused_not_mis_masked(tokenizer):
-    """Earlier assistant turns render differently once a later turn follows; their span would miss
-    their own text, so the run stops and says how to fix the data instead of training on the wrong tokens."""
+def test_harmony_multi_turn_trains_every_turn_as_the_last_one(tokenizer):
+    """Earlier assistant turns lose their analysis and end <|end|> once a later turn follows, but at
+    inference each turn is generated as the last one (analysis, final, <|return|>): every turn gets a
+    sample of its own, its context the conversation before it as the template renders it then."""
     from tuning.data.handlers.chat import tokenize_and_apply_chat_template_with_masking
 
     turn = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "thinking": "add", "content": "4"}]
-    with pytest.raises(UserError, match="renders earlier turns differently"):
-        tokenize_and_apply_chat_template_with_masking(
-            {"messages": [turn * 2]}, tokenizer=tokenizer, chat_template=HARMONY
-        )
+    out = tokenize_and_apply_chat_template_with_masking(
+        {"messages": [turn * 2]}, tokenizer=tokenizer, chat_template=HARMONY
+    )
+    completion = (
+        "<|channel|>analysis<|message|>add<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"
+    )
+    user = "<|start|>user<|message|>2+2?<|end|>"
+    contexts = [user + "<|start|>assistant", user + "<|start|>assistant<|channel|>final<|message|>4<|end|>"]
+    contexts[1] += contexts[0]
+    assert out["chat_sample"] == [[0, 2, 0], [1, 2, 0]]
+    for ids, labels, context in zip(out["input_ids"], out["labels"], contexts, strict=True):
+        n = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+        assert tokenizer.decode(ids[:n]) == context and set(labels[:n]) == {-100}
+        assert tokenizer.decode(ids[n:]) == completion and labels[n:] == ids[n:]

@@ -1,4 +1,5 @@
-"""Padding-free rows equal padded batches (no sample attends to another); token-budget batches; packing."""
+"""Padding-free rows equal padded batches (no sample attends to another); token-budget batches; wrapped
+packing (contamination-free packing: tests/test_packing.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import datasets
 import pytest
 import torch
 
-from tuning.data.batching import TokenBudgetBatchSampler, pack_fixed_length, sample_lengths
+from tests.conftest import loss_and_grads
+from tuning.data.batching import TokenBudgetBatchSampler, pack_wrapped, sample_lengths
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator
 from tuning.errors import UserError
 from tuning.testing.tiny_model import build_model
@@ -29,19 +31,12 @@ def test_one_row_positions_restart_and_boundaries_untrained():
     assert batch["labels"].tolist() == [[X, X, X, 7, 8, 9, X, X, 11, 12]]
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padding_free_equals_padded_loss_and_gradients(tokenizer, attn):
     model = build_model(len(tokenizer), attn_implementation=attn)
     model.config.use_cache = False  # what the model stage sets
-    padded_loss, padded_grads = _loss_and_grads(model, PaddingCollator(pad_id=2)(FEATURES))
-    free_loss, free_grads = _loss_and_grads(model, PaddingFreeCollator()(FEATURES))
+    padded_loss, padded_grads = loss_and_grads(model, PaddingCollator(pad_id=2)(FEATURES))
+    free_loss, free_grads = loss_and_grads(model, PaddingFreeCollator()(FEATURES))
     assert torch.allclose(free_loss, padded_loss, atol=1e-5, rtol=0)
     assert torch.allclose(free_grads, padded_grads, atol=1e-5, rtol=0)
 
@@ -79,11 +74,11 @@ def test_token_budget_counts_padding_when_padded():
         TokenBudgetBatchSampler([1], max_tokens=0)
 
 
-def test_fixed_length_packing_and_lengths():
+def test_wrapped_packing_and_lengths():
     ds = datasets.Dataset.from_dict(
         {"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]], "labels": [[X, 2, 3], [X, 5], [X, 7, 8, 9]]}
     )
-    packed = pack_fixed_length(ds, block_size=4)
+    packed = pack_wrapped(ds, block_size=4)
     assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
     assert packed["labels"] == [[X, 2, 3, X], [5, X, 7, 8], [9]]
     assert sample_lengths(ds.select([2, 0])) == [4, 3]

@@ -102,7 +102,7 @@ def test_plot_command_errors(tmp_path, capsys, monkeypatch):
     write_logs(tmp_path, [1.0], {})
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert cli(["plot", str(tmp_path)]) == 1
-    assert "pip install matplotlib" in capsys.readouterr().err
+    assert "pip install 'tuning[plot]'" in capsys.readouterr().err
     assert write_loss_plot(tmp_path) is None  # at the end of a run: skipped, never raised
     assert not (tmp_path / "loss.png").exists()
 

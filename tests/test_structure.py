@@ -8,7 +8,13 @@ not remove it.
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tuning"
 
@@ -107,3 +113,65 @@ def test_the_graph_is_read():
     edges = graph()
     assert "tuning.config.args" in edges["tuning.config.parser"]
     assert "tuning.data.prepare" in edges["tuning.data.pipeline"]
+
+
+def stage_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_stages_use_each_others_public_surface():
+    """Across stages a module imports the stage package (``tuning.data``), not its insides
+    (``tuning.data.prepare``): what a stage offers is what its ``__init__`` exports."""
+    reaching = [
+        f"{m} imports {d}; import it from {stage_of(d)}"
+        for m, deps in graph().items()
+        for d in deps
+        if stage_of(d) != stage_of(m)
+        and d != stage_of(d)
+        and (PACKAGE / "/".join(stage_of(d).split(".")[1:])).is_dir()
+    ]
+    assert not reaching, "\n".join(sorted(reaching))
+
+
+def test_architecture_doc_names_every_module_and_only_real_paths():
+    doc = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(tuning/[\w/.]+)`", doc))
+    missing_paths = sorted(p for p in named if not (PACKAGE.parent / p).exists())
+    assert not missing_paths, f"ARCHITECTURE.md names paths that don't exist: {missing_paths}"
+    folders = {p for p in named if p.endswith("/")}
+    unnamed = sorted(
+        str(p.relative_to(PACKAGE.parent))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py"
+        and str(p.relative_to(PACKAGE.parent)) not in named
+        and not any(str(p.relative_to(PACKAGE.parent)).startswith(f) for f in folders)
+    )
+    assert not unnamed, f"add these modules to docs/ARCHITECTURE.md: {unnamed}"
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_fsdp_defaults_and_the_tiny_models(tmp_path):
+    """``tuning launch`` reads its FSDP defaults from the package, so an installed wheel must carry them."""
+    from tuning import launch
+
+    assert launch.FSDP_DEFAULTS.is_file() and PACKAGE in launch.FSDP_DEFAULTS.parents
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            str(PACKAGE.parent),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("tuning-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "tuning/fixtures/accelerate_fsdp_defaults.yaml" in names
+    assert "tuning/testing/tiny_model.py" in names

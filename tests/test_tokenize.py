@@ -9,7 +9,8 @@ import copy
 import pytest
 
 from tuning.config.args import DataArgs
-from tuning.data.formats import RowTemplate, chat_text_and_spans, combine_input_output, response_spans
+from tuning.data.chat import ChatTemplate
+from tuning.data.formats import RowTemplate, combine_input_output, response_spans
 from tuning.data.prepare import process_batch
 from tuning.data.tokenize import NO_TEMPLATE, OK, tokenize_batch
 from tuning.errors import UserError
@@ -120,20 +121,20 @@ def test_response_spans(response, instruction, spans):
     assert response_spans("Q: x A: y Q: z A: w </", response, instruction) == spans
 
 
-def test_chat_trains_assistant_turns_with_their_end_token(tokenizer):
+def test_chat_trains_assistant_turns_through_their_stop_token(tokenizer):
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "yo"},
     ]
-    text, spans = chat_text_and_spans(messages, tokenizer, None)
-    assert text == "<s><|user|>\nhi</s>\n<|assistant|>\nyo</s>\n"
-    assert spans == [(33, 40)]  # "yo</s>\n"
     out = process_batch(
         {"messages": [messages]}, fmt="chat", args=DataArgs(), tokenizer=tokenizer, max_len=64
     )
     ids, labels = ids_labels(out)
+    # context "<s><|user|>\nhi</s>\n<|assistant|>\n", completion "yo</s>": the "\n" the template writes
+    # after the stop token is never generated, so the sample ends there
+    assert tokenizer.decode(ids) == "<s><|user|>\nhi</s>\n<|assistant|>\nyo</s>"
     assert ids[0] == 1 and ids.count(1) == 1  # the template's BOS, not a second one
-    assert [t for t in labels if t != X] == [93, 83, 2, 3]  # "yo", EOS, "\n"
+    assert labels == [X] * (len(ids) - 3) + [93, 83, 2]  # "yo", EOS
 
 
 def test_pretokenized_rows_are_used_as_is():
@@ -150,4 +151,4 @@ def test_chat_data_without_a_chat_template_is_a_user_error(tokenizer):
     bare = copy.deepcopy(tokenizer)
     bare.chat_template = None
     with pytest.raises(UserError, match="chat data needs a chat template.*pass --chat_template"):
-        chat_text_and_spans([{"role": "user", "content": "hi"}], bare, None)
+        ChatTemplate(bare)

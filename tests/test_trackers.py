@@ -58,7 +58,7 @@ def test_tracker_flags_prefix_and_file_logger_always_on():
     assert config.trackers.exp_metadata == {"a": 1}
     with pytest.raises(UserError, match="invalid choice: 'wandb'"):
         parse_config([*base, "--trackers", "wandb"])
-    with pytest.raises(UserError, match="--exp_metadata is not valid JSON"):
+    with pytest.raises(UserError, match="--exp_metadata: not valid JSON"):
         parse_config([*base, "--exp_metadata", "{team: nlp}"])
 
 

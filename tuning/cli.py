@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from tuning import launch, merge, plan, plot, preview, sft_trainer
+from tuning.errors import UserError, did_you_mean, run_command
 
 COMMANDS = {"train": sft_trainer.main, "merge": merge.main, "preview": preview.main, "plot": plot.main}
 COMMANDS["launch"] = launch.main  # one job file → accelerate launch (docs/distributed.md)
@@ -16,10 +17,18 @@ COMMANDS["plan"] = plan.main  # the memory plan without training (docs/memory.md
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    usage = f"usage: tuning {{{','.join(COMMANDS)}}} [ARGS]  (tuning COMMAND --help)"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: tuning {{{','.join(COMMANDS)}}} [ARGS]  (tuning COMMAND --help)", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 1
+        given = f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}" if argv else "no command"
+        return run_command(lambda: _refuse(f"{given}; {usage}"))
     return COMMANDS[argv[0]](argv[1:])
+
+
+def _refuse(message: str) -> int:
+    raise UserError(message)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Cluster and container launcher: one job file in, one ``accelerate launch`` of ``tuning.sft_trainer`` out.
 
-``tuning launch JOB.yaml`` (or ``python -m tuning.launch JOB.json``; with no argument the path is read
-from ``$SFT_TRAINER_CONFIG_JSON_PATH``). The job file is a YAML or JSON mapping of training flags plus
+``tuning launch JOB.yaml`` (or ``python -m tuning.launch JOB.json``; with no argument the job comes from the
+environment as in fms-hf-tuning: ``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` (base64-encoded JSON) or
+``$SFT_TRAINER_CONFIG_JSON_PATH``). The job file is a YAML or JSON mapping of training flags plus
 an optional ``accelerate_launch_args`` mapping of ``accelerate launch`` flags. Read with
 ``yaml.safe_load``/``json.loads`` only: no pickle, no code.
 
@@ -23,11 +24,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, write_termination_log
-from tuning.files import read_mapping_file
+from tuning.errors import (
+    INTERNAL_ERROR_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    UserError,
+    did_you_mean,
+    run_command,
+    write_termination_log,
+)
+from tuning.files import (
+    JOB_ENVS,
+    JOB_PATH_ENV,
+    JOB_TEXT_ENV,
+    LAUNCH_ARGS_KEY,
+    job_from_environment,
+    read_mapping_file,
+)
 
-ACCELERATE_KEY = "accelerate_launch_args"
-JOB_PATH_ENV = "SFT_TRAINER_CONFIG_JSON_PATH"
+ACCELERATE_KEY = LAUNCH_ARGS_KEY
 COMPLETE_MARKER = ".complete"
 # shipped inside the package (package data), so a wheel install has it; fixtures/ at the repo root links to it
 FSDP_DEFAULTS = Path(__file__).resolve().parent / "fixtures" / "accelerate_fsdp_defaults.yaml"
@@ -37,10 +51,15 @@ _MODE_FLAGS = ("config_file", "use_fsdp", "multi_gpu", "use_deepspeed", "use_meg
 
 def read_job(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(training flags, accelerate launch flags) from a YAML/JSON job file."""
-    job = read_mapping_file(path, "job file")
+    return split_job(read_mapping_file(path, "job file"), path)
+
+
+def split_job(job: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training flags, accelerate launch flags) of a job mapping."""
+    job = dict(job)
     launch = job.pop(ACCELERATE_KEY, None) or {}
     if not isinstance(launch, dict):
-        raise UserError(f"{ACCELERATE_KEY} in {path} must be a mapping of accelerate launch flags")
+        raise UserError(f"{ACCELERATE_KEY} in {where} must be a mapping of accelerate launch flags")
     return job, {k.replace("-", "_"): v for k, v in launch.items()}
 
 
@@ -65,13 +84,13 @@ def accelerate_flags(launch: dict[str, Any]) -> list[str]:
     """``--key=value`` per flag (true booleans as bare ``--key``); unknown flags are a user error."""
     from accelerate.commands.launch import launch_command_parser
 
-    from tuning.config.parser import closest
-
     known = {a.dest for a in launch_command_parser()._actions}
     flags = []
     for key, value in launch.items():
         if key not in known:
-            raise UserError(f"unknown key '{key}' in {ACCELERATE_KEY}{closest(key, sorted(known))}")
+            raise UserError(
+                f"unknown key '{key}' in {ACCELERATE_KEY}{did_you_mean(key, sorted(known), flag=True)}"
+            )
         if value is True:
             flags.append(f"--{key}")
         elif value not in (None, False):
@@ -103,15 +122,18 @@ def exit_code_for(returncode: int, reasons: list[str], signum: int | None) -> in
     return INTERNAL_ERROR_EXIT_CODE  # an internal error, or a crash that left no reason at all
 
 
-def run_job(path: str) -> int:
-    training, launch = read_job(path)
+def run_job(job: dict[str, Any], where: str) -> int:
+    """Launch one job mapping (``where``: the file or variable it came from, for messages)."""
+    training, launch = split_job(job, where)
     launch = resolve_launch_args(launch, visible_gpus())
     output_dir = training.get("output_dir")
     with tempfile.TemporaryDirectory(prefix="tuning-launch-") as tmp:
         config_path = Path(tmp) / "training_args.json"
         config_path.write_text(json.dumps(training), encoding="utf-8")
         reasons_path = Path(tmp) / "termination.log"
-        env = {**os.environ, "TERMINATION_LOG_FILE": str(reasons_path)}
+        # the ranks get the job as --config; a job variable left in their environment would be a second source
+        env = {k: v for k, v in os.environ.items() if k not in JOB_ENVS}
+        env["TERMINATION_LOG_FILE"] = str(reasons_path)
         returncode, signum = _run_forwarding_signals(build_command(launch, config_path), env)
         reasons = _read_lines(reasons_path)
     for line in reasons:  # where the user (or Kubernetes) looks for them
@@ -152,16 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    path = argv[0] if argv else os.environ.get(JOB_PATH_ENV)
-    try:
-        if not path or len(argv) > 1:
-            raise UserError(f"usage: tuning launch JOB.yaml (or set ${JOB_PATH_ENV}); got {argv}")
-        return run_job(path)
-    except UserError as e:
-        line = f"error: {e}"
-        print(line, file=sys.stderr)
-        write_termination_log(line, None)
-        return USER_ERROR_EXIT_CODE
+
+    def body() -> int:
+        usage = f"usage: tuning launch JOB.yaml (or set ${JOB_PATH_ENV} or ${JOB_TEXT_ENV}); got {argv}"
+        if len(argv) > 1:
+            raise UserError(usage)
+        job = (argv[0], read_mapping_file(argv[0], "job file")) if argv else job_from_environment()
+        if job is None:
+            raise UserError(usage)
+        where, values = job
+        return run_job(values, where)
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Logging set-up shared by every command: our INFO lines on stderr, the libraries' warnings only."""
+"""Logging set-up shared by every command: our INFO lines on stderr, the libraries' warnings only, and no
+library progress bars where stderr is not a terminal."""
 
 from __future__ import annotations
 
@@ -25,19 +26,27 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(argv: list[str]) -> bool:
-    """Our INFO lines on stderr; the libraries' warnings only. Returns whether ``--log_level debug``."""
-    debug = any(a in ("debug", "--log_level=debug") for a in argv) and any(
-        a.startswith("--log_level") for a in argv
-    )
+def setup_logging(debug: bool = False) -> None:
+    """Our INFO lines on stderr (rank 0; WARNING on the other ranks, which would repeat them), the
+    libraries' warnings only. Called once at the start of a command and again with ``debug`` once the
+    command line has been parsed (``--log_level debug``): the level comes from the parsed flag, never
+    from scanning argv."""
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
-    if not debug and int(os.environ.get("RANK", "0")) > 0:  # the other ranks would repeat rank 0's lines
+    if not debug and int(os.environ.get("RANK", "0")) > 0:
         logger.setLevel(logging.WARNING)
     transformers.logging.set_verbosity_info() if debug else transformers.logging.set_verbosity_warning()
     datasets.logging.set_verbosity_warning()
     if not sys.stderr.isatty():
-        datasets.disable_progress_bars()
-    return debug
+        disable_progress_bars()
+
+
+def disable_progress_bars() -> None:
+    """No tqdm bars from the libraries: transformers' ("Loading weights", "Writing model shards"),
+    huggingface_hub's (downloads) and datasets' (maps). In a file, a CI or Kubernetes log each bar is a
+    run of carriage-return frames between our lines; our own progress prints plain lines there instead
+    (tuning/train/progress.py). Called when stderr is not a terminal, and for ``--disable_tqdm``."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()  # turns off huggingface_hub's bars too

@@ -7,13 +7,10 @@ embeddings first; rows split out to ``new_embeddings.safetensors`` are copied ba
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import shutil
+import pickle
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +19,17 @@ from peft import PeftConfig, PeftModel, PeftType
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuning.errors import INTERNAL_ERROR_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
-from tuning.model.peft import ADDED_TOKENS_INFO_NAME, NEW_EMBEDDING_KEYS, NEW_EMBEDDINGS_NAME
+from tuning.dtypes import DTYPE_NAMES, torch_dtype
+from tuning.errors import ArgumentParser, UserError, first_line, run_command
+from tuning.files import publish_folder, refused_pickle, staging_folder
+from tuning.logs import setup_logging
+from tuning.model import ADDED_TOKENS_INFO_NAME, NEW_EMBEDDING_KEYS, NEW_EMBEDDINGS_NAME
 
 logger = logging.getLogger("tuning")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 
-
-class _Parser(argparse.ArgumentParser):
-    """A bad command line is a user error like any other: exit 1 with one line, not argparse's 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"invalid command line: {message}; run tuning merge --help")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="tuning merge",
         description="Fold a LoRA adapter into its base model; write a plain model folder.",
     )
@@ -51,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=list(DTYPES),
+        choices=list(DTYPE_NAMES),
         help="Weights dtype (default: the base checkpoint's).",
     )
     parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard (default 5GB).")
@@ -69,35 +60,18 @@ def merge(
     base_name = base or config.base_model_name_or_path
     if not base_name:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    model = _load_base(base_name, adapter_dir, DTYPES[opts.get("dtype", "auto")])
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model = _load_base(base_name, adapter_dir, torch_dtype(opts.get("dtype", "auto")))
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except pickle.UnpicklingError as e:  # an adapter_model.bin with more than tensors in it
+        raise (refused_pickle(e, f"adapter {adapter_dir}") or e) from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if _has_tokenizer(adapter_dir) else base_name)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(out)
     merged.save_pretrained(tmp, max_shard_size=opts.get("max_shard_size", "5GB"))
     tokenizer.save_pretrained(tmp)
-    _move_into(tmp, out)
+    publish_folder(tmp, out)
     logger.info("merged %s into %s: %s", adapter_dir, base_name, out)
     return out
-
-
-def _move_into(tmp: Path, out: Path) -> None:
-    """Complete files only: the new folder is renamed into place, or (``--overwrite``) its files replace
-    the old ones; stale weight shards of an earlier merge are removed, the folder's other files are kept."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not out.is_dir():
-        out.unlink()
-        os.rename(tmp, out)
-        return
-    new = {item.name for item in tmp.iterdir()}
-    for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
-        if stale.name not in new:
-            stale.unlink()
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
-    tmp.rmdir()
 
 
 def _adapter_config(adapter_dir: Path) -> Any:
@@ -124,10 +98,10 @@ def _has_tokenizer(folder: Path) -> bool:
 def _load_base(name: str, adapter_dir: Path, dtype: Any) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except pickle.UnpicklingError as e:
+        raise (refused_pickle(e, f"base model {name}") or e) from None
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load base model {name}: {str(e).splitlines()[0]}; pass --base MODEL"
-        ) from None
+        raise UserError(f"cannot load base model {name}: {first_line(e)}; pass --base MODEL") from None
     info_file = adapter_dir / ADDED_TOKENS_INFO_NAME
     if info_file.is_file():
         info = json.loads(info_file.read_text(encoding="utf-8"))
@@ -152,9 +126,9 @@ def _copy_split_rows(model: Any, path: Path, first_row: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not logger.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    setup_logging()
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         merge(
             args.adapter,
@@ -165,13 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
         )
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
-    except Exception as e:  # not a user mistake: ours to fix, with the traceback
-        traceback.print_exc()
-        print(f"internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return INTERNAL_ERROR_EXIT_CODE
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,21 @@ from typing import Any
 from tuning.config import parse_config
 from tuning.errors import USER_ERROR_EXIT_CODE, UserError
 from tuning.files import read_mapping_file
-from tuning.model import context_length, load_model_config, load_tokenizer, precision_plan
-from tuning.model.memory import Topology, estimate, setup_for
-from tuning.model.memory_check import (
+from tuning.model import (
     GPU_RUNTIME_RESERVE,
     Capacity,
+    Topology,
     check_fits,
+    context_length,
     device_capacity,
+    estimate,
     gib,
+    load_model_config,
+    load_tokenizer,
     parse_size,
+    precision_plan,
     render,
+    setup_for,
 )
 
 PLAN_FLAGS = ("--device_memory", "--num_processes", "--accelerate_config")
@@ -69,8 +74,7 @@ def plan(argv: list[str]) -> tuple[str, str | None]:
         tokenizer = load_tokenizer(config.model, config.data)
     except UserError:
         tokenizer = None  # a config-only folder: the vocabulary is the config's
-    optim = str(getattr(config.train.optim, "value", config.train.optim))
-    precision = precision_plan(config.model, model_config, config.peft.peft_method, optim)
+    precision = precision_plan(config.model, model_config, config.peft.peft_method, config.train.optim_name)
     max_len = context_length(model_config, config.data.max_seq_length)
     setup = setup_for(config, model_config, precision, topology, tokenizer, max_len)
     if "--device_memory" in own:

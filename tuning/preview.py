@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.config import parse_config
-from tuning.data import IGNORE_INDEX, DataStats, check_data_config, preview_parts
-from tuning.errors import USER_ERROR_EXIT_CODE, UserError
-from tuning.model import context_length, load_model_config, load_tokenizer
+from tuning.config import build_parser, output_dir_hint, parse_command_line
+from tuning.data import IGNORE_INDEX, SAMPLE_INFO, DataStats, check_data_config, preview_parts
+from tuning.errors import UserError, run_command
+from tuning.logs import setup_logging
+from tuning.model import context_length, generation_stop_ids, load_model_config, load_tokenizer
 
 DEFAULT_SAMPLES = 3
 _GREEN, _RESET = "\033[32;1m", "\033[0m"
@@ -26,36 +27,25 @@ _GREEN, _RESET = "\033[32;1m", "\033[0m"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        n, rest = _pop_preview_flag(argv)
-        if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in rest):
-            rest += ["--output_dir", str(Path(tempfile.gettempdir()) / "tuning-preview")]  # never written
-        config = parse_config(rest)
-        check_data_config(config.data, config.train.max_steps)
-        tokenizer = load_tokenizer(config.model, config.data)
-        max_len = context_length(load_model_config(config.model), config.data.max_seq_length)
-        parts = preview_parts(config.data, tokenizer, max_len)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
-    print(render_preview(parts, tokenizer, n, color=sys.stdout.isatty()))
+    setup_logging()
+    return run_command(lambda: _preview(argv), lambda: output_dir_hint(argv))
+
+
+def _preview(argv: list[str]) -> int:
+    parser = build_parser()
+    parser.add_argument("--preview", type=int, default=DEFAULT_SAMPLES, help="Samples shown per dataset.")
+    parser.set_defaults(output_dir=str(Path(tempfile.gettempdir()) / "tuning-preview"))  # never written
+    config, extras = parse_command_line(argv, parser)
+    if extras.preview < 0:
+        raise UserError(f"--preview takes a number of samples, got {extras.preview}")
+    check_data_config(config.data, config.train.max_steps)
+    tokenizer = load_tokenizer(config.model, config.data)
+    model_config = load_model_config(config.model)
+    max_len = context_length(model_config, config.data.max_seq_length)
+    stop_ids = generation_stop_ids(config.model, model_config, tokenizer)
+    parts = preview_parts(config.data, tokenizer, max_len, stop_ids)
+    print(render_preview(parts, tokenizer, extras.preview, color=sys.stdout.isatty()))
     return 0
-
-
-def _pop_preview_flag(argv: list[str]) -> tuple[int, list[str]]:
-    rest, n, i = [], DEFAULT_SAMPLES, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--preview" or arg.startswith("--preview="):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if "=" in arg else 2
-            if not value.isdigit():
-                raise UserError(f"--preview takes a number of samples, got {value!r}")
-            n = int(value)
-            continue
-        rest.append(arg)
-        i += 1
-    return n, rest
 
 
 def render_preview(
@@ -68,7 +58,10 @@ def render_preview(
         for i, row in enumerate(itertools.islice(iter(dataset), n)):
             ids, labels = row["input_ids"], row["labels"]
             trained = sum(1 for t in labels if t != IGNORE_INDEX)
-            lines.append(f"-- sample {i}: {len(ids)} tokens, {trained} trained")
+            part = ""
+            if SAMPLE_INFO in row and row[SAMPLE_INFO][1] > 1:  # a conversation split into several samples
+                part = f" (part {row[SAMPLE_INFO][0] + 1} of {row[SAMPLE_INFO][1]} of one conversation)"
+            lines.append(f"-- sample {i}: {len(ids)} tokens, {trained} trained{part}")
             lines.append(mark_trained(ids, labels, tokenizer, color=color))
     return "\n".join(lines)
 
@@ -76,9 +69,13 @@ def render_preview(
 def counts_line(stats: DataStats | None) -> str:
     if stats is None:
         return "streaming: counts are not computed"
+    split = ""
+    if stats.conversations_split:
+        split = f", {stats.conversations_split} conversations split into {stats.split_samples} samples"
     return (
-        f"{stats.kept} samples (of {stats.rows} rows), {stats.total_tokens} tokens, {stats.trained_tokens} "
-        f"trained, {stats.truncated} truncated, {sum(stats.dropped.values())} dropped with no trained token"
+        f"{stats.kept} samples (of {stats.rows} rows{split}), {stats.total_tokens} tokens, "
+        f"{stats.trained_tokens} trained, {stats.truncated} truncated, {sum(stats.dropped.values())} dropped "
+        "with no trained token"
     )
 
 

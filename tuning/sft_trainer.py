@@ -15,34 +15,42 @@ if __package__ in (None, ""):  # run as a file: import the package, not sibling 
 import logging
 import os
 import time
-import traceback
 
-from tuning.config import SFTConfig, parse_config, save_resolved_config
+from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolved_config
 from tuning.data import build_datasets, check_data_config, write_processed
-from tuning.errors import (
-    INTERNAL_ERROR_EXIT_CODE,
-    USER_ERROR_EXIT_CODE,
-    TrainingInterrupted,
-    UserError,
-    write_termination_log,
+from tuning.errors import run_command
+from tuning.logs import disable_progress_bars, setup_logging
+from tuning.model import (
+    apply_peft,
+    check_memory,
+    context_length,
+    generation_stop_ids,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    precision_plan,
+    quantization_config,
+    setup_for,
 )
-from tuning.logs import setup_logging
-from tuning.model import context_length, load_model, load_model_config, load_tokenizer, precision_plan
-from tuning.model.memory import setup_for
-from tuning.model.memory_check import check_memory
-from tuning.model.peft import apply_peft
-from tuning.model.quantization import quantization_config
-from tuning.outputs import build_summary, save_final_model, summary_line, write_loss_plot, write_summary
+from tuning.outputs import (
+    build_summary,
+    save_final_model,
+    summary_line,
+    write_loss_plot,
+    write_model_card,
+    write_summary,
+)
 from tuning.trackers import build_trackers
-from tuning.train import build_trainer, log_run_start, resume_checkpoint
-from tuning.train.distributed import (
+from tuning.train import (
+    build_trainer,
     exit_process,
     leave_process_group,
+    log_run_start,
+    resume_checkpoint,
     select_cpu_backend,
     set_seed,
     topology,
 )
-from tuning.train.optimizers import optimizer_name
 
 logger = logging.getLogger("tuning")
 
@@ -50,22 +58,25 @@ logger = logging.getLogger("tuning")
 def run(config: SFTConfig) -> dict:
     """Run one fine-tuning job; returns the run summary."""
     args = config.train
+    if args.disable_tqdm:
+        disable_progress_bars()  # the libraries' bars too, not only our progress bar
     if args.should_save:  # rank 0 only: every path below is written once, even across machines
         save_resolved_config(config, args.output_dir)
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
-    plan = precision_plan(config.model, model_config, config.peft.peft_method, optimizer_name(args))
-    spread = topology(args)
+    plan = precision_plan(config.model, model_config, config.peft.peft_method, args.optim_name)
+    devices = topology(args)
     quant = quantization_config(
-        config.quant, model_config, config.peft.peft_method, plan.load_dtype, spread.sharded
+        config.quant, model_config, config.peft.peft_method, plan.load_dtype, devices.sharded
     )
     max_len = context_length(model_config, config.data.max_seq_length)
+    stop_ids = generation_stop_ids(config.model, model_config, tokenizer)  # where chat turns end
     if not config.data.do_dataprocessing_only:  # the plan, and a run that can't fit, before data and weights
-        setup = setup_for(config, model_config, plan, spread, tokenizer, max_len)
+        setup = setup_for(config, model_config, plan, devices, tokenizer, max_len)
         check_memory(setup, args.memory_check, show=args.should_save)
     with args.main_process_first(desc="dataset"):  # one rank per machine tokenizes; the rest read its cache
-        data = build_datasets(config.data, tokenizer, max_len)
+        data = build_datasets(config.data, tokenizer, max_len, stop_ids)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
@@ -85,48 +96,34 @@ def run(config: SFTConfig) -> dict:
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
         write_summary(args.output_dir, summary)
+        if saved:
+            write_model_card(saved, config, summary, data, quant, max_len)
         logger.info(summary_line(summary))
     return summary
 
 
+def load_config(argv: list[str]) -> SFTConfig:
+    """The validated job: flags and ``--config`` file, then what only the data stage can check."""
+    config = parse_config(argv)
+    setup_logging(debug=config.train.get_process_log_level() == logging.DEBUG)
+    check_data_config(config.data, config.train.max_steps)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = setup_logging(argv)
-    try:
-        select_cpu_backend()  # before the training arguments set up devices
-        config = parse_config(argv)
-        check_data_config(config.data, config.train.max_steps)
-        run(config)
-        leave_process_group(wait=True)
-        return 0
-    except TrainingInterrupted as e:  # a checkpoint is saved: the scheduler reruns the command to resume
-        line, code = f"interrupted: {e}", e.exit_code
-    except UserError as e:
-        line, code = f"error: {e}", USER_ERROR_EXIT_CODE
-        if debug:
-            traceback.print_exc()
-    except Exception as e:  # anything not a user mistake is ours to fix: 203, with the traceback
-        traceback.print_exc()
-        kind = "out of memory" if "OutOfMemoryError" in type(e).__name__ else "internal error"
-        line, code = (
-            f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-            INTERNAL_ERROR_EXIT_CODE,
-        )
-    finally:
-        leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
-    print(line, file=sys.stderr)
-    write_termination_log(line, _output_dir_hint(argv))
-    return code
+    setup_logging()
 
+    def train() -> int:
+        try:
+            select_cpu_backend()  # before the training arguments set up devices
+            run(load_config(argv))
+            leave_process_group(wait=True)
+            return 0
+        finally:
+            leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
 
-def _output_dir_hint(argv: list[str]) -> str | None:
-    """``--output_dir`` from the raw command line, for the termination log when parsing itself failed."""
-    for i, arg in enumerate(argv):
-        if arg == "--output_dir" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--output_dir="):
-            return arg.split("=", 1)[1]
-    return None
+    return run_command(train, lambda: output_dir_hint(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,45 @@
 """Config stage: command line / YAML / JSON → one validated :class:`SFTConfig`."""
 
-from tuning.config.args import DataArgs, ModelArgs, SFTConfig, TrainArgs
-from tuning.config.parser import parse_config, save_resolved_config
+from tuning.config.args import (
+    BNB_METHODS,
+    KAHAN_OPTIMIZERS,
+    DataArgs,
+    ModelArgs,
+    PeftArgs,
+    QuantArgs,
+    SFTConfig,
+    TrackerArgs,
+    TrainArgs,
+    unescape,
+)
+from tuning.config.parser import (
+    build_parser,
+    output_dir_hint,
+    parse_command_line,
+    parse_config,
+    peek_flag,
+    resolved_config_dict,
+    save_resolved_config,
+)
+from tuning.config.rules import SEED_MAX
 
-__all__ = ["DataArgs", "ModelArgs", "SFTConfig", "TrainArgs", "parse_config", "save_resolved_config"]
+__all__ = [
+    "BNB_METHODS",
+    "KAHAN_OPTIMIZERS",
+    "SEED_MAX",
+    "DataArgs",
+    "ModelArgs",
+    "PeftArgs",
+    "QuantArgs",
+    "SFTConfig",
+    "TrackerArgs",
+    "TrainArgs",
+    "build_parser",
+    "output_dir_hint",
+    "parse_command_line",
+    "parse_config",
+    "peek_flag",
+    "resolved_config_dict",
+    "save_resolved_config",
+    "unescape",
+]

@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Literal
+import typing
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any, Literal
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+from transformers.training_args import OptimizerNames
 
-DTYPES = ("bfloat16", "float16", "float32", "auto")
+from tuning.config.rules import check_values
+from tuning.dtypes import DTYPE_NAMES
+from tuning.errors import UserError
+
+DataFormat = Literal[
+    "auto", "pretokenized", "text", "template", "input_output", "prompt_completion", "alpaca", "chat"
+]
+TrainOn = Literal["responses", "last_response", "all"]
 MasterWeights = Literal["auto", "float32", "kahan", "half"]
 # --optim values whose update --master_weights kahan replaces by its Kahan-compensated AdamW (same algorithm)
 KAHAN_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
-DataFormat = Literal["auto", "pretokenized", "text", "template", "input_output", "chat"]
 
 
 def unescape(text: str | None) -> str | None:
@@ -32,6 +42,61 @@ def unescape(text: str | None) -> str | None:
     return re.sub(r"\\([ntr\\])", lambda m: table[m.group(1)], text)
 
 
+def json_object(value: dict | str | None, flag: str, example: str) -> dict | None:
+    """A flag's JSON object, given as text on the command line or as a mapping in a config file."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--{flag} is not valid JSON: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"--{flag} must be a JSON object, e.g. {example}")
+    return value
+
+
+@cache
+def text_fields(cls: type) -> tuple[str, ...]:
+    """Our own free-text and list-of-text fields of ``cls`` (not Hugging Face's TrainingArguments', not
+    those with choices), where an empty value means nothing: an empty ``--response_template`` would match
+    everywhere."""
+    hints = typing.get_type_hints(cls)
+    inherited = {f.name for f in fields(TrainingArguments)}
+    text_types = (str, str | None, list[str], list[str] | None)
+    return tuple(
+        f.name
+        for f in fields(cls)
+        if f.name not in inherited and hints[f.name] in text_types and "choices" not in f.metadata
+    )
+
+
+@cache
+def float_fields(cls: type) -> frozenset[str]:
+    hints = typing.get_type_hints(cls)
+    return frozenset(n for n, h in hints.items() if h is float or h == float | None)
+
+
+@cache
+def literal_choices(cls: type) -> dict[str, tuple]:
+    """Fields of ``cls`` typed ``Literal[...]`` (or an Optional one) → their choices."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        literal = next((a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is Literal), None)
+        if literal is not None:
+            out[name] = typing.get_args(literal)
+    return out
+
+
+def check_group(group: Any) -> None:
+    """The value rules (tuning/config/rules.py) and Literal choices for an argument group, however it
+    was built (the parser has checked both already, saying where each value came from)."""
+    cls = type(group)
+    for name, choices in literal_choices(cls).items():
+        value = getattr(group, name)
+        if value is not None and value not in choices:
+            raise UserError(f"--{name} is {value!r}: choose one of {', '.join(map(str, choices))}")
+    check_values(vars(group), text_fields(cls), floats=float_fields(cls))
+
+
 @dataclass
 class ModelArgs:
     model_name_or_path: str | None = field(
@@ -43,10 +108,9 @@ class ModelArgs:
     torch_dtype: str = field(
         default="bfloat16",
         metadata={
-            "help": "Compute dtype: bfloat16 (default), float16, float32 or auto (the checkpoint's). "
-            "Half precision computes under autocast while trainable weights and optimizer state stay "
-            "float32, unless --half_precision_master_weights.",
-            "choices": list(DTYPES),
+            "help": "Weights dtype: bfloat16 (default), float16, float32 or auto (the checkpoint's). How "
+            "trainable weights keep precision in half precision is --master_weights.",
+            "choices": list(DTYPE_NAMES),
         },
     )
     master_weights: MasterWeights = field(
@@ -78,6 +142,7 @@ class ModelArgs:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repo's own code."})
 
     def __post_init__(self) -> None:
+        check_group(self)
         if self.half_precision_master_weights:
             if self.master_weights not in ("auto", "half"):
                 raise ValueError(
@@ -122,8 +187,26 @@ class DataArgs:
         default="auto",
         metadata={
             "help": "How rows become tokens. auto picks by the rule in docs/data.md: template flag, "
-            "text-field flag, conversation flag, then the columns (input_ids, messages, input+output)."
+            "text-field flag, conversation flag, then the columns (input_ids, messages/conversations, "
+            "prompt+completion, instruction+output, input+output, text)."
         },
+    )
+    train_on: TrainOn = field(
+        default="responses",
+        metadata={
+            "help": "What carries loss. responses (default): every assistant turn of chat data (as the "
+            "model generates it), the completion/output column, the text after --response_template; "
+            "last_response: only the last of those; all: every token of the text.",
+            "choices": ["responses", "last_response", "all"],
+        },
+    )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's name: true is --train_on responses, false is --train_on all."},
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's name: true is --train_on responses, false is --train_on all."},
     )
     dataset_text_field: str | None = field(
         default=None, metadata={"help": "Column with the full training text."}
@@ -142,6 +225,27 @@ class DataArgs:
     chat_template: str | None = field(
         default=None, metadata={"help": "Jinja chat template overriding the tokenizer's."}
     )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A chat template file (.jinja), or a tokenizer folder whose template to use, instead of "
+            "the tokenizer's (TRL's name)."
+        },
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON object of extra chat template variables, e.g. {"enable_thinking": false} or '
+            '{"reasoning_effort": "high"}; a row\'s chat_template_kwargs column overrides it.'
+        },
+    )
+    chat_render_budget: int = field(
+        default=4_000_000,
+        metadata={
+            "help": "Characters the chat template may render per conversation to find each assistant "
+            "turn's context (quadratic in turns); later turns beyond it are left untrained and counted."
+        },
+    )
     dataset_conversation_field: str | None = field(
         default=None, metadata={"help": "Column with a list of chat messages (default: messages)."}
     )
@@ -150,13 +254,27 @@ class DataArgs:
         metadata={"help": "New special tokens to add to the tokenizer (embeddings are resized)."},
     )
     max_seq_length: int = field(
-        default=4096, metadata={"help": "Longest sample in tokens (capped by the model's context)."}
+        default=4096,
+        metadata={
+            "help": "Longest sample in tokens (capped by the model's context).",
+            "aliases": ["--max_length"],
+        },
     )
     packing: bool = field(
         default=False,
         metadata={
-            "help": "Pretraining-style packing: concatenate all samples and cut rows of max_seq_length "
-            "tokens; samples in a row attend to each other."
+            "help": "Pack the training samples into rows of up to max_seq_length tokens (fewer, fuller "
+            "rows); --packing_strategy says how."
+        },
+    )
+    packing_strategy: Literal["bfd", "wrapped"] = field(
+        default="bfd",
+        metadata={
+            "help": "bfd (default, TRL's): whole samples by best-fit decreasing, position_ids restarting per "
+            "sample, so no sample attends to another and the loss equals unpacked training (needs "
+            "padding-free batches). wrapped: pretraining-style, everything concatenated and cut every "
+            "max_seq_length tokens; samples in a row attend to each other and may be split.",
+            "choices": ["bfd", "wrapped"],
         },
     )
 
@@ -164,17 +282,42 @@ class DataArgs:
         self.response_template = unescape(self.response_template)
         self.instruction_template = unescape(self.instruction_template)
         self.data_formatter_template = unescape(self.data_formatter_template)
+        self.chat_template_kwargs = json_object(
+            self.chat_template_kwargs, "chat_template_kwargs", '{"enable_thinking": false}'
+        )
+        if self.chat_template and self.chat_template_path:
+            raise ValueError("pass either --chat_template or --chat_template_path, not both")
+        # TRL's switches: false trains every token, true is our default (a conflict is an error)
+        for name in ("assistant_only_loss", "completion_only_loss"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (self.train_on == "all") if value else (self.train_on == "last_response"):
+                raise ValueError(f"--{name} {str(value).lower()} contradicts --train_on {self.train_on}")
+            if not value:
+                self.train_on = "all"
+        check_group(self)
 
 
 # The established defaults of the fms-hf-tuning family, which differ from Hugging Face's own.
 @dataclass
 class TrainArgs(TrainingArguments):
-    save_strategy: str = field(default="epoch", metadata={"help": "no | steps | epoch | best"})
-    logging_strategy: str = field(default="epoch", metadata={"help": "no | steps | epoch"})
+    # retyped as str for the new defaults: the choices transformers derives from its enums are restated
+    save_strategy: str = field(
+        default="epoch",
+        metadata={"help": "no | steps | epoch | best", "choices": [s.value for s in SaveStrategy]},
+    )
+    logging_strategy: str = field(
+        default="epoch",
+        metadata={"help": "no | steps | epoch", "choices": [s.value for s in IntervalStrategy]},
+    )
     report_to: None | str | list[str] = field(
         default="none", metadata={"help": "Hugging Face integrations to report to (default none)."}
     )
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (default adamw_torch)."})
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer (default adamw_torch).", "choices": [o.value for o in OptimizerNames]},
+    )
     save_model_dir: str | None = field(
         default=None,
         metadata={"help": "Where the final model goes (safetensors + config + tokenizer)."},
@@ -183,6 +326,29 @@ class TrainArgs(TrainingArguments):
     # family's commands still pass --warmup_ratio, so it stays a flag of its own.
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "Linear warmup over this fraction of the total steps."}
+    )
+    disable_tqdm: bool = field(
+        default=False,
+        metadata={
+            "help": "No progress bars: plain progress lines on a terminal too, and no library bars (loading "
+            "weights, writing shards). Where stderr is not a terminal there are never bars."
+        },
+    )
+    # transformers 5 dropped this flag; fms-hf-tuning's job files (its README's, its tests') still set it
+    include_tokens_per_second: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility (transformers 4): trained tokens/s is always in the progress "
+            "lines and run_summary.json."
+        },
+    )
+    # transformers 5's JIT checkpoint saves on SIGTERM; that is always on here (tuning/train/signals.py)
+    enable_jit_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility; always on here: SIGTERM (or SIGINT) finishes the current "
+            "step, commits a checkpoint and exits 143 (130); rerunning resumes (docs/checkpoints.md)."
+        },
     )
     # speed and memory (docs/performance.md)
     padding_free: bool = field(
@@ -215,10 +381,14 @@ class TrainArgs(TrainingArguments):
         },
     )
 
+    @property
+    def optim_name(self) -> str:
+        """``--optim`` as its plain name (TrainingArguments turns it into an enum)."""
+        return str(getattr(self.optim, "value", self.optim))
+
     def __post_init__(self) -> None:
+        check_group(self)
         if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             if self.warmup_steps:
                 raise ValueError("pass either --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
@@ -310,12 +480,14 @@ class PeftArgs:
         default=False,
         metadata={
             "help": "With added tokens: write the new embedding rows to new_embeddings.safetensors next to "
-            "an adapter without them (for servers such as vLLM that can't load embeddings in an adapter)."
+            "an adapter without them (for vLLM releases before Nov 2025; current vLLM takes no new "
+            "vocabulary in an adapter: serve the model from tuning merge instead)."
         },
     )
 
     def __post_init__(self) -> None:
         self.alora_invocation_string = unescape(self.alora_invocation_string)
+        check_group(self)
         if self.peft_method == "alora" and not self.alora_invocation_string:
             raise ValueError(
                 "--peft_method alora needs --alora_invocation_string (the text that activates it)"
@@ -326,10 +498,6 @@ class PeftArgs:
             and not self.prompt_tuning_init_text
         ):
             raise ValueError("--prompt_tuning_init TEXT needs --prompt_tuning_init_text")
-        if self.lora_r <= 0 or self.num_virtual_tokens <= 0 or self.embedding_size_multiple_of <= 0:
-            raise ValueError(
-                "--lora_r, --num_virtual_tokens and --embedding_size_multiple_of must be positive"
-            )
 
 
 TRACKERS = ("file_logger", "aim", "tensorboard", "mlflow")
@@ -366,14 +534,9 @@ class TrackerArgs:
     )
 
     def __post_init__(self) -> None:
+        check_group(self)
         self.trackers = list(dict.fromkeys(["file_logger", *self.trackers]))
-        if isinstance(self.exp_metadata, str):
-            try:
-                self.exp_metadata = json.loads(self.exp_metadata)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--exp_metadata is not valid JSON: {e}") from None
-        if self.exp_metadata is not None and not isinstance(self.exp_metadata, dict):
-            raise ValueError('--exp_metadata must be a JSON object, e.g. {"team": "nlp"}')
+        self.exp_metadata = json_object(self.exp_metadata, "exp_metadata", '{"team": "nlp"}')
 
 
 QuantizationMethod = Literal["none", "mxfp4", "bnb_4bit", "bnb_8bit"]
@@ -442,6 +605,7 @@ class QuantArgs:
     )
 
     def __post_init__(self) -> None:
+        check_group(self)
         named = (
             {"--quantization_method": self.quantization_method} if self.quantization_method != "none" else {}
         )

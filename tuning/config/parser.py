@@ -1,13 +1,27 @@
-"""One parser for the command line and config files, with one precedence rule: the file (``--config``)
-sets values, command-line flags override them. Unknown keys fail with the closest valid name."""
+"""One parser for the command line and config files, with one precedence rule: the file (``--config``, or
+the job fms-hf-tuning's ``$SFT_TRAINER_CONFIG_JSON_PATH`` / ``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` hand over)
+sets values, command-line flags override them. Unknown keys fail with the closest valid name.
+
+A file value goes through exactly what the same flag goes through: the text is converted by that flag's
+own argparse action (its type, its choices), then every value, wherever it came from, is checked
+against the rules in :mod:`tuning.config.rules`, and the dataclasses check themselves once more. So a
+file can never set what the flag would refuse. A file only adds what no command line can spell:
+``null`` for a field that may be unset, a list for a flag that takes one, and a mapping (the JSON object
+the flag takes as text)."""
 
 from __future__ import annotations
 
 import argparse
-import difflib
+import dataclasses
+import json
 import logging
 import math
+import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +38,12 @@ from tuning.config.args import (
     SFTConfig,
     TrackerArgs,
     TrainArgs,
+    float_fields,
+    text_fields,
 )
-from tuning.errors import UserError
-from tuning.files import read_mapping_file
+from tuning.config.rules import check_values
+from tuning.errors import ArgumentParser, UserError, did_you_mean
+from tuning.files import LAUNCH_ARGS_KEY, check_writable_folder, job_from_environment, read_mapping_file
 
 # SFTConfig field → dataclass; a new stage's arguments are one more entry here.
 ARG_GROUPS: dict[str, type] = {
@@ -44,86 +61,303 @@ STEP_FLAGS = {
     "save_steps": "save_strategy",
     "eval_steps": "eval_strategy",
 }
+# argparse reads "-1e-4" and "-inf" as unknown flags ("expected one argument"); only "-1" and "-.5" count
+# as numbers. Negative values must reach the range check, which can say what is wrong with them.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+_UNSET = object()
 
 logger = logging.getLogger(__name__)
 
 
-def closest(name: str, candidates: list[str]) -> str:
-    """`` (did you mean --x?)`` for the nearest candidate, or an empty string."""
-    match = difflib.get_close_matches(name.lstrip("-"), candidates, n=1, cutoff=0.6)
-    return f" (did you mean --{match[0]}?)" if match else ""
+class _ParseError(Exception):
+    """argparse's complaint, tidied; the caller says whether it was the command line or the file."""
 
 
-class _Parser(HfArgumentParser):
-    """argparse exits 2 with usage text on a bad flag; we raise a UserError (exit 1, one line)."""
+class _Parser(ArgumentParser, HfArgumentParser):
+    """The dataclasses' flags. On a bad flag argparse exits 2 with usage text; we raise instead (the
+    caller makes it a UserError naming the command line or the config file: exit 1, one line), read
+    negative numbers as values, and suggest the closest choice."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"invalid command line: {message}; run with --help for the list of flags")
+        raise _ParseError(_tidy(message))
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            names = [str(c) for c in action.choices]
+            hint = did_you_mean(str(value), names)
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {str(value)!r}{hint}; choose from {', '.join(names)}"
+            )
+
+
+def _tidy(message: str) -> str:
+    """``argument --learning_rate/--learning-rate: ...`` → ``--learning_rate: ...``."""
+    return re.sub(r"argument (-[-\w]+)(/-[-\w]+)*:", r"\1:", message)
 
 
 def build_parser() -> HfArgumentParser:
+    """The parser of every flag (a command may add flags of its own to it)."""
     parser = _Parser(tuple(ARG_GROUPS.values()), allow_abbrev=True)
     parser.add_argument(
         "--config",
         default=None,
         help="YAML or JSON file with the same keys as the flags; command-line flags override it.",
     )
+    for action in parser._actions:
+        hint = field_hints().get(action.dest)
+        if hint is not None and _admits(hint, dict) and action.nargs is None:
+            action.type = _json_object_type(action.type, text_too=_admits(hint, str))
     return parser
 
 
-def _config_file_arg(argv: list[str]) -> str | None:
+@cache
+def field_hints() -> dict[str, Any]:
+    """Flag name → the type hint of its dataclass field, across every argument group."""
+    return {name: hint for cls in ARG_GROUPS.values() for name, hint in typing.get_type_hints(cls).items()}
+
+
+def _members(hint: Any) -> tuple:
+    is_union = typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType)
+    return typing.get_args(hint) if is_union else (hint,)
+
+
+def _admits(hint: Any, kind: type) -> bool:
+    """Whether a field typed ``hint`` may hold a ``kind`` (None, dict, list, str)."""
+    return any(m is kind or typing.get_origin(m) is kind for m in _members(hint))
+
+
+def _json_object_type(fallback: Callable[[str], Any] | None, text_too: bool) -> Callable[[str], Any]:
+    """Text starting with ``{`` is a JSON object (Hugging Face's rule for its dict flags), parsed here so
+    a bad one is refused by the parser; other text stays a path or name where the field takes one."""
+
+    def convert(text: str) -> Any:
+        if text.lstrip().startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise argparse.ArgumentTypeError(f"not valid JSON: {e.msg} at column {e.colno}") from None
+            if isinstance(value, dict):
+                return value
+        if not text_too:
+            raise argparse.ArgumentTypeError(f'expected a JSON object such as {{"key": 1}}, got {text!r:.40}')
+        return fallback(text) if fallback else text
+
+    return convert
+
+
+def peek_flag(argv: list[str], dest: str, parser: argparse.ArgumentParser | None = None) -> str | None:
+    """The value given for ``--dest`` on a command line that may not parse: the exact flag, ``--dest=V``
+    or a unique prefix of it (argparse's abbreviation rule over ``parser``'s flags). The last one wins."""
+    options = [o for a in (parser or build_parser())._actions for o in a.option_strings if o.startswith("--")]
+    target, found = f"--{dest}", None
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--"):
+            continue
+        matches = [o for o in options if o.startswith(name)]
+        if name == target or matches == [target]:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
 
 
-def load_config_file(path: str, valid_keys: list[str]) -> dict[str, Any]:
-    """Read a flat YAML/JSON mapping of flag names to values; reject unknown keys."""
-    values = read_mapping_file(path, "config file")
-    for key in values:
-        if key not in valid_keys:
-            raise UserError(f"unknown key '{key}' in config file {path}{closest(key, valid_keys)}")
-    return values
+def output_dir_hint(argv: list[str]) -> str | None:
+    """``--output_dir`` of a command line, or of its ``--config`` file (or the job in the environment),
+    for the termination log of a command that failed before (or while) parsing."""
+    parser = build_parser()
+    given = peek_flag(argv, "output_dir", parser)
+    if given:
+        return given
+    config_file = peek_flag(argv, "config", parser)
+    try:
+        if config_file:
+            values = read_mapping_file(config_file, "config file")
+        else:
+            values = (job_from_environment() or ("", {}))[1]
+    except UserError:
+        return None
+    value = values.get("output_dir")
+    return value if isinstance(value, str) else None
 
 
 def parse_config(argv: list[str]) -> SFTConfig:
-    """Parse flags (and ``--config FILE``) into a validated :class:`SFTConfig`."""
-    parser = build_parser()
-    dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
-    config_file = _config_file_arg(argv)
-    file_values = load_config_file(config_file, dests) if config_file else {}
-    parser.set_defaults(**file_values)
-    imply_step_strategies(parser, argv, file_values)
+    """Parse flags (and ``--config FILE``, or a job in the environment) into a validated :class:`SFTConfig`."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(
+    argv: list[str], parser: HfArgumentParser | None = None
+) -> tuple[SFTConfig, argparse.Namespace]:
+    """:func:`parse_config` for a command whose ``parser`` (from :func:`build_parser`) has flags of its
+    own: returns them too, as a namespace."""
+    parser = parser or build_parser()
+    on_cli = _command_line_values(parser, argv)
+    config_file = on_cli.pop("config", None)
+    source, from_file = file_values(config_file, parser)
+    preset = {**from_file, **implied_step_strategies(on_cli, from_file)}
     try:
-        *groups, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        namespace, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(**preset))
+    except _ParseError as e:  # checked by _command_line_values already; kept for safety
+        raise UserError(f"invalid command line: {e}; run with --help for the list of flags") from None
+    values = vars(namespace)
+
+    def where(name: str) -> str:
+        if name in on_cli:
+            return " (command line)"
+        return f" ({source})" if name in from_file else ""
+
+    text = [name for cls in ARG_GROUPS.values() for name in text_fields(cls)]
+    floats = set().union(*(float_fields(cls) for cls in ARG_GROUPS.values()))
+    check_values(values, text, where, floats)
+    check_combinations(values, where)
+    config = SFTConfig(**{name: _build_group(cls, values) for name, cls in ARG_GROUPS.items()})
+    grouped = {f.name for cls in ARG_GROUPS.values() for f in dataclasses.fields(cls)} | {"config"}
+    extras = argparse.Namespace(**{k: v for k, v in values.items() if k not in grouped})
+    validate(config)
+    return config, extras
+
+
+def _command_line_values(parser: HfArgumentParser, argv: list[str]) -> dict[str, Any]:
+    """The flags the command line itself sets (by destination, abbreviations and ``--flag=value`` too),
+    asked of argparse: a sentinel namespace keeps every flag not given at the sentinel."""
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions})
+    try:
+        given, remaining = parser.parse_known_args(argv, namespace=probe)
+    except _ParseError as e:
+        raise UserError(f"invalid command line: {e}; run with --help for the list of flags") from None
+    if remaining:
+        dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
+        flag = next((r for r in remaining if r.startswith("-")), remaining[0])
+        raise UserError(
+            f"unknown flag {flag}{did_you_mean(flag.split('=')[0], dests, flag=True)}; see --help"
+        )
+    return {k: v for k, v in vars(given).items() if v is not _UNSET and k != "help"}
+
+
+def file_values(config_file: str | None, parser: HfArgumentParser) -> tuple[str, dict[str, Any]]:
+    """(where, values) a file sets: ``--config FILE``, else the job fms-hf-tuning's environment variables
+    hand over (``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` / ``$SFT_TRAINER_CONFIG_JSON_PATH``); flags override
+    both. Each value is converted by its flag's argparse action."""
+    if config_file:
+        return f"config file {config_file}", load_config_file(config_file, parser)
+    job = job_from_environment(scalars_as_text=True)
+    if job is None:
+        return "", {}
+    where, values = job
+    logger.info("reading the %s; command-line flags override it", where)
+    return where, convert_config_values(values, where, parser)
+
+
+def load_config_file(path: str, parser: HfArgumentParser | None = None) -> dict[str, Any]:
+    """A ``--config`` file's values, each converted by its flag's argparse action (type, choices)."""
+    values = read_mapping_file(path, "config file", scalars_as_text=True)
+    return convert_config_values(values, f"config file {path}", parser or build_parser())
+
+
+def convert_config_values(values: dict[str, Any], where: str, parser: HfArgumentParser) -> dict[str, Any]:
+    """The flag values of a config or job mapping (values as text, see ``read_mapping_file``), converted
+    like the flags: unknown keys rejected, the launcher's own key set aside (a ``tuning launch`` job file
+    is also a ``--config`` file)."""
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # the first action of a dest is the flag's; --no_X shares the dest
+        actions.setdefault(action.dest, action)
+    valid = [d for d in actions if d not in ("help", "config")]
+    values = dict(values)
+    if values.pop(LAUNCH_ARGS_KEY, None) is not None:
+        logger.info("%s: %s is read by tuning launch only; ignored here", where, LAUNCH_ARGS_KEY)
+    out = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise UserError(f"unknown key '{key}' in {where}{did_you_mean(key, valid, flag=True)}")
+        try:
+            out[key] = _file_value(parser, actions[key], field_hints().get(key, str), value)
+        except _FileValueError as e:
+            raise UserError(f"{where}: {key}: {e}") from None
+        except argparse.ArgumentError as e:
+            raise UserError(f"{where}: {key}: {e.message.rstrip('.')}; fix it there") from None
+    return out
+
+
+class _FileValueError(Exception):
+    """A file value of a shape its flag can't take (the message says what it takes)."""
+
+
+def _file_value(parser: HfArgumentParser, action: argparse.Action, hint: Any, value: Any) -> Any:
+    """One file value → what the flag's action makes of the same text. Text is converted by the
+    action's type and checked against its choices (argparse's own two steps, called directly)."""
+
+    def convert(text: str) -> Any:
+        converted = parser._get_value(action, text)
+        parser._check_value(action, converted)
+        return converted
+
+    takes = f"it takes {_describe(hint)}"
+    if value is None:
+        if not _admits(hint, type(None)):
+            raise _FileValueError(f"null is not allowed, {takes}; give one or remove the key for the default")
+        return None
+    if isinstance(value, dict):
+        if action.nargs is not None or not _admits(hint, dict):
+            raise _FileValueError(f"a mapping is not allowed, {takes}")
+        return convert(json.dumps(value))
+    if isinstance(value, list):
+        if action.nargs != "+" and not _admits(hint, list):
+            raise _FileValueError(f"a list is not allowed, {takes}")
+        bad = next((item for item in value if not isinstance(item, str)), _UNSET)
+        if bad is not _UNSET:
+            raise _FileValueError(f"list items must be single values, got {bad!r:.40}")
+        return [convert(item) for item in value]
+    return [convert(value)] if action.nargs == "+" else convert(value)  # one item, as on the command line
+
+
+_KINDS = {float: "a number", int: "a whole number", str: "text", bool: "true or false", dict: "a mapping"}
+
+
+def _describe(hint: Any) -> str:
+    """``float | None`` → "a number or null"; ``list[str]`` → "a list of text"."""
+    out = []
+    for member in _members(hint):
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if member is type(None):
+            out.append("null")
+        elif origin is list:
+            out.append(f"a list of {_describe(args[0]).removeprefix('a ')}" if args else "a list")
+        elif origin is typing.Literal:
+            out.append("one of " + ", ".join(map(str, args)))
+        else:
+            out.append(_KINDS.get(origin or member, getattr(member, "__name__", str(member))))
+    return " or ".join(dict.fromkeys(out))
+
+
+def _build_group(cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    try:
+        return cls(**{k: v for k, v in values.items() if k in names})
     except ValueError as e:  # raised by the dataclasses' own validation (e.g. TrainingArguments)
         raise UserError(f"invalid arguments: {e}") from None
-    if remaining:
-        flag = next((r for r in remaining if r.startswith("-")), remaining[0])
-        raise UserError(f"unknown flag {flag}{closest(flag.split('=')[0], dests)}; see --help")
-    groups = [g for g in groups if not isinstance(g, argparse.Namespace)]
-    config = SFTConfig(**dict(zip(ARG_GROUPS, groups, strict=True)))
-    validate(config)
-    return config
+    except OSError as e:  # a file a flag names (--accelerator_config PATH) that can't be read
+        raise UserError(f"invalid arguments: cannot read {e.filename}: {e.strerror}") from None
+    except TypeError as e:  # every keyword is a field: this is a value's contents (a JSON object's keys)
+        raise UserError(f"invalid arguments: {e}") from None
 
 
-def imply_step_strategies(parser: HfArgumentParser, argv: list[str], file_values: dict[str, Any]) -> None:
-    """``--logging_steps N`` without ``--logging_strategy`` switches that strategy to steps (same for save
-    and eval). Whether a flag was given is asked of argparse itself (a sentinel it never overwrites
-    unless the flag is present), so abbreviations and ``--flag=value`` count too."""
-    unset = object()
-    probe = argparse.Namespace(**{d: unset for pair in STEP_FLAGS.items() for d in pair})
-    given, _ = parser.parse_known_args(argv, namespace=probe)
-    explicit = {d for d in vars(probe) if getattr(given, d) is not unset} | set(file_values)
+def implied_step_strategies(on_cli: dict[str, Any], from_file: dict[str, Any]) -> dict[str, str]:
+    """``--logging_steps N`` without ``--logging_strategy`` switches that strategy to steps (same for
+    save and eval), whether the count came from the command line or the file."""
+    implied = {}
+    given = {**from_file, **on_cli}
     for steps, strategy in STEP_FLAGS.items():
-        if steps in explicit and strategy not in explicit:
-            parser.set_defaults(**{strategy: "steps"})
-            value = file_values[steps] if getattr(given, steps) is unset else getattr(given, steps)
+        if steps in given and strategy not in given:
+            implied[strategy] = "steps"
+            value = given[steps]
             shown = f"{value:g}" if isinstance(value, (int, float)) else value
             logger.info("--%s %s without --%s: %s is steps", steps, shown, strategy, strategy)
+    return implied
 
 
 def validate(config: SFTConfig) -> None:
@@ -139,16 +373,20 @@ def validate(config: SFTConfig) -> None:
         _validate_data_config(config)
     if not train.output_dir:
         raise UserError("--output_dir is required: the folder for checkpoints and logs")
-    out = Path(train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file, not a folder; pass a folder path")
+    check_writable_folder(train.output_dir, "--output_dir")
+    if train.save_model_dir:
+        check_writable_folder(train.save_model_dir, "--save_model_dir")
     if train.max_steps <= 0 and not (train.num_train_epochs > 0 and math.isfinite(train.num_train_epochs)):
         raise UserError(
             f"--num_train_epochs is {train.num_train_epochs}: nothing would be trained; "
             "pass a positive --num_train_epochs or --max_steps"
         )
-    if config.data.max_seq_length <= 0:
-        raise UserError(f"--max_seq_length must be positive, got {config.data.max_seq_length}")
+    if config.data.packing and config.data.packing_strategy == "bfd" and not train.padding_free:
+        raise UserError(
+            "--packing_strategy bfd keeps packed samples apart only in padding-free batches, and "
+            "--padding_free is false; drop --padding_free false, or pass --packing_strategy wrapped "
+            "(samples in a row then attend to each other)"
+        )
     if config.data.instruction_template and not config.data.response_template:
         raise UserError("--instruction_template needs --response_template (loss starts after it)")
     _validate_memory_modes(config)
@@ -164,11 +402,29 @@ def _validate_memory_modes(config: SFTConfig) -> None:
             f"LoRA adapters on them; {what} can't train that way: add --peft_method lora, or drop the "
             "quantization to train without it"
         )
-    optim = str(getattr(config.train.optim, "value", config.train.optim))
+    optim = config.train.optim_name
     if config.model.master_weights == "kahan" and optim not in KAHAN_OPTIMIZERS:
         raise UserError(
             f"--master_weights kahan brings its own Kahan-compensated AdamW, but --optim is {optim}; use "
             f"--optim {KAHAN_OPTIMIZERS[0]}, or --master_weights float32 or half to keep {optim}"
+        )
+
+
+def check_combinations(values: dict[str, Any], where: Callable[[str], str]) -> None:
+    """Values each in range but wrong together; checked on the parsed values, before the dataclasses
+    (whose own checks would word it less clearly, or not check it at all)."""
+    for steps, strategy in STEP_FLAGS.items():
+        value = values.get(steps)
+        if values.get(strategy) == "steps" and value is not None and value <= 0:
+            raise UserError(
+                f"--{steps} is {value:g}{where(steps)} with --{strategy} steps: it must be positive (a number "
+                f"of steps, or a fraction of the run below 1); pass e.g. --{steps} 100, or another --{strategy}"
+            )
+    budget, longest = values.get("max_tokens_per_batch"), values.get("max_seq_length") or 0
+    if budget is not None and budget < longest:
+        raise UserError(
+            f"--max_tokens_per_batch {budget} is smaller than --max_seq_length {longest}: a sample that long "
+            f"would not fit in any batch; pass --max_tokens_per_batch >= {longest} or a smaller --max_seq_length"
         )
 
 

@@ -7,6 +7,7 @@ be any existing token (EOS when the tokenizer has no pad token) without ever mas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -57,9 +58,19 @@ class PaddingFreeCollator(DataCollatorWithFlattening):
     predicts across a boundary. transformers turns restarting ``position_ids`` into a block-diagonal
     mask (sdpa/eager/flex, only when no KV cache is passed: the model stage sets ``use_cache=False``) or
     varlen boundaries (flash-attention), so samples never attend to each other. We reuse transformers'
-    collator rather than writing our own; this subclass only fixes the tensor type.
+    collator rather than writing our own; this subclass fixes the tensor type and keeps the per-sample
+    ``position_ids`` of packed rows.
     """
 
     def __init__(self) -> None:
         # flash-attention derives its varlen boundaries from the restarting position_ids itself
         super().__init__(return_position_ids=True, return_tensors="pt")
+
+    def __call__(self, features: list[dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features, *args, **kwargs)
+        if features and "position_ids" in features[0]:
+            # rows packed from several samples (--packing_strategy bfd) carry positions restarting per
+            # sample; transformers' collator would number each row as one sample
+            kept = [f["position_ids"] for f in features if len(f["input_ids"]) > 0]
+            batch["position_ids"] = torch.tensor([list(chain.from_iterable(kept))], dtype=torch.long)
+        return batch

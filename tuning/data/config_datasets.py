@@ -7,13 +7,14 @@ import copy
 import inspect
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
-from tuning.data import formats, loading
+from tuning.config import DataArgs
+from tuning.data import chat, formats, loading
 from tuning.data.data_config import (
     OWN_KEYWORDS,
     DataConfig,
@@ -22,10 +23,10 @@ from tuning.data.data_config import (
     load_data_config,
     local_path,
 )
-from tuning.data.handlers.registry import did_you_mean, input_columns
+from tuning.data.handlers.registry import expand_rows, input_columns
 from tuning.data.prepare import DataStats, prepare, process_batch
 from tuning.data.tokenize import OK
-from tuning.errors import UserError
+from tuning.errors import UserError, check, did_you_mean, excerpt, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +64,27 @@ def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
     if not streaming and ds.builder is None and ds.dataset_split_name in (None, "train"):
         return loading.load_data(path)  # the CLI's loader, with its line-numbered error messages
     files = [Path(path)] if Path(path).is_file() else loading.resolve_files(path)
+    builder = None if files is None else ds.builder or loading.BUILDERS[files[0].suffix]
     try:
         if files is None:
             return datasets.load_dataset(path, split=ds.dataset_split_name or "train", streaming=streaming)
-        builder = ds.builder or loading.BUILDERS[files[0].suffix]
         return datasets.load_dataset(
             builder, data_files=[str(f) for f in files], split="train", streaming=streaming
         )
     except Exception as e:  # datasets raises many types; the user needs the path and the first line
+        where = f"data config {config.path}: dataset '{ds.name}'"
+        if files is not None and builder is not None:
+            raise UserError(f"{where}: {loading.explain_load_failure(files, builder, e)}") from None
+        cause = excerpt(first_line(e))
         raise UserError(
-            f"data config {config.path}: dataset '{ds.name}': could not load {path} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path and builder"
+            f"{where}: could not load {path} ({type(e).__name__}: {cause}); check the path and builder"
         ) from None
 
 
 def apply_step(data: Any, step: HandlerStep, context: dict[str, Any], where: str) -> Any:
     """Run one handler over a dataset; input columns are checked against the data first."""
     handler = step.handler
-    assert handler is not None, "validated by load_data_config"
+    check(handler is not None, f"{where}: handler not resolved by load_data_config")
     columns = column_names(data)
     for col in input_columns(handler, step.kwargs):
         if col not in columns:
@@ -103,17 +107,27 @@ def apply_step(data: Any, step: HandlerStep, context: dict[str, Any], where: str
                 logger.info("%s: skipped %d of %d rows", where, before - len(data), before)
             return data
         remove = columns if step.remove_columns == "all" else step.remove_columns
-        return data.map(handler.fn, batched=handler.batched, fn_kwargs=kwargs, remove_columns=remove, **extra)
+        fn = handler.fn
+        if handler.expands_rows:  # its rows are not the input's: it repeats the input columns kept
+            fn = partial(expand_rows, handler.fn, [c for c in columns if c not in (remove or [])])
+            remove = columns
+        return data.map(fn, batched=handler.batched, fn_kwargs=kwargs, remove_columns=remove, **extra)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 
 
 def process_dataset(
-    ds: DatasetConfig, config: DataConfig, args: DataArgs, tokenizer: Any, max_len: int
+    ds: DatasetConfig,
+    config: DataConfig,
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    settings: chat.ChatSettings | None = None,
 ) -> ProcessedDataset:
     """Load one dataset, run its handlers, then tokenize/truncate/drop as the CLI path does."""
+    settings = settings or chat.settings_from_args(args)
     data = load_dataset_paths(ds, config)
-    context = {"tokenizer": tokenizer, "chat_template": config.chat_template}
+    context = {"tokenizer": tokenizer, "chat_template": config.chat_template, "chat_settings": settings}
     for i, step in enumerate(ds.steps):
         where = f"data config {config.path}: dataset '{ds.name}': data_handlers[{i}] ({step.name})"
         data = apply_step(data, step, context, where)
@@ -125,9 +139,11 @@ def process_dataset(
     fmt, fmt_args = final_format(column_names(data), _text_columns(data), args)
     if isinstance(data, datasets.IterableDataset):
         return ProcessedDataset(
-            ds.name, _finalize_stream(data, fmt, fmt_args, tokenizer, max_len), DataStats(), ds
+            ds.name, _finalize_stream(data, fmt, fmt_args, tokenizer, max_len, settings), DataStats(), ds
         )
-    processed, stats = prepare(data, fmt, fmt_args, tokenizer, max_len, name=f"dataset '{ds.name}'")
+    processed, stats = prepare(
+        data, fmt, fmt_args, tokenizer, max_len, name=f"dataset '{ds.name}'", settings=settings
+    )
     return ProcessedDataset(ds.name, processed, stats, ds)
 
 
@@ -160,18 +176,26 @@ def final_format(columns: list[str], text_columns: list[str], args: DataArgs) ->
     return formats.resolve_format(args, columns), args
 
 
-def _finalize_stream(data: Any, fmt: str, args: DataArgs, tokenizer: Any, max_len: int) -> Any:
+def _finalize_stream(
+    data: Any, fmt: str, args: DataArgs, tokenizer: Any, max_len: int, settings: chat.ChatSettings
+) -> Any:
     def process(batch: dict[str, list]) -> dict[str, list]:
-        return process_batch(batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len)
+        out = process_batch(
+            batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings
+        )
+        out.pop(chat.SAMPLE_INFO, None)  # counts are not computed when streaming
+        return out
 
     data = data.map(process, batched=True, remove_columns=column_names(data))
     return data.filter(lambda s: s == OK, input_columns="status").remove_columns(["status", "truncated"])
 
 
-def process_all(args: DataArgs, tokenizer: Any, max_len: int) -> tuple[DataConfig, list[ProcessedDataset]]:
-    assert args.data_config_path, "validated by the config stage"
+def process_all(
+    args: DataArgs, tokenizer: Any, max_len: int, settings: chat.ChatSettings | None = None
+) -> tuple[DataConfig, list[ProcessedDataset]]:
+    check(args.data_config_path, "process_all needs --data_config_path")
     config = load_data_config(args.data_config_path)
     if config.chat_template:
         # the saved tokenizer must carry the template the model was trained with
         tokenizer.chat_template = config.chat_template
-    return config, [process_dataset(d, config, args, tokenizer, max_len) for d in config.datasets]
+    return config, [process_dataset(d, config, args, tokenizer, max_len, settings) for d in config.datasets]

@@ -24,9 +24,10 @@ from typing import Any, Literal
 
 import datasets
 
+from tuning.config import SEED_MAX
 from tuning.data.handlers import Handler, get_handler, resolve_kwargs
-from tuning.data.handlers.registry import did_you_mean, type_matches
-from tuning.errors import UserError
+from tuning.data.handlers.registry import type_matches
+from tuning.errors import UserError, did_you_mean
 from tuning.files import read_mapping_file
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ def _load_cached(resolved: str, _mtime: int, _size: int, shown: str) -> DataConf
             "not implemented); use type: default with per-dataset sampling ratios"
         )
     proc = _build(DataProcessorConfig, proc_raw, f"{where}: dataprocessor")
+    if not 0 <= proc.seed <= SEED_MAX:  # the range --seed has (numpy's)
+        raise UserError(
+            f"{where}: dataprocessor seed {proc.seed} is out of range; use a whole number in [0, {SEED_MAX}]"
+        )
     items = raw.get("datasets")
     if not isinstance(items, list) or not items:
         raise UserError(f"{where}: 'datasets' must be a non-empty list of datasets")

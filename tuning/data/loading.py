@@ -6,11 +6,12 @@ import codecs
 import glob
 import json
 import logging
+import os
 from pathlib import Path
 
 import datasets
 
-from tuning.errors import UserError
+from tuning.errors import UserError, excerpt, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -22,19 +23,26 @@ def resolve_files(path: str) -> list[Path] | None:
     """The data files ``path`` names, or None when it is a hub dataset id."""
     p = Path(path).expanduser()
     if _GLOB_CHARS & set(path):
-        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        matches = [Path(f) for f in glob.glob(str(p), recursive=True)]
+        files = sorted(f for f in matches if f.is_file() or _dangling(f))
         if not files:
             raise UserError(f"data path {path} matched no files; check the pattern")
     elif p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in BUILDERS)
         if not files:
             raise UserError(f"data folder {path} holds no {'/'.join(BUILDERS)} files")
-    elif p.is_file():
+    elif p.is_file() or _dangling(p):  # a dangling link is reported below, naming its target
         files = [p]
     elif p.suffix in BUILDERS or path.startswith((".", "/", "~")):
         raise UserError(f"data file {path} does not exist; check the path (relative to {Path.cwd()})")
     else:
         return None
+    for f in files:
+        if _dangling(f):
+            raise UserError(
+                f"data file {f} is a symlink to {os.readlink(f)}, which does not exist; fix the link or "
+                "pass the file itself"
+            )
     unsupported = [f for f in files if f.suffix not in BUILDERS]
     if unsupported:
         raise UserError(
@@ -44,6 +52,10 @@ def resolve_files(path: str) -> list[Path] | None:
     if len(builders) > 1:
         raise UserError(f"data path {path} mixes formats ({', '.join(sorted(builders))}); use one format")
     return files
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def load_data(path: str) -> datasets.Dataset:
@@ -64,7 +76,7 @@ def load_data(path: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # datasets wraps parse errors in several types; find the real cause ourselves
-        raise UserError(_explain_load_failure(files, builder, e)) from None
+        raise UserError(explain_load_failure(files, builder, e)) from None
     finally:
         datasets.logging.set_verbosity(level)
     if len(ds) == 0:
@@ -79,7 +91,7 @@ def _load_hub_dataset(name: str) -> datasets.Dataset:
     except Exception as e:
         raise UserError(
             f"could not load dataset '{name}': it is not a local file or folder, and as a hub id it "
-            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path"
+            f"failed ({type(e).__name__}: {first_line(e)}); check the path"
         ) from None
 
 
@@ -101,8 +113,18 @@ def _check_utf8(path: Path, chunk_size: int = 1 << 24) -> None:
             lines += chunk.count(b"\n")
 
 
-def _explain_load_failure(files: list[Path], builder: str, error: Exception) -> str:
-    """One line naming the file, the line and the cause of a failed load."""
+def explain_load_failure(files: list[Path], builder: str, error: Exception) -> str:
+    """One line naming the file, the line and the cause of a failed load. Causes are clipped: a parser's
+    message can quote the row it choked on, and data may hold secrets."""
+    if builder in ("parquet", "arrow"):
+        for f in files:
+            problem = _binary_problem(f, builder)
+            if problem:
+                return (
+                    f"data file {f} is not a readable {builder} file ({problem.rstrip('.')}): it is damaged, "
+                    f"truncated (a copy or download cut short?) or not {builder} at all; write or copy it again"
+                )
+        return f"could not read data {', '.join(map(str, files))} as {builder}: {excerpt(first_line(error))}"
     for f in files:
         raw = f.read_bytes()
         try:
@@ -116,8 +138,30 @@ def _explain_load_failure(files: list[Path], builder: str, error: Exception) -> 
             problem = _json_problem(text)
             if problem:
                 return f"data file {f} is malformed: {problem}; fix the JSON there"
-    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f"could not read data {', '.join(map(str, files))} as {builder}: {cause}"
+    return f"could not read data {', '.join(map(str, files))} as {builder}: {excerpt(first_line(error))}"
+
+
+def _binary_problem(path: Path, builder: str) -> str | None:
+    """Why pyarrow cannot read a parquet or Arrow file whole, or None if it can."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if builder == "parquet":  # only after a failed load: reading it whole is the diagnosis
+            with open(path, "rb") as f:
+                if f.read(4) != b"PAR1":
+                    return "it does not start with the parquet magic bytes PAR1"
+            pq.read_table(path)
+            return None
+        with open(path, "rb") as f:
+            try:
+                pa.ipc.open_stream(f).read_all()  # what datasets' arrow builder reads
+            except pa.ArrowInvalid:
+                f.seek(0)
+                pa.ipc.open_file(f).read_all()
+        return None
+    except (pa.ArrowException, OSError) as e:
+        return first_line(e)
 
 
 def _json_problem(text: str) -> str | None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
+from tuning.data.chat import ChatSettings
 from tuning.data.config_datasets import ProcessedDataset, process_all
 from tuning.data.data_config import DataConfig
 from tuning.data.prepare import DataStats, PreparedData
@@ -65,16 +66,28 @@ def align_features(parts: list[Any]) -> list[Any]:
 def _total_stats(parts: list[ProcessedDataset]) -> DataStats:
     total = DataStats()
     for p in parts:
-        for name in ("rows", "kept", "trained_tokens", "total_tokens", "truncated"):
+        for name in (
+            "rows",
+            "kept",
+            "trained_tokens",
+            "total_tokens",
+            "truncated",
+            "conversations_split",
+            "split_samples",
+            "conversations_over_budget",
+            "turns_over_budget",
+        ):
             setattr(total, name, getattr(total, name) + getattr(p.stats, name))
         for reason, count in p.stats.dropped.items():
             total.dropped[reason] = total.dropped.get(reason, 0) + count
     return total
 
 
-def build_from_data_config(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData:
+def build_from_data_config(
+    args: DataArgs, tokenizer: Any, max_len: int, settings: ChatSettings | None = None
+) -> PreparedData:
     """The data stage for ``--data_config_path``: every dataset processed, split, mixed."""
-    config, processed = process_all(args, tokenizer, max_len)
+    config, processed = process_all(args, tokenizer, max_len, settings)
     train_parts, validation_parts = [], []
     for part in processed:
         train, validation = split_dataset(part, config.dataprocessor.seed)

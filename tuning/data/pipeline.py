@@ -3,33 +3,52 @@ for a data file and a data config; the data config's own checks; what ``tuning p
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
-from tuning.data.batching import pack_fixed_length
+from tuning.config import DataArgs
+from tuning.data.batching import pack, sample_lengths
+from tuning.data.chat import settings_from_args
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
 from tuning.data.mixing import build_from_data_config
 from tuning.data.prepare import DataStats, PreparedData, prepare_path
 from tuning.errors import UserError
 
+logger = logging.getLogger(__name__)
 
-def build_datasets(args: DataArgs, tokenizer: Any, max_len: int) -> PreparedData:
-    """Load, format, tokenize and mask the training (and validation) data."""
+
+def build_datasets(
+    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+) -> PreparedData:
+    """Load, format, tokenize and mask the training (and validation) data. ``stop_token_ids`` end a
+    generated turn (the model's generation config); chat turns are trained through the first of them."""
+    settings = settings_from_args(args, stop_token_ids)
     if args.data_config_path:
-        data = build_from_data_config(args, tokenizer, max_len)
+        data = build_from_data_config(args, tokenizer, max_len, settings)
     else:
-        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
+        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
         validation = None
         if args.validation_data_path:
-            validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len)
+            validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len, settings)
         data = PreparedData(train, validation, fmt, stats)
     if args.packing:  # one place for both paths: packing cuts the final (mixed) training set
         if not isinstance(data.train, datasets.Dataset):
             raise UserError("--packing needs row counts, and streamed data has none; set streaming: false")
-        data.train = pack_fixed_length(data.train, max_len)
+        samples = len(data.train)
+        data.train = pack(data.train, max_len, args.packing_strategy)
+        tokens = sum(sample_lengths(data.train))
+        logger.info(
+            "packing (%s): %d samples into %d rows of up to %d tokens (%.0f%% full)",
+            args.packing_strategy,
+            samples,
+            len(data.train),
+            max_len,
+            100 * tokens / (len(data.train) * max_len) if len(data.train) else 0,
+        )
     return data
 
 
@@ -45,10 +64,25 @@ def check_data_config(args: DataArgs, max_steps: int) -> None:
         )
 
 
-def preview_parts(args: DataArgs, tokenizer: Any, max_len: int) -> list[tuple[str, Any, DataStats | None]]:
-    """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data."""
+def data_sources(args: DataArgs) -> list[tuple[str, list[str]]]:
+    """(name, data paths) of every dataset the job reads: the training and validation paths, or a data
+    config's datasets. What a model card lists."""
     if args.data_config_path:
-        _, processed = process_all(args, tokenizer, max_len)
+        return [(d.name, list(d.data_paths)) for d in load_data_config(args.data_config_path).datasets]
+    sources = [("train", [args.training_data_path])] if args.training_data_path else []
+    if args.validation_data_path:
+        sources.append(("validation", [args.validation_data_path]))
+    return sources
+
+
+def preview_parts(
+    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+) -> list[tuple[str, Any, DataStats | None]]:
+    """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data.
+    Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
+    settings = settings_from_args(args, stop_token_ids, keep_sample_info=True)
+    if args.data_config_path:
+        _, processed = process_all(args, tokenizer, max_len, settings)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
-    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len)
+    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
     return [(args.training_data_path, ds, stats)]

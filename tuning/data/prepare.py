@@ -11,11 +11,11 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
-from tuning.data import formats
+from tuning.config import DataArgs
+from tuning.data import chat, formats
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
-from tuning.errors import UserError
+from tuning.errors import UserError, excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,20 @@ class DataStats:
     total_tokens: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # chat rows whose template rewrites earlier turns become several samples (docs/data.md)
+    conversations_split: int = 0
+    split_samples: int = 0
+    conversations_over_budget: int = 0
+    turns_over_budget: int = 0
+
+    def sample_counts(self) -> str:
+        """``N rows kept of M`` or, when conversations were split, ``N samples from M rows (...)``."""
+        if not self.conversations_split:
+            return f"{self.kept} rows kept of {self.rows}"
+        return (
+            f"{self.kept} samples from {self.rows} rows ({self.conversations_split} conversations split "
+            f"into {self.split_samples} samples)"
+        )
 
 
 @dataclass
@@ -39,23 +53,33 @@ class PreparedData:
 
 
 def prepare_path(
-    path: str, args: DataArgs, tokenizer: Any, max_len: int
+    path: str, args: DataArgs, tokenizer: Any, max_len: int, settings: chat.ChatSettings | None = None
 ) -> tuple[datasets.Dataset, str, DataStats]:
     """Load one data path, pick its format by the rule, tokenize: (dataset, format, counts)."""
     raw = load_data(path)
     fmt = formats.resolve_format(args, raw.column_names)
-    ds, stats = prepare(raw, fmt, args, tokenizer, max_len, name=path)
+    ds, stats = prepare(raw, fmt, args, tokenizer, max_len, name=path, settings=settings)
     return ds, fmt, stats
 
 
 def prepare(
-    raw: datasets.Dataset, fmt: str, args: DataArgs, tokenizer: Any, max_len: int, *, name: str
+    raw: datasets.Dataset,
+    fmt: str,
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    *,
+    name: str,
+    settings: chat.ChatSettings | None = None,
 ) -> tuple[datasets.Dataset, DataStats]:
     """Tokenize one dataset; drop and count rows that would train on nothing."""
-    fn = partial(process_batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len)
+    settings = settings or chat.settings_from_args(args)
+    fn = partial(process_batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings)
     ds = raw.map(fn, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
     status = Counter(ds["status"])
     stats = DataStats(rows=len(raw), kept=status.pop(OK, 0), dropped=dict(status))
+    if chat.SAMPLE_INFO in ds.column_names:
+        _count_splits(stats, ds[chat.SAMPLE_INFO], name)
     if stats.kept == 0:
         raise UserError(_nothing_to_train_message(raw, fmt, args, tokenizer, status))
     for reason, count in status.items():
@@ -70,7 +94,8 @@ def prepare(
             stats.truncated,
             max_len,
         )
-    ds = ds.remove_columns(["status", "truncated"])
+    extra = [] if settings.keep_sample_info or chat.SAMPLE_INFO not in ds.column_names else [chat.SAMPLE_INFO]
+    ds = ds.remove_columns(["status", "truncated", *extra])
     for labels in ds.select_columns("labels").iter(batch_size=1000):
         for row in labels["labels"]:
             stats.trained_tokens += sum(1 for t in row if t != IGNORE_INDEX)
@@ -78,56 +103,116 @@ def prepare(
     return ds, stats
 
 
+def _count_splits(stats: DataStats, info: list[list[int]], name: str) -> None:
+    for part, parts, over_budget in info:
+        if part == 0 and parts > 1:
+            stats.conversations_split += 1
+            stats.split_samples += parts
+        if over_budget:
+            stats.conversations_over_budget += 1
+            stats.turns_over_budget += over_budget
+    if stats.conversations_split:
+        logger.info(
+            "%s: %d conversations split into %d samples: the chat template renders earlier turns "
+            "differently once later turns follow, and each turn is trained in its own context (docs/data.md)",
+            name,
+            stats.conversations_split,
+            stats.split_samples,
+        )
+    if stats.conversations_over_budget:
+        logger.warning(
+            "%s: %d conversations exceeded --chat_render_budget; their last %d assistant turns in all are "
+            "context only (not trained)",
+            name,
+            stats.conversations_over_budget,
+            stats.turns_over_budget,
+        )
+
+
 def process_batch(
-    batch: dict[str, list], *, fmt: str, args: DataArgs, tokenizer: Any, max_len: int
+    batch: dict[str, list],
+    *,
+    fmt: str,
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    settings: chat.ChatSettings | None = None,
 ) -> dict[str, list]:
-    """One ``datasets.map`` batch → ``input_ids``, ``labels``, ``status``, ``truncated``."""
+    """One ``datasets.map`` batch → ``input_ids``, ``labels``, ``status``, ``truncated`` (and, for chat
+    rows, :data:`chat.SAMPLE_INFO`): one row per sample, so a chat row can become several."""
     if fmt == "pretokenized":
         return _pretokenized_batch(batch, max_len)
+    settings = settings or chat.settings_from_args(args)
+    conversations = chat_conversations(batch, fmt, args, tokenizer, settings)
+    if conversations is not None:
+        return chat.encode_conversations(conversations, tokenizer, args.chat_template, settings, max_len)[0]
     texts, spans = render_batch(batch, fmt, args, tokenizer)
     found = [bool(s) for s in spans]
-    out = tokenize_batch(
-        tokenizer,
-        texts,
-        [s or [(0, 0)] for s in spans],
-        max_len=max_len,
-        add_special_tokens=fmt != "chat",  # chat templates write their own BOS
-        append_eos=fmt != "chat",  # chat templates end assistant turns with their own end token
-    )
+    out = tokenize_batch(tokenizer, texts, [s or [(0, 0)] for s in spans], max_len=max_len)
     out["status"] = [st if ok else NO_TEMPLATE for st, ok in zip(out["status"], found, strict=True)]
     return out
+
+
+def chat_conversations(
+    batch: dict[str, list], fmt: str, args: DataArgs, tokenizer: Any, settings: chat.ChatSettings
+) -> list[chat.Conversation] | None:
+    """The batch's rows as conversations when they are chat data, else None: ``messages``/``conversations``
+    (ShareGPT included), prompt/completion given as lists of messages (the prompt is context), and alpaca
+    rows when there is a chat template (the instruction, then the input, as the user's turn)."""
+    rows = formats.rows_of(batch)
+    if fmt == "chat":
+        column = formats.conversation_column(args, list(batch))
+        return [
+            chat.conversation_from_row(r, chat.normalize_messages(r[column], column), settings) for r in rows
+        ]
+    if fmt == "prompt_completion" and rows and not isinstance(rows[0]["prompt"], str):
+        out = []
+        for r in rows:
+            prompt = chat.normalize_messages(r["prompt"], "prompt")
+            completion = chat.normalize_messages(r["completion"], "completion")
+            out.append(chat.conversation_from_row(r, prompt + completion, settings, len(prompt)))
+        return out
+    if fmt == "alpaca" and (args.chat_template or getattr(tokenizer, "chat_template", None)):
+        out = []
+        for r in rows:
+            system = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+            user = {"role": "user", "content": formats.alpaca_user_message(r)}
+            assistant = {"role": "assistant", "content": formats.require_text(r["output"], "output")}
+            out.append(chat.conversation_from_row(r, [*system, user, assistant], settings, len(system) + 1))
+        return out
+    return None
 
 
 def render_batch(
     batch: dict[str, list], fmt: str, args: DataArgs, tokenizer: Any
 ) -> tuple[list[str], list[list[formats.Span]]]:
-    """Rows of one batch → texts and their trained spans (an empty list: marker not found)."""
-    n = len(next(iter(batch.values())))
-    rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-    if fmt == "input_output":
-        pairs = [formats.combine_input_output(r["input"], r["output"]) for r in rows]
-        return [t for t, _ in pairs], [[s] for _, s in pairs]
-    if fmt == "chat":
-        column = args.dataset_conversation_field or formats.DEFAULT_CONVERSATION_FIELD
-        chats = [formats.chat_text_and_spans(r[column], tokenizer, args.chat_template) for r in rows]
-        return [t for t, _ in chats], [s for _, s in chats]
+    """Rows of one text-format batch → texts and their trained spans (an empty list: marker not found)."""
+    rows = formats.rows_of(batch)
+    if fmt in ("input_output", "prompt_completion", "alpaca"):
+        if fmt == "input_output":
+            pairs = [formats.combine_input_output(r["input"], r["output"]) for r in rows]
+        elif fmt == "prompt_completion":
+            pairs = [formats.prompt_completion_text(r["prompt"], r["completion"]) for r in rows]
+        else:
+            pairs = [formats.prompt_completion_text(formats.alpaca_prompt(r), r["output"]) for r in rows]
+        whole = args.train_on == "all"
+        return [t for t, _ in pairs], [[(0, len(t)) if whole else s] for t, s in pairs]
     if fmt == "template":
         template = formats.RowTemplate(args.data_formatter_template or "")
         texts = [template.render(r) for r in rows]
     else:
-        texts = [_text(r, args.dataset_text_field) for r in rows]
-    spans = [formats.response_spans(t, args.response_template, args.instruction_template) for t in texts]
+        column = args.dataset_text_field or formats.DEFAULT_TEXT_FIELD
+        texts = [formats.require_text(r[column], column) for r in rows]
+    spans = [
+        formats.response_spans(t, args.response_template, args.instruction_template, args.train_on)
+        for t in texts
+    ]
     return texts, spans
 
 
-def _text(row: dict[str, Any], column: str | None) -> str:
-    value = row[column]
-    if not isinstance(value, str):
-        raise UserError(f"column '{column}' must hold text, found {type(value).__name__}: {value!r:.80}")
-    return value
-
-
 def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]:
+    """Tokenized rows (a data config's handlers' output, or a pretokenized file) truncated; the chat
+    handler's :data:`chat.SAMPLE_INFO` column is carried along to be counted."""
     ids = [list(x)[:max_len] for x in batch["input_ids"]]
     if "labels" in batch:
         labels = [list(x)[:max_len] for x in batch["labels"]]
@@ -138,16 +223,25 @@ def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]
         labels = [list(x) for x in ids]
     status = [OK if any(t != IGNORE_INDEX for t in lab) else "no_trained_token" for lab in labels]
     truncated = [len(x) > max_len for x in batch["input_ids"]]
-    return {"input_ids": ids, "labels": labels, "status": status, "truncated": truncated}
+    out = {"input_ids": ids, "labels": labels, "status": status, "truncated": truncated}
+    if chat.SAMPLE_INFO in batch:
+        out[chat.SAMPLE_INFO] = batch[chat.SAMPLE_INFO]
+    return out
 
 
 def _nothing_to_train_message(
     raw: datasets.Dataset, fmt: str, args: DataArgs, tokenizer: Any, status: Counter
 ) -> str:
+    if chat.NO_ASSISTANT in status and len(status) == 1:
+        return (
+            f"none of the {len(raw)} conversations has an assistant turn to train"
+            + (" after the prompt" if fmt == "prompt_completion" else "")
+            + "; check the roles (assistant turns are trained, see docs/data.md)"
+        )
     if NO_TEMPLATE in status:
         sample = render_batch(raw[:1], fmt, args, tokenizer)[0][0]
         return (
             f"--response_template {args.response_template!r} was not found in any of {len(raw)} rows; "
-            f"first row renders as {sample[:300]!r}; pass a marker that occurs in the text"
+            f"first row renders as {excerpt(sample)}; pass a marker that occurs in the text"
         )
     return f"no row has a trained token ({dict(status)}); check --max_seq_length and the labels"

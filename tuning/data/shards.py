@@ -8,7 +8,7 @@ from typing import Any
 
 import datasets
 
-from tuning.config.args import DataArgs
+from tuning.config import DataArgs
 from tuning.data.prepare import PreparedData
 from tuning.errors import UserError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tuning.errors import UserError
+from tuning.errors import UserError, check
 
 IGNORE_INDEX = -100
 Span = tuple[int, int]
@@ -58,12 +58,28 @@ def build_labeled_ids(
 
 def check_invariants(ids: list[int], labels: list[int], *, eos_id: int | None, complete: bool) -> None:
     """What every training sample must satisfy; a violation is a bug in this package, not user error."""
-    assert len(ids) == len(labels), "labels and input_ids differ in length"
-    assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ids, labels, strict=True)), (
-        "a label differs from its input token (labels must be input_ids or ignored)"
+    check(len(ids) == len(labels), "labels and input_ids differ in length")
+    check(
+        all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ids, labels, strict=True)),
+        "a label differs from its input token (labels must be input_ids or ignored)",
     )
     if complete and eos_id is not None:
-        assert ids[-1] == eos_id and labels[-1] == eos_id, "a complete sample must end with a trained EOS"
+        check(ids[-1] == eos_id and labels[-1] == eos_id, "a complete sample must end with a trained EOS")
+
+
+def encode(tokenizer: Any, texts: list[str], *, add_special_tokens: bool = True, **kwargs: Any) -> dict:
+    """``tokenizer(texts, ...)`` without a doubled BOS: a text that already starts with the BOS token (a
+    chat template wrote it: Llama, Mistral, Gemma) does not get a second one from the tokenizer."""
+    enc = dict(tokenizer(texts, add_special_tokens=add_special_tokens, **kwargs))
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if not add_special_tokens or bos is None or bos_id is None:
+        return enc
+    for i, (text, ids) in enumerate(zip(texts, enc["input_ids"], strict=True)):
+        if len(ids) > 1 and ids[0] == ids[1] == bos_id and text.startswith(bos):
+            for key in ("input_ids", "offset_mapping", "attention_mask"):
+                if key in enc:
+                    enc[key][i] = enc[key][i][1:]
+    return enc
 
 
 def tokenize_batch(
@@ -82,7 +98,7 @@ def tokenize_batch(
             f"tokenizer {type(tokenizer).__name__} is a slow (Python) tokenizer; loss masking needs "
             "character offsets: use a fast tokenizer (tokenizer.json)"
         )
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    enc = encode(tokenizer, texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     eos_id = tokenizer.eos_token_id
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "truncated": []}
     for ids, offsets, sample_spans in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):

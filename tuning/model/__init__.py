@@ -1,19 +1,58 @@
-"""Model stage: tokenizer and model loading, precision, attention, embeddings."""
+"""Model stage: tokenizer and model loading, precision, attention, quantization, adapters, the memory plan."""
 
 from tuning.model.loading import (
     PrecisionPlan,
     context_length,
+    generation_use_cache,
     load_model,
     load_model_config,
     precision_plan,
 )
-from tuning.model.tokenizer import load_tokenizer
+from tuning.model.memory import Topology, estimate, setup_for
+from tuning.model.memory_check import (
+    GPU_RUNTIME_RESERVE,
+    Capacity,
+    check_fits,
+    check_memory,
+    device_capacity,
+    gib,
+    parse_size,
+    render,
+)
+from tuning.model.peft import (
+    ADDED_TOKENS_INFO_NAME,
+    NEW_EMBEDDING_KEYS,
+    NEW_EMBEDDINGS_NAME,
+    apply_peft,
+    write_adapter_extras,
+)
+from tuning.model.quantization import quantization_config
+from tuning.model.tokenizer import generation_stop_ids, load_tokenizer
 
 __all__ = [
+    "GPU_RUNTIME_RESERVE",
+    "Capacity",
+    "Topology",
+    "check_fits",
+    "check_memory",
+    "device_capacity",
+    "estimate",
+    "gib",
+    "parse_size",
+    "render",
+    "setup_for",
+    "ADDED_TOKENS_INFO_NAME",
+    "NEW_EMBEDDINGS_NAME",
+    "NEW_EMBEDDING_KEYS",
     "PrecisionPlan",
+    "apply_peft",
     "context_length",
+    "generation_stop_ids",
+    "generation_use_cache",
     "load_model",
     "load_model_config",
     "load_tokenizer",
     "precision_plan",
+    "quantization_config",
+    "write_adapter_extras",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,13 +13,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from tuning.config.args import KAHAN_OPTIMIZERS, ModelArgs
-from tuning.errors import UserError
+from tuning.config import KAHAN_OPTIMIZERS, ModelArgs
+from tuning.dtypes import torch_dtype
+from tuning.errors import UserError, first_line
+from tuning.files import refused_pickle
 from tuning.model.quantization import is_bnb, keep_training_layout, quantized_load_kwargs
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def load_model_config(args: ModelArgs) -> PretrainedConfig:
         return AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load model {args.model_name_or_path}: {str(e).splitlines()[0]}; pass a local "
+            f"cannot load model {args.model_name_or_path}: {first_line(e)}; pass a local "
             "folder with config.json or a hub id to --model_name_or_path"
         ) from None
 
@@ -82,7 +84,7 @@ def resolve_dtype(args: ModelArgs, config: PretrainedConfig) -> torch.dtype:
         native = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         dtype = native if isinstance(native, torch.dtype) else getattr(torch, str(native), torch.float32)
     else:
-        dtype = _DTYPES[name]
+        dtype = torch_dtype(name)
     if dtype == torch.float16 and not torch.cuda.is_available():
         logger.warning("torch_dtype float16 needs a GPU for mixed precision; computing in bfloat16 instead")
         dtype = torch.bfloat16
@@ -199,9 +201,29 @@ def load_model(
     drop_stale_quantization_config(model)
     if is_bnb(quantization):
         keep_training_layout(model)
-    model.config.use_cache = False  # the KV cache is for generation; training never reads it
+    # The KV cache is for generation; training never reads it, and with a cache object transformers skips
+    # the per-sample mask that keeps padding-free rows exact. The base's value is what a saved model
+    # must carry (generation recomputes every token without it): see generation_use_cache.
+    model.tuning_base_use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
     _resize_for_added_tokens(model, tokenizer)
     return model
+
+
+@contextmanager
+def generation_use_cache(model: Any) -> Iterator[None]:
+    """While saving: the model config's ``use_cache`` is the base model's again (load_model turned it off
+    for training), so a saved ``config.json`` generates with a KV cache like the base did."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "tuning_base_use_cache", None)  # peft wrappers forward the lookup to the base
+    if config is None or base is None or getattr(config, "use_cache", None) == base:
+        yield
+        return
+    training, config.use_cache = config.use_cache, base
+    try:
+        yield
+    finally:
+        config.use_cache = training
 
 
 def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:
@@ -210,7 +232,10 @@ def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:
     A hub kernel fails in many ways (offline, no build for this GPU, missing package) and the next
     candidate loads the same weights, so any real model error still surfaces there.
     """
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    refused = refused_pickle(e, f"model folder {args.model_name_or_path}")
+    if refused is not None:
+        raise refused from None
+    first = first_line(e)
     about_attention = "attn" in first.lower() or "attention" in first.lower()
     if "/" in impl or (isinstance(e, (ValueError, ImportError)) and about_attention):
         return first

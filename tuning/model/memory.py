@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from tuning.config.args import BNB_METHODS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
+from tuning.config import BNB_METHODS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
 from tuning.errors import UserError
 from tuning.model.loading import (
     PrecisionPlan,
@@ -528,7 +528,7 @@ def setup_for(
         gradient_checkpointing=bool(train.gradient_checkpointing),
         padding_free=train.padding_free,
         loss=train.loss_implementation,
-        optim=str(getattr(train.optim, "value", train.optim)),
+        optim=train.optim_name,
         accumulation=train.gradient_accumulation_steps,
     )
     return Setup(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tuning.config.args import BNB_METHODS, KAHAN_OPTIMIZERS
+from tuning.config import BNB_METHODS, KAHAN_OPTIMIZERS
 from tuning.errors import UserError
 from tuning.model.loading import precision_plan
 from tuning.model.memory import GiB, MemoryPlan, ModelFacts, Setup, estimate, keeps_mxfp4, model_facts

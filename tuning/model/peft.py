@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, Ta
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
-from tuning.config.args import PeftArgs
+from tuning.config import PeftArgs
 from tuning.errors import UserError
 from tuning.model.loading import PrecisionPlan
 from tuning.model.quantization import prepare_quantized_base

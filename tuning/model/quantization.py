@@ -18,7 +18,7 @@ import torch
 from transformers import BitsAndBytesConfig, Mxfp4Config, PretrainedConfig
 from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
 
-from tuning.config.args import BNB_METHODS, QuantArgs
+from tuning.config import BNB_METHODS, QuantArgs
 from tuning.errors import UserError
 
 logger = logging.getLogger(__name__)

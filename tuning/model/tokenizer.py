@@ -1,14 +1,17 @@
-"""Tokenizer loading and the only vocabulary change we ever make: tokens the user asked to add."""
+"""Tokenizer loading, the only vocabulary change we ever make (tokens the user asked to add), and the
+model's stop tokens (what ends a generated turn)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
-from tuning.config.args import DataArgs, ModelArgs
-from tuning.errors import UserError
+from tuning.config import DataArgs, ModelArgs
+from tuning.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +23,13 @@ def load_tokenizer(model_args: ModelArgs, data_args: DataArgs) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"cannot load a tokenizer from {name}: {str(e).splitlines()[0]}; pass a folder with "
+            f"cannot load a tokenizer from {name}: {first_line(e)}; pass a folder with "
             "tokenizer files or a hub id via --tokenizer_name_or_path"
         ) from None
     if data_args.chat_template:
         tokenizer.chat_template = data_args.chat_template
+    elif data_args.chat_template_path:
+        tokenizer.chat_template = read_chat_template(data_args.chat_template_path)
     if data_args.add_special_tokens:
         new = [t for t in data_args.add_special_tokens if t not in tokenizer.get_vocab()]
         added = tokenizer.add_special_tokens(
@@ -34,3 +39,40 @@ def load_tokenizer(model_args: ModelArgs, data_args: DataArgs) -> Any:
     if tokenizer.eos_token_id is None:
         logger.warning("tokenizer %s has no EOS token: samples will not learn where to stop", name)
     return tokenizer
+
+
+def read_chat_template(path: str) -> str:
+    """``--chat_template_path``: a template file, or a tokenizer folder's template (its
+    ``chat_template.jinja`` or the ``chat_template`` of its ``tokenizer_config.json``)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    if p.is_dir():
+        if (p / "chat_template.jinja").is_file():
+            return (p / "chat_template.jinja").read_text(encoding="utf-8")
+        config = p / "tokenizer_config.json"
+        template = (
+            json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        )
+        if isinstance(template, str):
+            return template
+        raise UserError(
+            f"--chat_template_path {path}: the folder holds no chat_template.jinja or chat_template"
+        )
+    raise UserError(f"--chat_template_path {path} does not exist; pass a .jinja file or a tokenizer folder")
+
+
+def generation_stop_ids(model_args: ModelArgs, model_config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end a generated turn: the model's ``generation_config.eos_token_id`` (an id or a
+    list: Llama 3.2 stops on three, gpt-oss on ``<|return|>`` and ``<|call|>``), else its config's, and
+    the tokenizer's EOS. Chat masking trains each assistant turn through the first of them."""
+    try:
+        eos = GenerationConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        ).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json
+        eos = getattr(model_config, "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))

@@ -1,6 +1,7 @@
-"""Outputs stage: the final model folder, the run summary, the loss plot."""
+"""Outputs stage: the final model folder and its model card, the run summary, the loss plot."""
 
 from tuning.outputs.final_model import save_final_model
+from tuning.outputs.model_card import MODEL_CARD_NAME, write_model_card
 from tuning.outputs.plot import LOSS_PLOT_NAME, render_loss_plot, write_loss_plot
 from tuning.outputs.summary import (
     RUN_SUMMARY_NAME,
@@ -12,6 +13,7 @@ from tuning.outputs.summary import (
 
 __all__ = [
     "LOSS_PLOT_NAME",
+    "MODEL_CARD_NAME",
     "RUN_SUMMARY_NAME",
     "build_summary",
     "peak_memory_bytes",
@@ -19,5 +21,6 @@ __all__ = [
     "save_final_model",
     "summary_line",
     "write_loss_plot",
+    "write_model_card",
     "write_summary",
 ]

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from tuning.files import fsync_dir, fsync_file
-from tuning.model import PrecisionPlan
-from tuning.model.peft import write_adapter_extras
-from tuning.train.distributed import barrier, full_state_dict
+from tuning.files import is_disk_full, publish_folder, staging_folder
+from tuning.model import PrecisionPlan, write_adapter_extras
+from tuning.train import barrier, full_state_dict, out_of_space
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +22,19 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     file where a loader would pick it up.
     """
     target = Path(save_dir)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(target)
+    try:
+        return _write_final_model(trainer, tokenizer, target, tmp, plan)
+    except Exception as e:
+        if not is_disk_full(e, tmp):
+            raise
+        writing = f"the final model to {target}"
+        raise out_of_space(
+            tmp, trainer.args.output_dir, discard=trainer.args.should_save, writing=writing
+        ) from None
+
+
+def _write_final_model(trainer: Any, tokenizer: Any, target: Path, tmp: Path, plan: PrecisionPlan) -> Path:
     # keep_fp32_wrapper=False also strips the autocast wrapper accelerate put on forward: training is
     # over, and the model in memory should compute like the saved one when reloaded
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -42,15 +50,6 @@ def save_final_model(trainer: Any, tokenizer: Any, save_dir: str, plan: Precisio
     write_adapter_extras(model, tmp)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the args
-    for item in tmp.iterdir():
-        (fsync_dir if item.is_dir() else fsync_file)(item)
-    if not target.exists():
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-        barrier()  # released only once the model is in place: no rank reloads or reports it earlier
-        return target
-    for item in tmp.iterdir():
-        os.replace(item, target / item.name)
-    tmp.rmdir()
+    publish_folder(tmp, target)
     barrier()
     return target

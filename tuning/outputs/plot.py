@@ -1,8 +1,9 @@
 """``loss.png``: training (and validation) loss against step, from ``training_logs.jsonl``.
 
 Written at the end of every run (also a failed one), and by ``tuning plot OUTPUT_DIR`` for any
-run folder (also one still training, or one from another machine). A missing matplotlib or an
-unreadable log never fails a training run: the plot is skipped with one line saying why.
+run folder (also one still training, or one from another machine). matplotlib is the ``plot`` extra: a
+missing matplotlib or an unreadable log never fails a training run, the plot is skipped with one line
+saying why.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from pathlib import Path
 
 from tuning.errors import UserError
-from tuning.train.callbacks import TRAINING_LOGS_NAME, read_training_logs
+from tuning.train import TRAINING_LOGS_NAME, read_training_logs
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def render_loss_plot(output_dir: str | Path, target: str | Path | None = None) -
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("matplotlib is not installed; install it with: pip install matplotlib") from None
+        raise UserError("matplotlib is not installed; install it with: pip install 'tuning[plot]'") from None
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

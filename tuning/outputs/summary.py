@@ -14,8 +14,7 @@ import torch
 from tuning.data import PreparedData
 from tuning.outputs.plot import LOSS_PLOT_NAME
 from tuning.trackers import TrackerCallback
-from tuning.train.checkpoints import is_complete, list_checkpoints
-from tuning.train.distributed import per_rank
+from tuning.train import is_complete, list_checkpoints, per_rank
 
 RUN_SUMMARY_NAME = "run_summary.json"
 

@@ -19,9 +19,8 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tuning.config import SFTConfig
-from tuning.config.args import TrackerArgs
-from tuning.errors import UserError
+from tuning.config import SFTConfig, TrackerArgs, resolved_config_dict
+from tuning.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +96,6 @@ def build_trackers(config: SFTConfig) -> TrackerCallback:
 
 
 def run_info(config: SFTConfig) -> RunInfo:
-    from tuning.config.parser import resolved_config_dict  # the parser imports args only; no cycle
-
     targs: TrackerArgs = config.trackers
     output_dir = config.train.output_dir
     experiment = targs.experiment or Path(output_dir).resolve().name
@@ -142,7 +139,7 @@ class TrackerCallback(TrainerCallback):
                 tracker.name,
                 action,
                 type(e).__name__,
-                str(e).splitlines()[0] if str(e) else "",
+                first_line(e),
             )
             self.trackers.remove(tracker)
             return None

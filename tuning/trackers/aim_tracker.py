@@ -7,7 +7,7 @@ from typing import Any
 
 from aim import Run
 
-from tuning.config.args import TrackerArgs
+from tuning.config import TrackerArgs
 from tuning.trackers import RunInfo
 
 AIM_DEFAULT_PORT = 53800

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuning.config.args import TrackerArgs
+from tuning.config import TrackerArgs
 from tuning.trackers import RunInfo
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from tuning.config.args import TrackerArgs
+from tuning.config import TrackerArgs
 from tuning.trackers import RunInfo
 
 MAX_PARAM_CHARS = 6000  # mlflow's limit on one parameter value

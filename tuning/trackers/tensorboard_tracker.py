@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from tuning.config.args import TrackerArgs
+from tuning.config import TrackerArgs
 from tuning.trackers import RunInfo
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -28,7 +29,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tuning.errors import TrainingInterrupted, UserError
-from tuning.files import fsync_dir, fsync_file
+from tuning.files import fsync_dir, fsync_file, is_disk_full, refused_pickle
 from tuning.train.signals import StopOnSignal, interrupted_exit_code
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,24 @@ def prune_checkpoints(
     return deleted
 
 
+def out_of_space(
+    partial: str | Path, output_dir: str | Path, *, discard: bool, writing: str | None = None
+) -> UserError:
+    """The error for a disk that filled up while writing ``partial`` (a checkpoint folder, or the final
+    model's temporary folder; ``writing`` names it for the user): the partial folder is removed (it
+    frees space, and could never be resumed) and the message names the newest complete checkpoint,
+    which a rerun resumes from. Exit code 1: the environment needs fixing, not the job."""
+    folder = Path(partial)
+    if discard:
+        discard_checkpoint(folder)
+    intact = latest_complete_checkpoint(output_dir)
+    kept = f"{intact.name} is intact" if intact else "no earlier checkpoint exists"
+    return UserError(
+        f"no space left on device writing {writing or folder}; {kept} and the partial files were removed; "
+        "free space (or lower --save_total_limit) and rerun the same command to resume"
+    )
+
+
 def _read_state(checkpoint: Path) -> dict:
     try:
         return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
@@ -228,6 +247,15 @@ class SafeCheckpointsMixin:
         try:
             with self._stop.installed():
                 result = super().train(resume_from_checkpoint, *args, **kwargs)
+        except pickle.UnpicklingError as e:  # a checkpoint's optimizer/scheduler/RNG state
+            refused = refused_pickle(
+                e,
+                f"checkpoint {resume_from_checkpoint}",
+                "resume from another one (--resume_from_checkpoint PATH) or start over (false)",
+            )
+            if refused is None:
+                raise
+            raise refused from None
         finally:
             self.args.save_total_limit = self._checkpoint_limit
         if self._stopped_on is not None:
@@ -247,10 +275,16 @@ class SafeCheckpointsMixin:
         if self.args.should_save and folder.exists():
             discard_checkpoint(folder)  # a leftover or another history's: never mix its files with ours
         self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()  # every rank's shards are written before the marker
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's shards are written before the marker
+            if self.args.should_save:
+                commit_checkpoint(folder, step, self.state.epoch)
+        except Exception as e:
+            if not is_disk_full(e, folder):
+                raise
+            raise out_of_space(folder, self.args.output_dir, discard=self.args.should_save) from None
         if self.args.should_save:
-            commit_checkpoint(folder, step, self.state.epoch)
             self._written_steps.add(step)
             prune_checkpoints(
                 folder.parent,

@@ -29,7 +29,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather
 from transformers import TrainerCallback
 
-from tuning.model.memory import Topology
+from tuning.model import Topology
 
 logger = logging.getLogger("tuning")
 

@@ -13,6 +13,7 @@ all ranks, counted by the Trainer), so batch 1 × accumulation 8 equals batch 8 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -21,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tuning.data.tokenize import IGNORE_INDEX
+from tuning.data import IGNORE_INDEX
 from tuning.errors import UserError
 
 LossImplementation = Literal["auto", "label_only", "standard"]
+logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_TOKENS = 2048
 
 
@@ -35,19 +37,67 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# Architectures (config.model_type) whose label-only loss tests/test_loss.py proves equal to the model's
+# own, logit transforms included (Granite's scaling, Cohere's scale, Gemma's softcapping). ``auto`` picks
+# label_only only for these: a new architecture may do something to its logits after the head that
+# this module doesn't copy, and would then silently train on another loss. Add a type here together
+# with its case in the test.
+VERIFIED_ARCHITECTURES = frozenset(
+    {
+        "cohere",
+        "cohere2",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "glm4",
+        "gpt_neox",
+        "gpt_oss",
+        "granite",
+        "granitemoe",
+        "llama",
+        "mistral",
+        "mixtral",
+        "olmo",
+        "olmo2",
+        "phi",
+        "phi3",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "smollm3",
+        "stablelm",
+        "starcoder2",
+    }
+)
+
+
 def resolve_loss_implementation(
     requested: LossImplementation, model: torch.nn.Module, args: Any, *, sharded: bool = False
 ) -> str:
-    """``auto`` → ``label_only`` where it is exact and applicable, else ``standard``.
+    """``auto`` → ``label_only`` where it is exact, applicable and verified for the architecture, else
+    ``standard``; says which it chose and why in one line.
 
     ``sharded``: FSDP/DeepSpeed hold the output head in shards gathered only inside the model's forward.
     """
     why_not = "the output head is sharded (FSDP/DeepSpeed)" if sharded else _why_not_label_only(model, args)
     if requested == "label_only" and why_not:
         raise UserError(f"--loss_implementation label_only cannot run: {why_not}; use auto or standard")
-    if requested == "auto":
-        return "standard" if why_not else "label_only"
-    return requested
+    model_type = getattr(causal_lm(model).config, "model_type", None)
+    unverified = (
+        None if model_type in VERIFIED_ARCHITECTURES else f"architecture {model_type} is not verified for it"
+    )
+    if requested == "label_only" and unverified:
+        logger.warning("--loss_implementation label_only: %s; check its loss against standard", unverified)
+    if requested != "auto":
+        return requested
+    chosen = "standard" if why_not or unverified else "label_only"
+    logger.info(
+        "loss: %s (auto%s)",
+        chosen,
+        f": label_only not used, {why_not or unverified}" if chosen == "standard" else "",
+    )
+    return chosen
 
 
 def _why_not_label_only(model: torch.nn.Module, args: Any) -> str | None:

@@ -13,16 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuning.config.args import TrainArgs
+from tuning.config import TrainArgs
 from tuning.errors import UserError
 from tuning.model import PrecisionPlan
 
 OPTIMI_INSTALL_HINT = "pip install torch-optimi (a dependency of tuning: reinstall it with pip install -e .)"
-
-
-def optimizer_name(args: TrainArgs) -> str:
-    """``--optim`` as its plain name (TrainingArguments turns it into an enum)."""
-    return str(getattr(args.optim, "value", args.optim))
 
 
 def optimizer_cls_and_kwargs(args: TrainArgs, plan: PrecisionPlan) -> tuple[type, dict[str, Any]] | None:

@@ -38,11 +38,10 @@ def log_run_start(
         total,
     )
     logger.info(
-        "data %s (%s): %d rows kept of %d, %d tokens, %d trained; effective batch %d",
+        "data %s (%s): %s, %d tokens, %d trained; effective batch %d",
         config.data.training_data_path or config.data.data_config_path,
         data.data_format,
-        stats.kept,
-        stats.rows,
+        stats.sample_counts(),
         stats.total_tokens,
         stats.trained_tokens,
         effective,
@@ -56,7 +55,8 @@ def _clock(seconds: float) -> str:
 
 class RunProgress(TrainerCallback):
     """Progress on rank 0: a bar on a terminal (steps, epoch, loss, tokens/s, ETA); on anything else (CI,
-    Kubernetes logs) one plain line per log step and at least every ``every_seconds``.
+    Kubernetes logs), or with ``--disable_tqdm``, one plain line per log step and at least every
+    ``every_seconds``.
 
     Replaces transformers' own progress callback, which prints every raw log dict under its bar and
     rewrites carriage-return frames into files that are not terminals.
@@ -86,7 +86,7 @@ class RunProgress(TrainerCallback):
         )
         if state.global_step:
             logger.info("resumed from step %d of %d", state.global_step, state.max_steps)
-        if self.tty:
+        if self.tty and not args.disable_tqdm:  # --disable_tqdm: plain lines on a terminal too
             self.bar = tqdm(
                 total=state.max_steps,
                 initial=state.global_step,

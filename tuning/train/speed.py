@@ -8,8 +8,14 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
-from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
+from tuning.data import (
+    PaddingCollator,
+    PaddingFreeCollator,
+    TokenBudgetBatchSampler,
+    pad_token_id,
+    sample_lengths,
+)
+from tuning.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +37,22 @@ def padding_free_blocker(model: Any) -> str | None:
     return None
 
 
-def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any) -> Any:
-    """Padding-free when asked for and exact for this model; otherwise right padding."""
+def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any, packed: bool = False) -> Any:
+    """Padding-free when asked for and exact for this model; otherwise right padding.
+
+    ``packed``: the rows hold several samples each with ``position_ids`` restarting per sample
+    (``--packing_strategy bfd``). Only a padding-free batch keeps those samples apart, so there is no
+    padded fallback: where padding-free isn't exact, packing this way isn't either.
+    """
+    if packed:
+        blocker = padding_free_blocker(model)
+        if blocker is not None:
+            raise UserError(
+                f"--packing_strategy bfd keeps packed samples apart through padding-free batches, which "
+                f"are not exact here: {blocker}; drop --packing, or pass --packing_strategy wrapped "
+                "(samples in a row then attend to each other)"
+            )
+        return PaddingFreeCollator()
     if requested_padding_free:
         blocker = padding_free_blocker(model)
         if blocker is None:

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
 
-from tuning.config.args import TrainArgs
-from tuning.data import PreparedData
-from tuning.data.tokenize import IGNORE_INDEX
-from tuning.model import PrecisionPlan
+from tuning.config import TrainArgs
+from tuning.data import IGNORE_INDEX, PreparedData
+from tuning.model import PrecisionPlan, generation_use_cache
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, route_cpu_fsdp
@@ -48,6 +47,11 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         super().create_accelerator_and_postprocess()
         if route_cpu_fsdp(self.accelerator):  # CPU + FSDP config: accelerate alone would pick DDP
             self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # checkpoints and the final model alike: config.json carries the base's use_cache, not training's
+        with generation_use_cache(self.model):
+            super().save_model(output_dir, _internal_call)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # trackers and the progress line read the token count from the log record
@@ -87,6 +91,11 @@ def configure_precision(args: TrainArgs, plan: PrecisionPlan) -> None:
         args.fp16, args.mixed_precision = True, "fp16"
 
 
+def _packed_samples(dataset: Any) -> bool:
+    """Whether the rows carry per-sample positions (--packing_strategy bfd) the collator must keep."""
+    return "position_ids" in (getattr(dataset, "column_names", None) or [])
+
+
 def build_trainer(
     args: TrainArgs,
     model: Any,
@@ -101,6 +110,11 @@ def build_trainer(
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         # non-reentrant checkpointing lets gradients reach inputs that don't require grad (adapters)
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if args.enable_jit_checkpoint:
+        # what transformers' JIT checkpoint does (save on SIGTERM) our stop-on-signal protocol always does,
+        # with a committed checkpoint; its own SIGTERM handler would only compete with ours
+        logger.info("--enable_jit_checkpoint: SIGTERM always saves a checkpoint here; nothing to switch on")
+        args.enable_jit_checkpoint = False
     if data.validation is None and args.eval_strategy != "no":
         logger.warning("eval_strategy=%s but no --validation_data_path; not evaluating", args.eval_strategy)
         args.eval_strategy = "no"
@@ -109,7 +123,9 @@ def build_trainer(
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=choose_collator(args.padding_free, model, tokenizer),
+        data_collator=choose_collator(
+            args.padding_free, model, tokenizer, packed=_packed_samples(data.train)
+        ),
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, plan),

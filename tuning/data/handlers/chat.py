@@ -1,14 +1,15 @@
-"""Chat handler: render with the chat template, tokenize, train only on the assistant turns."""
+"""Chat handler: render with the chat template, tokenize, train each assistant turn as the model
+generates it, in its inference context (the rule of :mod:`tuning.data.chat`)."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-from tuning.data import formats
-from tuning.data.handlers.registry import register_handler
+from tuning.data import chat
+from tuning.data.formats import rows_of
+from tuning.data.handlers.registry import SOURCE_ROWS, register_handler
 from tuning.data.handlers.templates import require_chat_template
-from tuning.data.tokenize import tokenize_batch
 
 
 @register_handler(
@@ -19,33 +20,32 @@ from tuning.data.tokenize import tokenize_batch
         "the last handler",
     },
     columns=("conversation_column_name",),
+    expands_rows=True,
 )
 def tokenize_and_apply_chat_template_with_masking(
     batch: dict[str, list],
     *,
     tokenizer: Any,
     chat_template: str | None,
+    chat_settings: chat.ChatSettings | None = None,
     conversation_column_name: str = "messages",
 ) -> dict[str, list]:
-    """Loss on each assistant turn including its end-of-turn token; system, user and tool turns masked.
-    Works with ``{% generation %}`` templates and plain ones (see ``formats.chat_text_and_spans``). A
-    row's ``tools`` and ``documents`` columns go to the template."""
+    """Loss on each assistant turn, from its reasoning to its stop token; system, user and tool turns
+    masked. A conversation whose template renders earlier turns differently once later turns follow
+    becomes several rows (counted in the job's data line). Works with ``{% generation %}`` templates
+    too. A row's ``tools``, ``documents`` and ``chat_template_kwargs`` go to the template."""
     require_chat_template(tokenizer, chat_template, "tokenize_and_apply_chat_template_with_masking")
-    conversations = batch[conversation_column_name]
-    tools, documents = batch.get("tools"), batch.get("documents")
-    texts, spans = [], []
-    for i, conversation in enumerate(conversations):
-        text, sample_spans = formats.chat_text_and_spans(
-            conversation,
-            tokenizer,
-            chat_template,
-            tools=tools[i] if tools else None,
-            documents=documents[i] if documents else None,
-        )
-        texts.append(text)
-        spans.append(sample_spans or [(0, 0)])  # no assistant turn: counted and dropped downstream
-    # chat templates write their own BOS and end each assistant turn with their own end token
-    out = tokenize_batch(
-        tokenizer, texts, spans, max_len=sys.maxsize, add_special_tokens=False, append_eos=False
-    )
-    return {"input_ids": out["input_ids"], "labels": out["labels"]}
+    settings = chat_settings or chat.ChatSettings()
+    column = conversation_column_name
+    conversations = [
+        chat.conversation_from_row(row, chat.normalize_messages(row[column], column), settings)
+        for row in rows_of(batch)
+    ]
+    # no truncation here: the pipeline truncates (and counts) after the last handler
+    out, rows = chat.encode_conversations(conversations, tokenizer, chat_template, settings, sys.maxsize)
+    return {
+        "input_ids": out["input_ids"],
+        "labels": out["labels"],
+        chat.SAMPLE_INFO: out[chat.SAMPLE_INFO],
+        SOURCE_ROWS: rows,
+    }

@@ -8,7 +8,6 @@ by the pipeline. Register your own with :func:`register_handler` before the job 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import types
@@ -17,13 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
-from tuning.errors import UserError
+from tuning.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
 HandlerKind = Literal["map", "filter", "dataset"]
-# Filled in by the pipeline, never by a config: the job's tokenizer and the data config's chat template.
-CONTEXT_PARAMS = ("tokenizer", "chat_template")
+# Filled in by the pipeline, never by a config: the job's tokenizer, the data config's chat template and
+# the job's chat settings (stop tokens, --train_on, template arguments: tuning.data.chat.ChatSettings).
+CONTEXT_PARAMS = ("tokenizer", "chat_template", "chat_settings")
+# What a handler registered with ``expands_rows`` returns besides its columns: the input row (index in the
+# batch) of each output row, so the pipeline can repeat the columns it keeps.
+SOURCE_ROWS = "_source_rows"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Handler:
     aliases: dict[str, str] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
     columns: tuple[str, ...] = ()
+    expands_rows: bool = False
 
     @property
     def context(self) -> list[str]:
@@ -54,6 +58,7 @@ def register_handler(
     aliases: dict[str, str] | None = None,
     ignored: dict[str, str] | None = None,
     columns: tuple[str, ...] = (),
+    expands_rows: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` under ``name`` (default: its own name).
 
@@ -62,6 +67,8 @@ def register_handler(
     ``aliases`` maps old argument names to new ones (accepted with a deprecation warning), ``ignored``
     maps argument names the handler accepts but does not use to the reason (reported in a warning),
     ``columns`` names the parameters whose values are input column names (checked against the data).
+    ``expands_rows``: a batched map handler whose output may have more (or fewer) rows than its input; it
+    returns :data:`SOURCE_ROWS` too, and the pipeline repeats the input columns a step keeps.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,16 +80,30 @@ def register_handler(
         }
         hints = typing.get_type_hints(fn)
         HANDLERS[name or fn.__name__] = Handler(
-            name or fn.__name__, fn, kind, batched, user, hints, aliases or {}, ignored or {}, columns
+            name or fn.__name__,
+            fn,
+            kind,
+            batched,
+            user,
+            hints,
+            aliases or {},
+            ignored or {},
+            columns,
+            expands_rows,
         )
         return fn
 
     return decorate
 
 
-def did_you_mean(name: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+def expand_rows(fn: Callable[..., dict], keep: list[str], batch: dict[str, list], **kwargs: Any) -> dict:
+    """Run an ``expands_rows`` handler on a batch and repeat the ``keep`` input columns for its rows."""
+    out = fn(batch, **kwargs)
+    rows = out.pop(SOURCE_ROWS)
+    for column in keep:
+        if column not in out:
+            out[column] = [batch[column][i] for i in rows]
+    return out
 
 
 def get_handler(name: str, where: str) -> Handler:

@@ -5,22 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from tuning.data.formats import RowTemplate
+from tuning.data import chat
+from tuning.data.formats import RowTemplate, rows_of
 from tuning.data.handlers.registry import register_handler
 from tuning.errors import UserError
 
 
 @lru_cache(maxsize=32)
 def _compiled(template: str) -> RowTemplate:
-    try:
-        return RowTemplate(template)
-    except UserError as e:
-        raise UserError(str(e).replace("--data_formatter_template", "template")) from None
-
-
-def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
-    n = len(next(iter(batch.values()), []))
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    return RowTemplate(template, what="the handler's template")
 
 
 @register_handler(aliases={"dataset_text_field": "formatted_text_column_name"})
@@ -38,11 +31,7 @@ def apply_custom_jinja_template(
     special tokens) into ``formatted_text_column_name``. A missing column is an error, not blank text."""
     compiled = _compiled(template)
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    try:
-        texts = [compiled.render({**specials, **row}) for row in _rows(batch)]
-    except UserError as e:
-        raise UserError(str(e).replace("--data_formatter_template", "template")) from None
-    return {formatted_text_column_name: texts}
+    return {formatted_text_column_name: [compiled.render({**specials, **row}) for row in rows_of(batch)]}
 
 
 def require_chat_template(tokenizer: Any, chat_template: str | None, handler: str) -> None:
@@ -62,41 +51,20 @@ def apply_tokenizer_chat_template(
     *,
     tokenizer: Any,
     chat_template: str | None,
+    chat_settings: chat.ChatSettings | None = None,
     formatted_text_column_name: str = "formatted_chat_data",
     conversation_column_name: str | None = None,
 ) -> dict[str, list]:
     """Render each conversation with the chat template into a text column (no tokens, no masking).
     Without ``conversation_column_name`` the whole row is the template's ``messages``, as in the
-    reference tool. A row's ``tools`` and ``documents`` go to the template."""
+    reference tool (its templates index ``messages['messages']``). A row's ``tools``, ``documents`` and
+    ``chat_template_kwargs`` go to the template."""
     require_chat_template(tokenizer, chat_template, "apply_tokenizer_chat_template")
+    settings = chat_settings or chat.ChatSettings()
+    template = chat.ChatTemplate(tokenizer, chat_template)
     texts = []
-    for row in _rows(batch):
-        tools, documents = row.get("tools"), row.get("documents")
-        if conversation_column_name is None:
-            texts.append(_render_row(row, tokenizer, chat_template, tools, documents))
-            continue
-        texts.append(
-            tokenizer.apply_chat_template(
-                row[conversation_column_name],
-                tokenize=False,
-                chat_template=chat_template,
-                tools=tools,
-                documents=documents,
-            )
-        )
+    for row in rows_of(batch):
+        column = conversation_column_name
+        messages = row if column is None else chat.normalize_messages(row[column], column)
+        texts.append(template.render(messages, chat.conversation_from_row(row, [], settings)))
     return {formatted_text_column_name: texts}
-
-
-def _render_row(
-    row: dict[str, Any], tokenizer: Any, chat_template: str | None, tools: Any, documents: Any
-) -> str:
-    # transformers' apply_chat_template insists on a list of messages; a whole row (a mapping) is what
-    # the reference tool's templates index (messages['messages']), so render with the same compiled,
-    # sandboxed Jinja environment transformers uses, directly.
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    template = _compile_jinja_template(chat_template or tokenizer.chat_template)
-    specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    return template.render(
-        messages=row, tools=tools, documents=documents, add_generation_prompt=False, **specials
-    )

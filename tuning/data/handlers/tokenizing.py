@@ -11,7 +11,7 @@ from typing import Any
 
 from tuning.data import formats
 from tuning.data.handlers.registry import register_handler
-from tuning.data.tokenize import tokenize_batch
+from tuning.data.tokenize import encode, tokenize_batch
 
 
 @register_handler(columns=("text_column_name",))
@@ -23,8 +23,10 @@ def tokenize(
     truncation: bool = False,
     max_length: int | None = None,
 ) -> dict[str, list]:
-    """``text_column_name`` → ``input_ids`` and ``attention_mask`` (the tokenizer's special tokens added)."""
-    enc = tokenizer([str(t) for t in batch[text_column_name]], truncation=truncation, max_length=max_length)
+    """``text_column_name`` → ``input_ids`` and ``attention_mask`` (the tokenizer's special tokens added,
+    but no second BOS on a text that starts with one)."""
+    texts = [str(t) for t in batch[text_column_name]]
+    enc = encode(tokenizer, texts, truncation=truncation, max_length=max_length)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
