@@ -269,8 +269,8 @@ def test_a_run_that_cannot_fit_stops_before_the_data(tiny_model_dir, tmp_path, c
     argv += ["--output_dir", str(tmp_path / "out"), "--use_flash_attn", "false"]  # 8 rows of 512 tokens
     assert sft_trainer.main(argv) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: the memory plan needs 33.2 MiB per device, more than the 8.0 MiB of CPU RAM available (test); "
-        "would fit (3.6 MiB): --per_device_train_batch_size 1 (raise --gradient_accumulation_steps to keep the "
+        "error: the memory plan needs 34.5 MiB per device, more than the 8.0 MiB of CPU RAM available (test); "
+        "would fit (3.9 MiB): --per_device_train_batch_size 1 (raise --gradient_accumulation_steps to keep the "
         "batch); `tuning plan ARGS` prints the breakdown, --memory_check warn runs anyway"
     )
 
@@ -286,7 +286,7 @@ def test_memory_check_warn_goes_on(tiny_model_dir, tmp_path, caplog, monkeypatch
     argv += ["--memory_check", "warn", "--max_steps", "1", "--save_strategy", "no"]
     with caplog.at_level(logging.WARNING, logger="tuning"):
         assert sft_trainer.main(argv) == 0
-    assert any(r.getMessage().startswith("the memory plan needs 33.2 MiB") for r in caplog.records)
+    assert any(r.getMessage().startswith("the memory plan needs 34.5 MiB") for r in caplog.records)
 
 
 def test_tuning_plan_prints_the_plan_without_training(capsys):

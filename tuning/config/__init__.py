@@ -14,6 +14,7 @@ from tuning.config.args import (
 )
 from tuning.config.parser import (
     build_parser,
+    file_values,
     output_dir_hint,
     parse_command_line,
     parse_config,
@@ -35,6 +36,7 @@ __all__ = [
     "TrackerArgs",
     "TrainArgs",
     "build_parser",
+    "file_values",
     "output_dir_hint",
     "parse_command_line",
     "parse_config",
