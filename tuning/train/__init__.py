@@ -17,6 +17,7 @@ from tuning.train.distributed import (
     per_rank,
     select_cpu_backend,
     set_seed,
+    topology,
 )
 from tuning.train.fingerprint import run_fingerprint
 from tuning.train.progress import TokenRate, log_run_start
@@ -51,4 +52,5 @@ __all__ = [
     "select_cpu_backend",
     "set_seed",
     "start_pending",
+    "topology",
 ]
