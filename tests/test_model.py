@@ -8,25 +8,50 @@ import pytest
 import torch
 
 from tuning.config.args import DataArgs, ModelArgs
+from tuning.errors import UserError
 from tuning.model import load_model, load_model_config, load_tokenizer, precision_plan
 from tuning.model.loading import attention_candidates, why_unusable
 
 
 @pytest.mark.parametrize(
-    ("dtype", "half_master", "load", "autocast", "save"),
+    ("dtype", "master", "peft", "optim", "load", "autocast", "resolved"),
     [
-        ("bfloat16", False, torch.float32, torch.bfloat16, torch.bfloat16),  # float32 master weights
-        ("bfloat16", True, torch.bfloat16, None, torch.bfloat16),
-        ("float32", False, torch.float32, None, torch.float32),
-        ("auto", False, torch.float32, None, torch.float32),  # the tiny checkpoint is float32
+        # full fine-tuning in bf16: Kahan-compensated bf16 by default, float32 masters + autocast on request
+        ("bfloat16", "auto", "none", "adamw_torch", torch.bfloat16, None, "kahan"),
+        ("bfloat16", "auto", "none", "adamw_torch_fused", torch.bfloat16, None, "kahan"),
+        ("bfloat16", "float32", "none", "adamw_torch", torch.float32, torch.bfloat16, "float32"),
+        ("bfloat16", "half", "none", "adamw_torch", torch.bfloat16, None, "half"),
+        # another optimizer keeps its own precision: float32 masters, as before
+        ("bfloat16", "auto", "none", "adamw_bnb_8bit", torch.float32, torch.bfloat16, "float32"),
+        # adapters: frozen base in bf16, float32 adapter weights under autocast
+        ("bfloat16", "auto", "lora", "adamw_torch", torch.bfloat16, torch.bfloat16, "float32"),
+        ("bfloat16", "kahan", "lora", "adamw_torch", torch.bfloat16, None, "kahan"),
+        ("float32", "auto", "none", "adamw_torch", torch.float32, None, "float32"),
+        (
+            "auto",
+            "auto",
+            "none",
+            "adamw_torch",
+            torch.float32,
+            None,
+            "float32",
+        ),  # the tiny checkpoint is float32
     ],
 )
-def test_precision_plan(tiny_model_dir, dtype, half_master, load, autocast, save):
-    args = ModelArgs(
-        model_name_or_path=str(tiny_model_dir), torch_dtype=dtype, half_precision_master_weights=half_master
-    )
-    plan = precision_plan(args, load_model_config(args))
-    assert (plan.load_dtype, plan.autocast, plan.save_dtype) == (load, autocast, save)
+def test_precision_plan(tiny_model_dir, dtype, master, peft, optim, load, autocast, resolved):
+    args = ModelArgs(model_name_or_path=str(tiny_model_dir), torch_dtype=dtype, master_weights=master)
+    plan = precision_plan(args, load_model_config(args), peft, optim)
+    assert (plan.load_dtype, plan.autocast, plan.master_weights) == (load, autocast, resolved)
+    assert plan.save_dtype == (torch.float32 if dtype in ("float32", "auto") else torch.bfloat16)
+
+
+def test_half_precision_master_weights_is_master_weights_half(tiny_model_dir):
+    assert ModelArgs(half_precision_master_weights=True).master_weights == "half"
+    with pytest.raises(ValueError, match="means --master_weights half, but --master_weights is kahan"):
+        ModelArgs(half_precision_master_weights=True, master_weights="kahan")
+    args = ModelArgs(model_name_or_path=str(tiny_model_dir), torch_dtype="auto", master_weights="kahan")
+    with pytest.raises(UserError, match="keeps bfloat16 weights, but the weights are float32"):
+        precision_plan(args, load_model_config(args))
 
 
 def test_attention_candidates_fall_back_to_sdpa_then_eager():

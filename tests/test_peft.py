@@ -104,7 +104,8 @@ def test_adapters_keep_the_frozen_base_in_half_precision(tiny_model_dir):
         torch.bfloat16,
         torch.bfloat16,
     )
-    assert precision_plan(args, config, "none").load_dtype == torch.float32  # full fine-tuning: fp32 master
+    full = precision_plan(args, config, "none")  # full fine-tuning: bf16 weights, Kahan-compensated updates
+    assert (full.load_dtype, full.master_weights) == (torch.bfloat16, "kahan")
 
 
 def test_all_linear_leaves_out_the_head_unless_named(tiny_model_dir):

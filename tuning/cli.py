@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from tuning import launch, merge, plot, preview, sft_trainer
+from tuning import launch, merge, plan, plot, preview, sft_trainer
 from tuning.errors import UserError, did_you_mean, run_command
 
 COMMANDS = {"train": sft_trainer.main, "merge": merge.main, "preview": preview.main, "plot": plot.main}
 COMMANDS["launch"] = launch.main  # one job file → accelerate launch (docs/distributed.md)
+COMMANDS["plan"] = plan.main  # the memory plan without training (docs/memory.md)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from tuning.lock import output_dir_lock
 from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
+    check_memory,
     context_length,
     generation_stop_ids,
     load_model,
@@ -30,6 +31,7 @@ from tuning.model import (
     load_tokenizer,
     precision_plan,
     quantization_config,
+    setup_for,
 )
 from tuning.outputs import (
     build_summary,
@@ -55,6 +57,7 @@ from tuning.train import (
     select_cpu_backend,
     set_seed,
     start_pending,
+    topology,
 )
 
 logger = logging.getLogger("tuning")
@@ -82,15 +85,21 @@ def _train(config: SFTConfig) -> dict:
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
-    quant = quantization_config(config.quant, model_config, config.peft.peft_method)  # fails before the data
+    plan = precision_plan(config.model, model_config, config.peft.peft_method, args.optim_name)
+    devices = topology(args)
+    quant = quantization_config(
+        config.quant, model_config, config.peft.peft_method, plan.load_dtype, devices.sharded
+    )
     max_len = context_length(model_config, config.data.max_seq_length)
     stop_ids = generation_stop_ids(config.model, model_config, tokenizer)  # where chat turns end
+    if not config.data.do_dataprocessing_only:  # the plan, and a run that can't fit, before data and weights
+        setup = setup_for(config, model_config, plan, devices, tokenizer, max_len)
+        check_memory(setup, args.memory_check, show=args.should_save)
     # one rank per machine (or per job, on a shared cache) tokenizes; the others then read its cache
     with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
         data = build_datasets(config.data, tokenizer, max_len, stop_ids)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
-    plan = precision_plan(config.model, model_config, config.peft.peft_method)
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)

@@ -1,6 +1,8 @@
 """Config stage: command line / YAML / JSON → one validated :class:`SFTConfig`."""
 
 from tuning.config.args import (
+    BNB_METHODS,
+    KAHAN_OPTIMIZERS,
     DataArgs,
     ModelArgs,
     PeftArgs,
@@ -12,6 +14,7 @@ from tuning.config.args import (
 )
 from tuning.config.parser import (
     build_parser,
+    file_values,
     output_dir_hint,
     parse_command_line,
     parse_config,
@@ -22,6 +25,8 @@ from tuning.config.parser import (
 from tuning.config.rules import SEED_MAX
 
 __all__ = [
+    "BNB_METHODS",
+    "KAHAN_OPTIMIZERS",
     "SEED_MAX",
     "DataArgs",
     "ModelArgs",
@@ -31,6 +36,7 @@ __all__ = [
     "TrackerArgs",
     "TrainArgs",
     "build_parser",
+    "file_values",
     "output_dir_hint",
     "parse_command_line",
     "parse_config",

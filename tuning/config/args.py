@@ -26,6 +26,9 @@ DataFormat = Literal[
     "auto", "pretokenized", "text", "template", "input_output", "prompt_completion", "alpaca", "chat"
 ]
 TrainOn = Literal["responses", "last_response", "all"]
+MasterWeights = Literal["auto", "float32", "kahan", "half"]
+# --optim values whose update --master_weights kahan replaces by its Kahan-compensated AdamW (same algorithm)
+KAHAN_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
 
 def unescape(text: str | None) -> str | None:
@@ -105,18 +108,25 @@ class ModelArgs:
     torch_dtype: str = field(
         default="bfloat16",
         metadata={
-            "help": "Compute dtype: bfloat16 (default), float16, float32 or auto (the checkpoint's). "
-            "Half precision computes under autocast while trainable weights and optimizer state stay "
-            "float32, unless --half_precision_master_weights.",
+            "help": "Weights dtype: bfloat16 (default), float16, float32 or auto (the checkpoint's). How "
+            "trainable weights keep precision in half precision is --master_weights.",
             "choices": list(DTYPE_NAMES),
+        },
+    )
+    master_weights: MasterWeights = field(
+        default="auto",
+        metadata={
+            "help": "How trainable weights keep precision under a half --torch_dtype (docs/memory.md). "
+            "float32: float32 weights and AdamW state, compute under autocast (16 bytes per parameter); "
+            "kahan: bfloat16 weights and AdamW state with Kahan-compensated updates (torch-optimi), "
+            "10 bytes per parameter, learns like float32; half: plain torch_dtype weights and optimizer "
+            "(8 bytes; small updates vanish at lr 1e-5). auto: kahan for full fine-tuning in bfloat16 "
+            "with an AdamW --optim, float32 otherwise (adapters, float16, other optimizers)."
         },
     )
     half_precision_master_weights: bool = field(
         default=False,
-        metadata={
-            "help": "Keep trainable weights and optimizer state in torch_dtype instead of float32. Saves "
-            "memory, but small updates vanish in bfloat16 (at lr 1e-5 training can stall)."
-        },
+        metadata={"help": "Same as --master_weights half (kept for existing commands)."},
     )
     use_flash_attn: bool = field(
         default=True, metadata={"help": "Ask for flash_attn_implementation; false asks for sdpa."}
@@ -133,6 +143,18 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         check_group(self)
+        if self.half_precision_master_weights:
+            if self.master_weights not in ("auto", "half"):
+                raise ValueError(
+                    f"--half_precision_master_weights means --master_weights half, but --master_weights is "
+                    f"{self.master_weights}; pass one of them"
+                )
+            self.master_weights = "half"
+        if self.master_weights == "kahan" and self.torch_dtype in ("float16", "float32"):
+            raise ValueError(
+                f"--master_weights kahan keeps bfloat16 weights, not --torch_dtype {self.torch_dtype}; pass "
+                "--torch_dtype bfloat16 (float16 trains with --master_weights float32: it needs loss scaling)"
+            )
 
 
 @dataclass
@@ -372,6 +394,19 @@ class TrainArgs(TrainingArguments):
             "standard: the model's own loss over full logits; auto: label_only where it applies."
         },
     )
+    memory_check: Literal["error", "warn", "off"] = field(
+        default="error",
+        metadata={
+            "help": "Before the model loads, print the per-device memory plan (docs/memory.md). error: when "
+            "it exceeds the device's memory, stop (exit 1) naming flags that would fit; warn: say so and go "
+            "on; off: no plan."
+        },
+    )
+
+    @property
+    def optim_name(self) -> str:
+        """``--optim`` as its plain name (TrainingArguments turns it into an enum)."""
+        return str(getattr(self.optim, "value", self.optim))
 
     def __post_init__(self) -> None:
         check_group(self)
@@ -526,15 +561,26 @@ class TrackerArgs:
         self.exp_metadata = json_object(self.exp_metadata, "exp_metadata", '{"team": "nlp"}')
 
 
+QuantizationMethod = Literal["none", "mxfp4", "bnb_4bit", "bnb_8bit"]
+BNB_METHODS = ("bnb_4bit", "bnb_8bit")
+
+
 @dataclass
 class QuantArgs:
-    """Quantized checkpoints (docs/gpt-oss.md). Only MXFP4 (gpt-oss) for now."""
+    """Quantized weights: MXFP4 checkpoints (docs/gpt-oss.md) and bitsandbytes QLoRA (docs/memory.md).
 
-    quantization_method: Literal["none", "mxfp4"] = field(
+    QLoRA is one mode, ``--quantization_method bnb_4bit`` (or ``bnb_8bit``); TRL's ``--load_in_4bit`` /
+    ``--load_in_8bit`` and fms-hf-tuning's ``--bnb_qlora QUANT_TYPE`` name the same mode. They are resolved
+    here, once: aliases that agree are one request, aliases that disagree are an error.
+    """
+
+    quantization_method: QuantizationMethod = field(
         default="none",
         metadata={
-            "help": "mxfp4: the checkpoint's expert weights are MXFP4 (openai/gpt-oss-*). An MXFP4 "
-            "checkpoint is treated this way even without the flag."
+            "help": "mxfp4: the checkpoint's expert weights are MXFP4 (openai/gpt-oss-*); an MXFP4 "
+            "checkpoint is treated this way even without the flag. bnb_4bit / bnb_8bit: QLoRA, the frozen "
+            "base is quantized to 4 (NF4/FP4) or 8 bits by bitsandbytes while loading and LoRA adapters "
+            "train on top (needs --peft_method lora and pip install 'tuning[bitsandbytes]')."
         },
     )
     dequantize: bool = field(
@@ -544,6 +590,74 @@ class QuantArgs:
             "default). false keeps MXFP4, which needs a Hopper-class GPU and an adapter."
         },
     )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] | None = field(
+        default=None, metadata={"help": "bnb_4bit: the 4-bit data type, nf4 (default, QLoRA's) or fp4."}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=True,
+        metadata={
+            "help": "bnb_4bit: double quantization (the per-block scales are quantized too: 4.13 instead "
+            "of 4.5 bits per weight). Default true, as QLoRA and fms-hf-tuning; TRL defaults to false.",
+            "aliases": ["--bnb_4bit_use_double_quant"],
+        },
+    )
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] | None = field(
+        default=None,
+        metadata={"help": "bnb_4bit: the dtype the dequantized weights compute in (default: torch_dtype)."},
+    )
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = field(
+        default=None,
+        metadata={
+            "help": "bnb_4bit: the dtype the packed 4-bit weights are stored as; default uint8, or torch_dtype "
+            "under FSDP (which shards every parameter of a layer in one dtype)."
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "TRL's name for --quantization_method bnb_4bit."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "TRL's name for --quantization_method bnb_8bit."}
+    )
+    bnb_qlora: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "fms-hf-tuning's name for --quantization_method bnb_4bit: QUANT_TYPE (nf4 or fp4) "
+            "[NO_PEFT_MODEL] (the second value is accepted and has no effect: the adapter stage always wraps)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_group(self)
+        named = (
+            {"--quantization_method": self.quantization_method} if self.quantization_method != "none" else {}
+        )
+        if self.load_in_4bit:
+            named["--load_in_4bit"] = "bnb_4bit"
+        if self.load_in_8bit:
+            named["--load_in_8bit"] = "bnb_8bit"
+        quant_types = {"--bnb_4bit_quant_type": self.bnb_4bit_quant_type} if self.bnb_4bit_quant_type else {}
+        if self.bnb_qlora is not None:
+            named["--bnb_qlora"] = "bnb_4bit"
+            quant_types["--bnb_qlora"] = _fms_quant_type(self.bnb_qlora)
+        _one_value(named, "quantization modes")
+        _one_value(quant_types, "4-bit types")
+        self.quantization_method = next(iter(named.values()), "none")
+        self.load_in_4bit = self.quantization_method == "bnb_4bit"
+        self.load_in_8bit = self.quantization_method == "bnb_8bit"
+        self.bnb_4bit_quant_type = next(iter(quant_types.values()), "nf4")
+
+
+def _fms_quant_type(values: list[str]) -> str:
+    """fms-hf-tuning's ``--bnb_qlora QUANT_TYPE [NO_PEFT_MODEL]`` (its BNBQLoraConfig fields, positionally)."""
+    if not 1 <= len(values) <= 2 or values[0] not in ("nf4", "fp4"):
+        raise ValueError(f"--bnb_qlora takes QUANT_TYPE (nf4 or fp4) [NO_PEFT_MODEL], got {' '.join(values)}")
+    if len(values) == 2 and values[1].lower() not in ("true", "false"):
+        raise ValueError(f"--bnb_qlora NO_PEFT_MODEL must be true or false, got {values[1]}")
+    return values[0]
+
+
+def _one_value(named: dict[str, str], what: str) -> None:
+    """Several flags naming ``what`` must name the same one."""
+    if len(set(named.values())) > 1:
+        given = ", ".join(f"{flag} ({value})" for flag, value in named.items())
+        raise ValueError(f"{given} name different {what}; pass one of them")

@@ -29,6 +29,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from tuning.config.args import (
+    BNB_METHODS,
+    KAHAN_OPTIMIZERS,
     DataArgs,
     ModelArgs,
     PeftArgs,
@@ -396,6 +398,25 @@ def validate(config: SFTConfig) -> None:
         )
     if config.data.instruction_template and not config.data.response_template:
         raise UserError("--instruction_template needs --response_template (loss starts after it)")
+    _validate_memory_modes(config)
+
+
+def _validate_memory_modes(config: SFTConfig) -> None:
+    """QLoRA trains adapters only; Kahan-compensated updates are an AdamW of their own."""
+    method, peft_method = config.quant.quantization_method, config.peft.peft_method
+    if method in BNB_METHODS and peft_method not in ("lora", "alora"):
+        what = "full fine-tuning" if peft_method == "none" else f"--peft_method {peft_method}"
+        raise UserError(
+            f"--quantization_method {method} (QLoRA) keeps the base weights frozen in {method[4]} bits and trains "
+            f"LoRA adapters on them; {what} can't train that way: add --peft_method lora, or drop the "
+            "quantization to train without it"
+        )
+    optim = config.train.optim_name
+    if config.model.master_weights == "kahan" and optim not in KAHAN_OPTIMIZERS:
+        raise UserError(
+            f"--master_weights kahan brings its own Kahan-compensated AdamW, but --optim is {optim}; use "
+            f"--optim {KAHAN_OPTIMIZERS[0]}, or --master_weights float32 or half to keep {optim}"
+        )
 
 
 def check_combinations(values: dict[str, Any], where: Callable[[str], str]) -> None:

@@ -1,4 +1,4 @@
-"""Model stage: tokenizer and model loading, precision, attention, quantization, adapters."""
+"""Model stage: tokenizer and model loading, precision, attention, quantization, adapters, the memory plan."""
 
 from tuning.model.loading import (
     PrecisionPlan,
@@ -7,6 +7,17 @@ from tuning.model.loading import (
     load_model,
     load_model_config,
     precision_plan,
+)
+from tuning.model.memory import Topology, estimate, setup_for
+from tuning.model.memory_check import (
+    GPU_RUNTIME_RESERVE,
+    Capacity,
+    check_fits,
+    check_memory,
+    device_capacity,
+    gib,
+    parse_size,
+    render,
 )
 from tuning.model.peft import (
     ADDED_TOKENS_INFO_NAME,
@@ -19,6 +30,17 @@ from tuning.model.quantization import quantization_config
 from tuning.model.tokenizer import generation_stop_ids, load_tokenizer
 
 __all__ = [
+    "GPU_RUNTIME_RESERVE",
+    "Capacity",
+    "Topology",
+    "check_fits",
+    "check_memory",
+    "device_capacity",
+    "estimate",
+    "gib",
+    "parse_size",
+    "render",
+    "setup_for",
     "ADDED_TOKENS_INFO_NAME",
     "NEW_EMBEDDINGS_NAME",
     "NEW_EMBEDDING_KEYS",

@@ -13,27 +13,31 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from tuning.config import ModelArgs
+from tuning.config import KAHAN_OPTIMIZERS, ModelArgs
 from tuning.dtypes import torch_dtype
 from tuning.errors import UserError, first_line
 from tuning.files import refused_pickle
+from tuning.model.quantization import is_bnb, keep_training_layout, quantized_load_kwargs
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PrecisionPlan:
-    """How weights are stored and how the forward pass computes.
+    """How weights are stored, how the forward pass computes, and how the optimizer keeps precision.
 
     ``load_dtype`` is the dtype of the weights in memory; ``autocast`` is the half-precision dtype
-    the forward computes in (None: compute in ``load_dtype``). Half precision defaults to float32
-    master weights + autocast, because AdamW on pure bfloat16 weights loses updates below bf16's
-    resolution (measured: loss 10.19 → 10.13 vs 9.42 in float32 on the same job at lr 1e-5).
+    the forward computes in (None: compute in ``load_dtype``); ``master_weights`` is the resolved
+    ``--master_weights``: ``float32`` (trainable weights and optimizer state in float32), ``kahan``
+    (weights and state in bfloat16, Kahan-compensated AdamW: tuning/train/optimizers.py) or ``half``.
+    Plain AdamW on bfloat16 weights loses updates below bf16's resolution (measured: loss 10.19 → 10.13
+    vs 9.42 in float32 on the same job at lr 1e-5); float32 and kahan don't (benchmarks/RESULTS.md).
     """
 
     load_dtype: torch.dtype
     autocast: torch.dtype | None
     save_dtype: torch.dtype
+    master_weights: str = "float32"
 
 
 def load_model_config(args: ModelArgs) -> PretrainedConfig:
@@ -55,12 +59,26 @@ def context_length(config: PretrainedConfig, requested: int) -> int:
     return requested
 
 
-def precision_plan(args: ModelArgs, config: PretrainedConfig, peft_method: str = "none") -> PrecisionPlan:
-    """Resolve ``torch_dtype`` (and ``auto``) into storage, compute and save dtypes.
+def precision_plan(
+    args: ModelArgs, config: PretrainedConfig, peft_method: str = "none", optim: str = "adamw_torch"
+) -> PrecisionPlan:
+    """Resolve ``torch_dtype`` (and ``auto``) and ``--master_weights`` into storage, compute and save dtypes.
 
     With an adapter (``peft_method`` not none) the frozen base weights never receive updates, so they
-    stay in the half dtype; only the adapter's trainable weights are upcast to float32 (tuning/model/peft.py).
+    stay in the half dtype; under ``float32`` master weights only the adapter's trainable weights are
+    upcast (tuning/model/peft.py).
     """
+    dtype = resolve_dtype(args, config)
+    master = resolve_master_weights(args, dtype, peft_method, optim)
+    if dtype == torch.float32 or master != "float32":
+        return PrecisionPlan(load_dtype=dtype, autocast=None, save_dtype=dtype, master_weights=master)
+    if peft_method != "none":
+        return PrecisionPlan(load_dtype=dtype, autocast=dtype, save_dtype=dtype)
+    return PrecisionPlan(load_dtype=torch.float32, autocast=dtype, save_dtype=dtype)
+
+
+def resolve_dtype(args: ModelArgs, config: PretrainedConfig) -> torch.dtype:
+    """``--torch_dtype`` as a torch dtype (``auto``: the checkpoint's; float16 without a GPU: bfloat16)."""
     name = args.torch_dtype
     if name == "auto":
         native = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
@@ -70,11 +88,25 @@ def precision_plan(args: ModelArgs, config: PretrainedConfig, peft_method: str =
     if dtype == torch.float16 and not torch.cuda.is_available():
         logger.warning("torch_dtype float16 needs a GPU for mixed precision; computing in bfloat16 instead")
         dtype = torch.bfloat16
-    if dtype == torch.float32 or args.half_precision_master_weights:
-        return PrecisionPlan(load_dtype=dtype, autocast=None, save_dtype=dtype)
-    if peft_method != "none":
-        return PrecisionPlan(load_dtype=dtype, autocast=dtype, save_dtype=dtype)
-    return PrecisionPlan(load_dtype=torch.float32, autocast=dtype, save_dtype=dtype)
+    return dtype
+
+
+def resolve_master_weights(args: ModelArgs, dtype: torch.dtype, peft_method: str, optim: str) -> str:
+    """``--master_weights auto`` → ``kahan`` for full fine-tuning in bfloat16 with an AdamW optimizer,
+    else ``float32`` (adapters are small; float16 needs float32 masters for loss scaling; another
+    ``--optim`` keeps its own precision). An explicit choice is checked against the resolved dtype."""
+    requested = args.master_weights
+    if requested == "kahan" and dtype != torch.bfloat16:
+        raise UserError(
+            f"--master_weights kahan keeps bfloat16 weights, but the weights are {str(dtype).removeprefix('torch.')}; "
+            "pass --torch_dtype bfloat16, or --master_weights float32"
+        )
+    if dtype == torch.float32:
+        return "float32"  # nothing is half precision: float32 and half are the same
+    if requested != "auto":
+        return requested
+    full_bf16_adamw = peft_method == "none" and dtype == torch.bfloat16 and optim in KAHAN_OPTIMIZERS
+    return "kahan" if full_bf16_adamw else "float32"
 
 
 def attention_candidates(args: ModelArgs, model_class: type | None = None) -> list[str]:
@@ -92,7 +124,7 @@ def _is_flash(impl: str) -> bool:
     return impl.startswith("flash_attention") or "/" in impl  # "/": a hub kernel id
 
 
-def _model_refuses(impl: str, model_class: type) -> str | None:
+def model_refuses(impl: str, model_class: type) -> str | None:
     """Why the model class itself can't run ``impl`` (checked before loading, so no weights are read twice)."""
     name = model_class.__name__
     if impl == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
@@ -110,7 +142,7 @@ def _model_refuses(impl: str, model_class: type) -> str | None:
 
 def why_unusable(impl: str, model_class: type | None = None) -> str | None:
     """Why an attention implementation can't run here (None: it may; loading still has a say)."""
-    refused = _model_refuses(impl, model_class) if model_class is not None else None
+    refused = model_refuses(impl, model_class) if model_class is not None else None
     if refused or impl in ("sdpa", "eager", "flex_attention"):
         return refused
     if not torch.cuda.is_available():
@@ -156,6 +188,7 @@ def load_model(
                     attn_implementation=impl,
                     trust_remote_code=args.trust_remote_code,
                     quantization_config=quantization,
+                    **quantized_load_kwargs(quantization),
                 )
                 break
             except Exception as e:  # noqa: BLE001 (sorted by _load_failure: a kernel's failure is a fallback)
@@ -166,6 +199,8 @@ def load_model(
     if impl != candidates[0]:
         logger.warning("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
     drop_stale_quantization_config(model)
+    if is_bnb(quantization):
+        keep_training_layout(model)
     # The KV cache is for generation; training never reads it, and with a cache object transformers skips
     # the per-sample mask that keeps padding-free rows exact. The base's value is what a saved model
     # must carry (generation recomputes every token without it): see generation_use_cache.

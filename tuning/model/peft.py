@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from tuning.config import PeftArgs
-from tuning.errors import UserError, first_line
+from tuning.errors import UserError
 from tuning.model.loading import PrecisionPlan
+from tuning.model.quantization import prepare_quantized_base
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +51,10 @@ def apply_peft(args: PeftArgs, model: Any, tokenizer: Any, plan: PrecisionPlan) 
     """Wrap ``model`` for ``args.peft_method`` (unchanged for none); returns the model to train."""
     if args.peft_method == "none":
         return model
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        prepare_quantized_base(model)  # QLoRA
     added = _grow_vocabulary(args, model, tokenizer)
-    if args.peft_method == "pt":
-        config: Any = _prompt_tuning_config(args, tokenizer)
-    else:
-        config = _lora_config(args, model, tokenizer, added)
-    try:
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=plan.autocast is not None)
-    except ValueError as e:
-        raise UserError(f"cannot apply --peft_method {args.peft_method}: {first_line(e)}") from None
+    peft_model = wrap(args, model, tokenizer, plan, added)
     if plan.autocast is not None:
         _upcast_trainable(peft_model)
     if args.peft_method != "pt":
@@ -73,6 +69,20 @@ def apply_peft(args: PeftArgs, model: Any, tokenizer: Any, plan: PrecisionPlan) 
     if args.peft_method != "pt":
         logger.info("peft %s wraps %s", args.peft_method, wrapped_summary(peft_model))
     return peft_model
+
+
+def wrap(
+    args: PeftArgs, model: Any, tokenizer: Any, plan: PrecisionPlan, added: AddedTokens | None = None
+) -> Any:
+    """peft's wrapper for ``args`` around ``model``; also what the memory plan counts on a meta-device model."""
+    if args.peft_method == "pt":
+        config: Any = _prompt_tuning_config(args, tokenizer)
+    else:
+        config = _lora_config(args, model, tokenizer, added)
+    try:
+        return get_peft_model(model, config, autocast_adapter_dtype=plan.autocast is not None)
+    except ValueError as e:
+        raise UserError(f"cannot apply --peft_method {args.peft_method}: {str(e).splitlines()[0]}") from None
 
 
 def _save_adapter(save: Any, added: AddedTokens | None, folder: str, *args: Any, **kwargs: Any) -> None:

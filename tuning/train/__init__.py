@@ -23,6 +23,7 @@ from tuning.train.distributed import (
     per_rank,
     select_cpu_backend,
     set_seed,
+    topology,
 )
 from tuning.train.fingerprint import run_fingerprint
 from tuning.train.progress import TokenRate, log_run_start
@@ -63,4 +64,5 @@ __all__ = [
     "select_cpu_backend",
     "set_seed",
     "start_pending",
+    "topology",
 ]

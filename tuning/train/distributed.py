@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ga
 from transformers import TrainerCallback
 
 from tuning.errors import UserError
+from tuning.model import Topology
 
 logger = logging.getLogger("tuning")
 
@@ -38,6 +39,19 @@ logger = logging.getLogger("tuning")
 def fsdp_requested() -> bool:
     """Whether ``accelerate launch`` was given an FSDP config (it exports ``ACCELERATE_USE_FSDP``)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def topology(args: Any) -> Topology:
+    """How this run is spread, for the memory plan: processes, and whether FSDP shards (an FSDP
+    ``accelerate launch`` config or ``--fsdp``), with its activation checkpointing and offload settings
+    (exported by accelerate launch as ``FSDP_*``)."""
+    sharded = (fsdp_requested() or bool(getattr(args, "fsdp", None))) and args.world_size > 1
+    return Topology(
+        world_size=args.world_size,
+        sharded=sharded,
+        activation_checkpointing=os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true",
+        offload=os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true",
+    )
 
 
 def select_cpu_backend() -> None:

@@ -18,6 +18,7 @@ from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
 from tuning.train.loss import label_only_loss, resolve_loss_implementation
+from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
 from tuning.train.sparse_rows import with_sparse_rows
 from tuning.train.speed import choose_collator, reuse_freed_memory, token_budget_loader
@@ -136,6 +137,7 @@ def build_trainer(
         ),
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, plan),
     )
     trainer.fingerprint = fingerprint  # recorded in every checkpoint, checked when a run resumes from it
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts

@@ -1,0 +1,217 @@
+"""Memory modes on CPU: peak memory and final loss of the same job in float32 master weights, the lean
+default (Kahan-compensated bf16) and pure bf16, plus LoRA and QLoRA, each beside the memory plan's
+prediction.
+
+    python benchmarks/memory_benchmark.py [--steps 200] [--out benchmarks/memory_results.json]
+    python benchmarks/memory_benchmark.py --quick        # 5 steps per mode: the memory columns
+
+Every mode runs the real CLI in its own process (so the peak is that run's): a random Llama (hidden
+256, 4 layers, intermediate 688) with the 32k TinyLlama vocabulary, AdamW at lr 1e-5, seed 42, rows of
+256 tokens, all trained. "measured" is the process's peak resident memory minus its resident memory
+just before the model loads (tokenizer, data and libraries are already in); "plan" is the memory plan's
+peak for that run, printed before the model loads. Loss numbers are exact on any machine; timings are
+not reported (the development machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared/peer-data/fms-hf-tuning/tinyllama-tokenizer"
+MODES = {
+    # name: (flags, what it is)
+    "float32 master": (["--master_weights", "float32"], "float32 weights + AdamW state, bf16 autocast"),
+    "kahan (default)": ([], "bf16 weights + AdamW state, Kahan-compensated updates"),
+    "pure bf16": (["--master_weights", "half"], "bf16 weights + AdamW state, plain updates"),
+    "kahan + checkpointing": (
+        ["--gradient_checkpointing", "True"],
+        "as kahan, layers recomputed in backward",
+    ),
+    "LoRA r=16": (["--peft_method", "lora", "--lora_r", "16", "--target_modules", "all-linear"], "bf16 base"),
+    "QLoRA r=16": (
+        ["--peft_method", "lora", "--lora_r", "16", "--target_modules", "all-linear", "--load_in_4bit"],
+        "NF4 double-quantized base",
+    ),
+}
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "ri", "mo", "lu", "ze", "fa", "no"]
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_inputs(root: Path, tokenizer_dir: Path, seq_len: int) -> tuple[Path, Path]:
+    """A random Llama on the TinyLlama tokenizer, and rows of about ``seq_len`` tokens of text."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model_dir = root / "model"
+    torch.manual_seed(42)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=seq_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = [
+        {"text": " ".join("".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(seq_len))}
+        for _ in range(64)
+    ]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return model_dir, data
+
+
+def tensor_peak(profiler) -> int:
+    """The most tensor memory allocated at once since the profiler started (its "Total Allocated"):
+    on CPU what ``torch.cuda.max_memory_allocated`` is on a GPU, without allocator and library overhead."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        profiler.export_chrome_trace(trace.name)
+        events = json.loads(Path(trace.name).read_text())["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
+
+
+def child(spec: dict) -> None:
+    """One run of the CLI in this process; prints one JSON line with the measurements."""
+    import torch
+
+    from tuning import sft_trainer
+    from tuning.train import read_training_logs
+
+    seen: dict = {}
+    real_load, real_check = sft_trainer.load_model, sft_trainer.check_memory
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+
+    def load_model(*args, **kwargs):
+        seen["baseline"] = rss_now()
+        if spec["profile"]:
+            profiler.start()  # from here on it records every tensor allocation and free
+        return real_load(*args, **kwargs)
+
+    def check_memory(setup, mode, show=True):
+        plan = real_check(setup, mode, show)
+        seen["plan"] = plan.__dict__ if plan else None
+        return plan
+
+    sft_trainer.load_model, sft_trainer.check_memory = load_model, check_memory
+    code = sft_trainer.main(spec["argv"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if spec["profile"]:
+        profiler.stop()
+        seen["tensor_peak"] = tensor_peak(profiler)
+    losses = [r["value"] for r in read_training_logs(spec["argv"][spec["argv"].index("--output_dir") + 1])]
+    print("RESULT " + json.dumps({"code": code, "peak": peak, "losses": losses, **seen}), flush=True)
+
+
+def run_mode(name: str, model_dir: Path, data: Path, root: Path, steps: int, seq_len: int) -> dict:
+    """The mode's run (losses, resident memory), then 3 steps under torch's memory profiler (tensor peak:
+    the profiler's own records would inflate the resident memory of the first)."""
+    measured = run_child(name, model_dir, data, root, steps, seq_len, profile=False)
+    profiled = run_child(name, model_dir, data, root, 3, seq_len, profile=True)
+    measured["tensor_peak"] = profiled["tensor_peak"]
+    return measured
+
+
+def run_child(
+    name: str, model_dir: Path, data: Path, root: Path, steps: int, seq_len: int, profile: bool
+) -> dict:
+    flags, _ = MODES[name]
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower())
+    out = root / f"{slug}-{'profiled' if profile else 'run'}"
+    argv = [
+        *(
+            "--model_name_or_path",
+            str(model_dir),
+            "--training_data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+        ),
+        *("--dataset_text_field", "text", "--max_seq_length", str(seq_len), "--packing", "True"),
+        *("--per_device_train_batch_size", "4", "--max_steps", str(steps), "--learning_rate", "1e-5"),
+        *("--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0.0", "--seed", "42"),
+        *("--save_strategy", "no", "--logging_strategy", "steps", "--logging_steps", "1"),
+        *("--use_flash_attn", "false", "--torch_dtype", "bfloat16", *flags),
+    ]
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps({"argv": argv, "profile": profile})],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    line = next((ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    measured = json.loads(line.removeprefix("RESULT "))
+    measured["mode"] = name
+    return measured
+
+
+def table(results: list[dict]) -> str:
+    mib = 2**20
+    lines = [
+        "| mode | weights in memory | plan (MiB) | tensor peak (MiB) | plan / tensor peak | RSS growth (MiB) "
+        "| plan / RSS growth | first loss | final loss |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        grown, tensors = (r["peak"] - r["baseline"]) / mib, r["tensor_peak"] / mib
+        plan = r["plan"]["total"] / mib if r.get("plan") else float("nan")
+        lines.append(
+            f"| {r['mode']} | {MODES[r['mode']][1]} | {plan:.0f} | {tensors:.0f} | {plan / tensors:.2f} | "
+            f"{grown:.0f} | {plan / grown:.2f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="5 steps per mode: the memory columns")
+    parser.add_argument("--tokenizer", default=str(TOKENIZER))
+    parser.add_argument("--modes", nargs="*", default=list(MODES))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "memory_results.json"))
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    steps = 5 if args.quick else args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir, data = write_inputs(root, Path(args.tokenizer), args.seq_len)
+        results = [run_mode(name, model_dir, data, root, steps, args.seq_len) for name in args.modes]
+    print(table(results))
+    Path(args.out).write_text(
+        json.dumps({"steps": steps, "results": results}, indent=1) + "\n", encoding="utf-8"
+    )
+
+
+if __name__ == "__main__":
+    main()
