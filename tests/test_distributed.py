@@ -73,10 +73,13 @@ def training_args(model_dir: Path, data: Path, out: Path, per_device: int, *extr
     ]
 
 
-def accelerate_launch(entry: list[str], args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FIXTURE)]
+def accelerate_launch(
+    entry: list[str], args: list[str], *launch: str, **env: str
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FIXTURE), *launch]
     cmd += ["--num_processes", "2", "--main_process_port", str(free_port()), *entry, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=environment)
 
 
 def final_losses(out: Path) -> list[float]:
@@ -185,6 +188,53 @@ def test_lora_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, tiny_model
     assert not (out / "final" / "model.safetensors").exists()
     for checkpoint in out.glob("checkpoint-*"):
         assert not (checkpoint / "model.safetensors").exists(), checkpoint
+
+
+# the seed's gpt-oss FSDP settings (docs/gpt-oss.md) on top of the shipped fixture
+GPT_OSS_FSDP = ("--fsdp_use_orig_params", "true", "--fsdp_cpu_ram_efficient_loading", "true")
+GPT_OSS_FSDP += ("--fsdp_sync_module_states", "true")
+# the seed's recipe, scaled to the tiny model: LoRA on all linear layers, no dropout, checkpointing, MXFP4
+GPT_OSS_RECIPE = ("--peft_method", "lora", "--target_modules", "all-linear", "--lora_r", "8")
+GPT_OSS_RECIPE += ("--lora_alpha", "16", "--lora_dropout", "0.0", "--gradient_checkpointing", "True")
+GPT_OSS_RECIPE += ("--quantization_method", "mxfp4", "--dequantize", "True", "--learning_rate", "1e-2")
+
+
+@pytest.mark.slow
+def test_gpt_oss_lora_recipe_under_fsdp_matches_one_process(tmp_path, data, monkeypatch):
+    """The seed's gpt-oss recipe on two ranks. Rank 1 perturbs every weight it built (base and adapter):
+    only rank 0's weights broadcast by fsdp_sync_module_states / cpu_ram_efficient_loading make the
+    two ranks train the model the 1-process run trains, and the losses say whether they did."""
+    from peft import PeftModel
+    from transformers import Mxfp4Config
+
+    from tests.conftest import run_keeping_model
+    from tuning.testing.tiny_gpt_oss import write_tiny_gpt_oss
+
+    gpt_oss = write_tiny_gpt_oss(tmp_path / "gpt-oss")
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, model_one = run_keeping_model(monkeypatch, training_args(gpt_oss, data, one, 4, *GPT_OSS_RECIPE))
+    assert code == 0
+    script = [str(REPO / "tests" / "train_with_fault.py"), "perturb-weights", "0"]
+    args = training_args(gpt_oss, data, two, 2, *GPT_OSS_RECIPE)
+    result = accelerate_launch(script, args, *GPT_OSS_FSDP, FAULT_RANK="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "routing it to FSDP" in result.stderr and "parameters held per rank" in result.stderr
+    assert "GptOssModel builds its eager attention mask without position_ids" in result.stderr
+
+    assert final_losses(two) == pytest.approx(final_losses(one), abs=TOLERANCE)
+    assert final_losses(two)[-1] < final_losses(two)[0] - 0.1
+    # the adapter alone, once, in the final folder and in every checkpoint
+    assert sorted(p.name for p in (two / "final").glob("*.safetensors")) == ["adapter_model.safetensors"]
+    assert not list(tmp_path.glob("**/.final.tmp-*"))
+    for checkpoint in two.glob("checkpoint-*"):
+        assert not (checkpoint / "model.safetensors").exists(), checkpoint
+    # plain peft loads it onto the dequantized base, and it computes what the 1-process adapter computes
+    base = AutoModelForCausalLM.from_pretrained(gpt_oss, quantization_config=Mxfp4Config(dequantize=True))
+    reloaded = PeftModel.from_pretrained(base, two / "final").eval()
+    ids = torch.tensor([[1, 55, 72, 69, 82, 4, 102, 4, 48]])
+    model_one.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, model_one(input_ids=ids).logits, atol=1e-4)
 
 
 @pytest.mark.slow

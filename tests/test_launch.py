@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -75,10 +77,61 @@ def test_accelerate_flags():
         (1, ["error: x", "out of memory: OutOfMemoryError: CUDA"], None, 203),
         (1, [], None, 203),  # a rank died without a word (killed, segfault)
         (1, ["interrupted: stopped at step 4"], 15, 143),
+        # not signalled here: another machine's launcher was, and every rank here stopped on it
+        (1, ["interrupted: stopped by SIGTERM at step 4 after saving checkpoint-4; rerun"] * 2, None, 143),
+        (1, ["interrupted: stopped by SIGINT at step 4 after saving checkpoint-4; rerun"], None, 130),
+        (1, ["interrupted: stopped by SIGTERM at step 4", "internal error: RuntimeError: x"], None, 203),
     ],
 )
 def test_exit_codes(returncode, reasons, signum, expected):
     assert launch.exit_code_for(returncode, reasons, signum) == expected
+
+
+def test_accelerate_flags_after_the_job_file_override_it(tmp_path):
+    assert launch.parse_overrides(["--machine_rank", "1", "--num_machines=2", "--same_network"]) == {
+        "machine_rank": "1",
+        "num_machines": "2",
+        "same_network": True,
+    }
+    assert launch.parse_overrides(["--main-process-ip", "10.0.0.1"]) == {"main_process_ip": "10.0.0.1"}
+    with pytest.raises(UserError, match="expected an --accelerate_flag after the job file, got '1'"):
+        launch.parse_overrides(["1"])
+    # shipped configs by name, a real file as given
+    assert launch.shipped_config("accelerate_fsdp_defaults.yaml") == str(launch.FSDP_DEFAULTS)
+    own = tmp_path / "accelerate_fsdp_defaults.yaml"
+    own.write_text("distributed_type: FSDP\n")
+    assert launch.shipped_config(str(own)) == str(own)
+    assert launch.shipped_config("nowhere.yaml") == "nowhere.yaml"
+
+
+def test_signals_go_to_the_ranks_not_to_the_elastic_agent(tmp_path):
+    """A stand-in launcher with one child that traps SIGTERM: the child gets the signal, the launcher
+    (which would start torch's 30 s kill timer) does not, and the wrapper reports 143."""
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time; "
+        'signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); open(sys.argv[1], "w").close(); '
+        "time.sleep(60)', sys.argv[1]])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(99))  # the agent: must not be signalled\n"
+        "sys.exit(1 if child.wait() == 143 else 2)\n"
+    )
+    ready = tmp_path / "ready"
+    import threading
+
+    def signal_when_ready():
+        while not ready.exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    returncode, signum = launch._run_forwarding_signals(
+        [sys.executable, "-c", script, str(ready)], dict(os.environ)
+    )
+    assert (returncode, signum) == (
+        1,
+        signal.SIGTERM,
+    )  # the child exited 143, the launcher 1: like accelerate
+    assert launch.exit_code_for(returncode, [], signum) == 143
 
 
 def test_usage_and_missing_job_file(tmp_path, monkeypatch, capsys):

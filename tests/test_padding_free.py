@@ -102,3 +102,20 @@ def test_trainer_steps_follow_the_token_budget(tokenizer, tmp_path):
     # lengths 4 4 6 6 8 8 → [4 4] [6 6] [8] [8]: one padding-free row each, never over 12 tokens
     assert sorted(batches) == [(1, 8), (1, 8), (1, 8), (1, 12)]
     assert trainer.train().global_step == 4
+
+
+def test_a_model_whose_mask_ignores_position_ids_is_padded_instead(tokenizer):
+    """GptOssModel (transformers 5.24) builds its eager/sdpa mask without position_ids: in one padding-free
+    row the second sample attends to the first. The blocker must see that, and only for such models."""
+    from tuning.testing.tiny_gpt_oss import build_gpt_oss
+
+    model = build_gpt_oss(len(tokenizer), attn_implementation="eager")
+    model.config.use_cache = False
+    padded = model(**PaddingCollator(pad_id=2)(FEATURES)).loss
+    leaky = model(**PaddingFreeCollator()(FEATURES)).loss
+    assert abs(leaky.item() - padded.item()) > 1e-3  # the reason for the blocker, measured
+    assert padding_free_blocker(model) == "GptOssModel builds its eager attention mask without position_ids"
+    assert isinstance(choose_collator(True, model, tokenizer), PaddingCollator)
+    llama = build_model(len(tokenizer), attn_implementation="eager")
+    llama.config.use_cache = False
+    assert padding_free_blocker(llama) is None  # Llama passes position_ids to its mask: exact (above)

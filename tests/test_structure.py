@@ -174,5 +174,6 @@ def test_a_wheel_ships_the_fsdp_defaults_and_the_tiny_models(tmp_path):
     )
     (wheel,) = tmp_path.glob("tuning-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "tuning/fixtures/accelerate_fsdp_defaults.yaml" in names
+    for config in ("accelerate_fsdp_defaults", "accelerate_deepspeed_zero2", "accelerate_deepspeed_zero3"):
+        assert f"tuning/fixtures/{config}.yaml" in names  # tuning launch finds them by name
     assert "tuning/testing/tiny_model.py" in names

@@ -17,6 +17,11 @@ makes to ``$FAULT_COUNTS`` (a JSON file), to draw moments from. Every fault prin
 
 Tests that don't need a fresh interpreter call :func:`inject` in a forked child instead (no import
 cost).
+
+Under ``accelerate launch`` every rank runs this script: ``FAULT_RANK=N`` limits the fault to global rank
+N (default: every rank). ``none`` injects nothing; ``perturb-weights`` adds noise to every weight of the
+model this rank builds (STEP unused). ``RECORD_DATA_PROCESSING=PATH`` makes every process that
+tokenizes rows itself (rather than reading the datasets cache) append its rank to PATH.
 """
 
 from __future__ import annotations
@@ -144,9 +149,52 @@ class _Moments:
         SFTTrainer.training_step = training_step
 
 
+def _record_data_processing(path: str) -> None:
+    """Patch what ``prepare.process_batch`` calls (not the mapped function itself: its hash names the
+    datasets cache file, which must stay the same as without this patch)."""
+    from tuning.data import prepare
+
+    original = prepare.tokenize_batch
+
+    def tokenize_batch(*args, **kwargs):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{os.environ.get('RANK', '0')}\n")
+        return original(*args, **kwargs)
+
+    prepare.tokenize_batch = tokenize_batch
+
+
+def _perturb_weights() -> None:
+    """Add noise to this rank's freshly built model (adapters included): only a broadcast of rank 0's
+    weights (``fsdp_sync_module_states``/``fsdp_cpu_ram_efficient_loading``) makes the ranks agree again."""
+    import torch
+
+    import tuning.sft_trainer as entry
+
+    original = entry.apply_peft
+
+    def apply_peft(*args):
+        model = original(*args)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.is_floating_point() and p.device.type != "meta":
+                    p.add_(torch.randn_like(p))
+        return model
+
+    entry.apply_peft = apply_peft
+
+
 def inject(fault: str, step: int) -> None:
     """Patch this process so that ``fault`` happens at ``step`` (see the module docstring)."""
-    if fault == "kill-in-step":
+    if os.environ.get("RECORD_DATA_PROCESSING"):
+        _record_data_processing(os.environ["RECORD_DATA_PROCESSING"])
+    if fault == "none" or os.environ.get("FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get(
+        "RANK", "0"
+    ):
+        return
+    if fault == "perturb-weights":
+        _perturb_weights()
+    elif fault == "kill-in-step":
         _signal_in_step(step, signal.SIGKILL)
     elif fault == "sigterm-in-step":
         _signal_in_step(step, signal.SIGTERM)

@@ -3,7 +3,9 @@
 ``tuning launch JOB.yaml`` (or ``python -m tuning.launch JOB.json``; with no argument the job comes from the
 environment as in fms-hf-tuning: ``$SFT_TRAINER_CONFIG_JSON_ENV_VAR`` (base64-encoded JSON) or
 ``$SFT_TRAINER_CONFIG_JSON_PATH``). The job file is a YAML or JSON mapping of training flags plus
-an optional ``accelerate_launch_args`` mapping of ``accelerate launch`` flags. Read with
+an optional ``accelerate_launch_args`` mapping of ``accelerate launch`` flags; ``accelerate launch``
+flags after the job file (or alone, with the job from the environment) override those
+(``tuning launch job.yaml --machine_rank $NODE_RANK``: one job file for every machine). Read with
 ``yaml.safe_load``/``json.loads`` only: no pickle, no code.
 
 Why this exists next to plain ``accelerate launch``: accelerate reports every failure as exit code 1, so
@@ -15,14 +17,18 @@ its own, maps the reason back to the exit code, and copies the lines where the u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from tuning.errors import (
     INTERNAL_ERROR_EXIT_CODE,
@@ -44,9 +50,12 @@ from tuning.files import (
 ACCELERATE_KEY = LAUNCH_ARGS_KEY
 COMPLETE_MARKER = ".complete"
 # shipped inside the package (package data), so a wheel install has it; fixtures/ at the repo root links to it
-FSDP_DEFAULTS = Path(__file__).resolve().parent / "fixtures" / "accelerate_fsdp_defaults.yaml"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FSDP_DEFAULTS = FIXTURES / "accelerate_fsdp_defaults.yaml"
 # accelerate flags that choose the distributed mode themselves: then our FSDP defaults stay out of the way
 _MODE_FLAGS = ("config_file", "use_fsdp", "multi_gpu", "use_deepspeed", "use_megatron_lm", "cpu", "tpu")
+# the trainer's termination line after a signal: "interrupted: stopped by SIGTERM at step 3 ..."
+_STOPPED_BY = re.compile(r"stopped by (SIG[A-Z]+)\b")
 
 
 def read_job(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -117,15 +126,62 @@ def exit_code_for(returncode: int, reasons: list[str], signum: int | None) -> in
         return 0
     if signum is not None:
         return 128 + signum  # the shell convention, as the trainer itself uses when it is signalled
+    stopped = [_STOPPED_BY.search(r) for r in reasons]
+    if reasons and all(r.startswith("interrupted:") for r in reasons) and all(stopped):
+        # another machine's launcher was signalled: every rank here saved and stopped with it
+        return 128 + int(signal.Signals[stopped[0].group(1)])  # type: ignore[union-attr]
     if reasons and all(r.startswith("error:") for r in reasons):
         return USER_ERROR_EXIT_CODE
     return INTERNAL_ERROR_EXIT_CODE  # an internal error, or a crash that left no reason at all
 
 
-def run_job(job: dict[str, Any], where: str) -> int:
-    """Launch one job mapping (``where``: the file or variable it came from, for messages)."""
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """``accelerate launch`` flags given after the job file (``--machine_rank 1``, ``--num_machines=2``,
+    a bare ``--flag`` is true): what differs between the machines of one job, e.g. from the scheduler's
+    environment, while the job file stays the same everywhere."""
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise UserError(f"tuning launch: expected an --accelerate_flag after the job file, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value, i = tokens[i + 1], i + 1
+        flags[key.replace("-", "_")] = value if (eq or value) else True
+        i += 1
+    return flags
+
+
+def shipped_config(path: str) -> str:
+    """A config file path as given, or the shipped file of that name (package data) when no such file
+    exists here: ``config_file: accelerate_deepspeed_zero3.yaml`` works from a wheel install too."""
+    shipped = FIXTURES / Path(path).name
+    return str(shipped) if not Path(path).exists() and shipped.is_file() else path
+
+
+def check_engine(launch: dict[str, Any], training: dict[str, Any]) -> None:
+    """A DeepSpeed job without the package stops here with one line (accelerate would print a traceback
+    and exit 1, a rank with ``--deepspeed`` would fail inside TrainingArguments)."""
+    config = launch.get("config_file")
+    distributed_type = ""
+    if config and Path(config).is_file():
+        distributed_type = str((read_mapping_file(config, "accelerate config") or {}).get("distributed_type"))
+    if launch.get("use_deepspeed") or training.get("deepspeed") or distributed_type.upper() == "DEEPSPEED":
+        from tuning.train import DEEPSPEED_MISSING, deepspeed_installed
+
+        if not deepspeed_installed():
+            raise UserError(DEEPSPEED_MISSING)
+
+
+def run_job(job: dict[str, Any], where: str, overrides: dict[str, Any] | None = None) -> int:
+    """Launch one job mapping (``where``: the file or variable it came from, for messages); ``overrides``:
+    accelerate flags from the command line, over the job's own."""
     training, launch = split_job(job, where)
-    launch = resolve_launch_args(launch, visible_gpus())
+    launch = resolve_launch_args({**launch, **(overrides or {})}, visible_gpus())
+    if launch.get("config_file"):
+        launch["config_file"] = shipped_config(str(launch["config_file"]))
+    check_engine(launch, training)
     output_dir = training.get("output_dir")
     with tempfile.TemporaryDirectory(prefix="tuning-launch-") as tmp:
         config_path = Path(tmp) / "training_args.json"
@@ -146,13 +202,22 @@ def run_job(job: dict[str, Any], where: str) -> int:
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
-    """Run ``cmd``; a SIGTERM/SIGINT sent to us goes on to it (the trainer checkpoints and stops)."""
+    """Run ``cmd``; a SIGTERM/SIGINT sent to us goes on to the ranks (they checkpoint and stop).
+
+    Straight to the ranks, not to ``accelerate launch``: torch's elastic agent inside it answers a signal
+    by signalling its ranks and SIGKILLing them 30 s later (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``), which
+    would cut a longer checkpoint write short, and then exits 1. The ranks themselves take as long as a
+    step and a checkpoint need; the scheduler's grace period is the only limit. Before the ranks exist
+    the signal goes to the launcher itself.
+    """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # signals reach it once: from us
     received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)
-        proc.send_signal(signum)
+        for target in _ranks(proc.pid) or [proc]:
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                target.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -161,6 +226,15 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, i
         for s, handler in previous.items():
             signal.signal(s, handler)
     return returncode, (received[0] if received else None)
+
+
+def _ranks(launcher_pid: int) -> list[Any]:
+    """The processes ``accelerate launch`` started (its elastic agent's workers): its direct children,
+    not their own (dataloader workers must not be signalled)."""
+    try:
+        return psutil.Process(launcher_pid).children(recursive=False)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -176,14 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def body() -> int:
-        usage = f"usage: tuning launch JOB.yaml (or set ${JOB_PATH_ENV} or ${JOB_TEXT_ENV}); got {argv}"
-        if len(argv) > 1:
-            raise UserError(usage)
-        job = (argv[0], read_mapping_file(argv[0], "job file")) if argv else job_from_environment()
+        usage = (
+            f"usage: tuning launch JOB.yaml [--accelerate_flag VALUE ...] (or set ${JOB_PATH_ENV} or "
+            f"${JOB_TEXT_ENV}); got {argv}"
+        )
+        from_env = not argv or argv[0].startswith("--")  # no job file: the job comes from the environment
+        job = job_from_environment() if from_env else (argv[0], read_mapping_file(argv[0], "job file"))
         if job is None:
             raise UserError(usage)
         where, values = job
-        return run_job(values, where)
+        return run_job(values, where, parse_overrides(argv if from_env else argv[1:]))
 
     return run_command(body)
 

@@ -47,6 +47,7 @@ from tuning.train import (
     clean_output_dir,
     exit_process,
     explicit_checkpoint,
+    launch_defaults,
     leave_process_group,
     log_run_start,
     pending_dir,
@@ -94,7 +95,8 @@ def _train(config: SFTConfig) -> dict:
     if not config.data.do_dataprocessing_only:  # the plan, and a run that can't fit, before data and weights
         setup = setup_for(config, model_config, plan, devices, tokenizer, max_len)
         check_memory(setup, args.memory_check, show=args.should_save)
-    with args.main_process_first(desc="dataset"):  # one rank per machine tokenizes; the rest read its cache
+    # one rank per machine (or per job, on a shared cache) tokenizes; the others then read its cache
+    with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
         data = build_datasets(config.data, tokenizer, max_len, stop_ids)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
@@ -124,7 +126,7 @@ def _train(config: SFTConfig) -> dict:
 
 def load_config(argv: list[str]) -> SFTConfig:
     """The validated job: flags and ``--config`` file, then what only the data stage can check."""
-    config = parse_config(argv)
+    config = parse_config(argv, defaults=launch_defaults())  # launch_defaults: before devices are set up
     setup_logging(debug=config.train.get_process_log_level() == logging.DEBUG)
     check_data_config(config.data, config.train.max_steps)
     return config

@@ -370,6 +370,16 @@ class TrainArgs(TrainingArguments):
             "per_device_train_batch_size samples."
         },
     )
+    # several machines (docs/distributed.md)
+    process_data_once_per: Literal["node", "job"] = field(
+        default="node",
+        metadata={
+            "help": "Across machines, who loads and tokenizes the data while the other ranks wait and then "
+            "read the datasets cache: node = one process per machine (right when each machine has its own "
+            "cache, the default ~/.cache); job = one process in all (the cache, HF_DATASETS_CACHE, is on "
+            "storage every machine shares)."
+        },
+    )
     wait_for_output_dir: float = field(
         default=300.0,
         metadata={

@@ -185,13 +185,15 @@ def output_dir_hint(argv: list[str]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def parse_config(argv: list[str]) -> SFTConfig:
-    """Parse flags (and ``--config FILE``, or a job in the environment) into a validated :class:`SFTConfig`."""
-    return parse_command_line(argv)[0]
+def parse_config(argv: list[str], defaults: dict[str, Any] | None = None) -> SFTConfig:
+    """Parse flags (and ``--config FILE``, or a job in the environment) into a validated :class:`SFTConfig`.
+    ``defaults``: what the launch environment needs (e.g. the CPU backend for DeepSpeed); the file and the
+    flags override it."""
+    return parse_command_line(argv, defaults=defaults)[0]
 
 
 def parse_command_line(
-    argv: list[str], parser: HfArgumentParser | None = None
+    argv: list[str], parser: HfArgumentParser | None = None, defaults: dict[str, Any] | None = None
 ) -> tuple[SFTConfig, argparse.Namespace]:
     """:func:`parse_config` for a command whose ``parser`` (from :func:`build_parser`) has flags of its
     own: returns them too, as a namespace."""
@@ -199,7 +201,7 @@ def parse_command_line(
     on_cli = _command_line_values(parser, argv)
     config_file = on_cli.pop("config", None)
     source, from_file = file_values(config_file, parser)
-    preset = {**from_file, **implied_step_strategies(on_cli, from_file)}
+    preset = {**(defaults or {}), **from_file, **implied_step_strategies(on_cli, from_file)}
     try:
         namespace, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(**preset))
     except _ParseError as e:  # checked by _command_line_values already; kept for safety
@@ -344,6 +346,13 @@ def _build_group(cls: type, values: dict[str, Any]) -> Any:
         raise UserError(f"invalid arguments: cannot read {e.filename}: {e.strerror}") from None
     except TypeError as e:  # every keyword is a field: this is a value's contents (a JSON object's keys)
         raise UserError(f"invalid arguments: {e}") from None
+    except ImportError as e:  # TrainingArguments imports what a flag needs: --deepspeed needs deepspeed
+        if "deepspeed" in str(e).lower():
+            raise UserError(
+                "--deepspeed needs DeepSpeed, which is not installed; pip install 'tuning[deepspeed]' "
+                "(or pip install deepspeed)"
+            ) from None
+        raise UserError(f"a training flag needs a package that is not installed: {e}") from None
 
 
 def implied_step_strategies(on_cli: dict[str, Any], from_file: dict[str, Any]) -> dict[str, str]:

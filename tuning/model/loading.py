@@ -258,7 +258,8 @@ def drop_stale_quantization_config(model: Any) -> None:
 
 def _resize_for_added_tokens(model: Any, tokenizer: Any) -> None:
     """Grow the embeddings only when the user added tokens (the vocabulary otherwise stays the base's)."""
-    current = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    current = getattr(weight, "ds_shape", weight.shape)[0]  # DeepSpeed ZeRO-3: the weight is a placeholder
     if len(tokenizer) > current:
         model.resize_token_embeddings(len(tokenizer))
         logger.info("resized embeddings from %d to %d for added tokens", current, len(tokenizer))

@@ -3,6 +3,9 @@ helpers, progress."""
 
 from tuning.train.callbacks import TRAINING_LOGS_NAME, TrainingLogCallback, read_training_logs
 from tuning.train.checkpoints import (
+    check_resumable,
+    checkpoint_layout,
+    checkpoint_world_size,
     clean_output_dir,
     is_complete,
     latest_complete_checkpoint,
@@ -10,9 +13,12 @@ from tuning.train.checkpoints import (
     out_of_space,
 )
 from tuning.train.distributed import (
+    DEEPSPEED_MISSING,
     barrier,
+    deepspeed_installed,
     exit_process,
     full_state_dict,
+    launch_defaults,
     leave_process_group,
     per_rank,
     select_cpu_backend,
@@ -26,17 +32,23 @@ from tuning.train.resume import explicit_checkpoint, resume_checkpoint
 from tuning.train.trainer import SFTTrainer, build_trainer
 
 __all__ = [
+    "DEEPSPEED_MISSING",
     "TRAINING_LOGS_NAME",
     "SFTTrainer",
     "TokenRate",
     "TrainingLogCallback",
     "barrier",
     "build_trainer",
+    "check_resumable",
+    "checkpoint_layout",
+    "checkpoint_world_size",
+    "deepspeed_installed",
     "clean_output_dir",
     "exit_process",
     "explicit_checkpoint",
     "full_state_dict",
     "is_complete",
+    "launch_defaults",
     "latest_complete_checkpoint",
     "leave_process_group",
     "list_checkpoints",

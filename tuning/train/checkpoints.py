@@ -34,6 +34,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -340,6 +341,65 @@ def out_of_space(
 # --- the Trainer glue ------------------------------------------------------------------------------
 
 
+def checkpoint_layout(path: str | Path) -> str:
+    """Which engine wrote ``path``: ``"fsdp-sharded"`` (a ``torch.distributed.checkpoint`` folder per
+    model/optimizer), ``"fsdp-full"`` (``pytorch_model_fsdp.bin``), ``"deepspeed"`` (``global_stepN/``),
+    or ``"plain"`` (one process, DDP)."""
+    folder = Path(path)
+    if any(p.is_dir() and p.name.startswith(f"{FSDP_MODEL_NAME}_") for p in folder.iterdir()):
+        return "fsdp-sharded"
+    if (folder / f"{FSDP_MODEL_NAME}.bin").is_file():
+        return "fsdp-full"
+    if any(p.is_dir() for p in folder.glob("global_step*")):
+        return "deepspeed"
+    return "plain"
+
+
+def checkpoint_world_size(path: str | Path) -> int:
+    """How many processes wrote ``path``: each rank saves its own ``rng_state_{rank}.pth``."""
+    return max(1, len(list(Path(path).glob("rng_state_*.pth"))))
+
+
+def check_resumable(checkpoint: str | None, fsdp: bool, deepspeed: bool, world_size: int) -> None:
+    """Refuse, with the fix, a resume the engines would fail on (Hugging Face raises a ValueError deep in
+    ``train``, or silently starts the optimizer afresh); log a change in the number of processes.
+
+    FSDP checkpoints, sharded or full, reshard onto any number of processes (torch.distributed.checkpoint
+    and FSDP's full state dict both do; tested 2 -> 4 -> 2); DeepSpeed's ZeRO checkpoints load only on the
+    world size that wrote them (other sizes need DeepSpeed's universal-checkpoint conversion).
+    """
+    if not checkpoint:
+        return
+    layout, written_by = checkpoint_layout(checkpoint), checkpoint_world_size(checkpoint)
+    engine = "FSDP" if layout.startswith("fsdp") else "DeepSpeed" if layout == "deepspeed" else None
+    running = "FSDP" if fsdp else "DeepSpeed" if deepspeed else None
+    if engine != running and (engine or running == "DeepSpeed"):
+        how = {
+            "FSDP": "accelerate launch --config_file fixtures/accelerate_fsdp_defaults.yaml (any number of processes)",
+            "DeepSpeed": f"accelerate launch with a DeepSpeed config and {written_by} processes",
+            None: "the launch that wrote it (no FSDP or DeepSpeed config)",
+        }[engine]
+        raise UserError(
+            f"{checkpoint} was written {f'under {engine}' if engine else 'without FSDP or DeepSpeed'} and "
+            f"this run uses {running or 'neither'}; resume it with {how}, or pass "
+            "--resume_from_checkpoint false to start over"
+        )
+    if written_by == world_size:
+        return
+    if engine == "DeepSpeed":
+        raise UserError(
+            f"{checkpoint} is a DeepSpeed checkpoint of {written_by} processes and this run has {world_size}; "
+            f"DeepSpeed resumes ZeRO checkpoints on the same number of processes: launch {written_by}, or "
+            "pass --resume_from_checkpoint false to start over"
+        )
+    logger.info(
+        "resuming a checkpoint of %d processes on %d: FSDP reshards the model and optimizer; keep "
+        "per_device_train_batch_size x gradient_accumulation_steps x processes as it was for an exact resume",
+        written_by,
+        world_size,
+    )
+
+
 class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
     """Trainer methods (mix in before ``transformers.Trainer``): committed checkpoints that carry what a
     resume needs, our rotation, and the stop-on-signal protocol (:class:`CheckpointProtocol`).
@@ -368,6 +428,9 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
             latest = latest_complete_checkpoint(self.args.output_dir)
             resume_from_checkpoint = str(latest) if latest else None
         self.resumed_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        check_resumable(
+            self.resumed_from, self.is_fsdp_enabled, self.is_deepspeed_enabled, self.args.world_size
+        )
         load_best = self.args.load_best_model_at_end
         try:
             with hf_private.hf_rotation_disabled(self) as limit, self.stop.installed():
@@ -431,6 +494,10 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
             if run_id:  # the first commit: a restart that finds .pending with this id finishes promoting it
                 record["run_id"] = run_id
             commit_checkpoint(folder, self.state.global_step, self.state.epoch, record)
+        # every rank waits for the commit: a rank that left first and exited 143 makes torch's elastic
+        # agent SIGTERM the machine's other ranks and SIGKILL them 30 s later, rank 0 mid-commit included
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
             self.written_steps.add(self.state.global_step)
             # this run has a checkpoint now: its records replace the earlier run's
             promote_pending(self.args.output_dir)

@@ -17,6 +17,7 @@ accelerate starts routing CPU jobs itself (then this module can go).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather
 from transformers import TrainerCallback
 
+from tuning.errors import UserError
 from tuning.model import Topology
 
 logger = logging.getLogger("tuning")
@@ -68,6 +70,39 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def deepspeed_requested() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it exports ``ACCELERATE_USE_DEEPSPEED``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+DEEPSPEED_MISSING = (
+    "DeepSpeed is not installed; pip install 'tuning[deepspeed]' (or pip install deepspeed), "
+    "or launch with the FSDP config instead"
+)
+
+
+def launch_defaults() -> dict[str, Any]:
+    """Training-argument defaults this launch needs, before the arguments exist (they set up devices).
+
+    A DeepSpeed launch on a machine without accelerators: accelerate's ``PartialState`` picks a backend
+    only for accelerators, so with none it reports one process and every rank would train alone on all
+    the data (DeepSpeed then stops on its batch-size check). Naming gloo (``--ddp_backend gloo``, which
+    the user can still override) is all it needs; DeepSpeed's own CPU accelerator does the rest.
+    Also refuses a DeepSpeed launch without the package: one line, exit 1, instead of a traceback.
+    """
+    if not deepspeed_requested():
+        return {}
+    if not deepspeed_installed():
+        raise UserError(DEEPSPEED_MISSING)
+    if _world_size() > 1 and not torch.accelerator.is_available():
+        return {"ddp_backend": "gloo"}
+    return {}
+
+
 def route_cpu_fsdp(accelerator: Any) -> bool:
     """Make a CPU job launched with an FSDP config really use FSDP. Returns whether it changed anything.
 
@@ -88,14 +123,41 @@ def route_cpu_fsdp(accelerator: Any) -> bool:
     return True
 
 
+def check_checkpoint_storage(args: Any, accelerator: Any, fsdp: bool) -> None:
+    """``--save_on_each_node`` says the machines share no storage: each machine's first process writes
+    its own copy of every checkpoint. That works for a full state dict (gathered onto one process), not
+    for sharded FSDP checkpoints: each machine's folder would hold only its own ranks' shards, and only
+    machine 0 the torch.distributed.checkpoint metadata, under a marker that says complete."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    sharded = fsdp and plugin is not None and "SHARDED" in str(plugin.state_dict_type)
+    if args.save_on_each_node and sharded and accelerator.num_processes > local:
+        raise UserError(
+            "--save_on_each_node (machines without shared storage) cannot hold sharded checkpoints "
+            "(fsdp_state_dict_type SHARDED_STATE_DICT): each machine would keep only its own ranks' shards; "
+            "put --output_dir on storage every machine sees, or use fsdp_state_dict_type FULL_STATE_DICT"
+        )
+
+
 @contextlib.contextmanager
 def full_state_dict(trainer: Any) -> Iterator[None]:
     """Gather full weights for the final save even when checkpoints are sharded.
 
     ``Trainer.save_model`` under FSDP writes nothing unless the plugin's state dict type is
     ``FULL_STATE_DICT``; with ``SHARDED_STATE_DICT`` (the sensible choice for 70B+ checkpoints) the final
-    folder would be empty. Every rank must enter this, since gathering is collective.
+    folder would be empty. DeepSpeed ZeRO-3 likewise writes an empty model file and its own shards
+    unless ``stage3_gather_16bit_weights_on_model_save`` is on. Every rank must enter this, since
+    gathering is collective.
     """
+    engine = getattr(trainer, "model_wrapped", None) if trainer.is_deepspeed_enabled else None
+    zero = getattr(getattr(engine, "_config", None), "zero_config", None)
+    if zero is not None and not zero.gather_16bit_weights_on_model_save:
+        zero.gather_16bit_weights_on_model_save = True  # what DeepSpeed reads at save time
+        try:
+            yield
+        finally:
+            zero.gather_16bit_weights_on_model_save = False
+        return
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if not trainer.is_fsdp_enabled or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
         yield
@@ -109,9 +171,15 @@ def full_state_dict(trainer: Any) -> Iterator[None]:
         plugin.state_dict_type, plugin.state_dict_config, plugin.optim_state_dict_config = saved
 
 
+def _held(p: Any) -> int:
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the parameter is a placeholder, its partition is here
+        return p.ds_tensor.numel()
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
 def local_parameter_count(model: Any) -> int:
-    """Parameters this rank holds: its shard of each FSDP2 (DTensor) parameter, all of a plain one."""
-    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    """Parameters this rank holds: its shard of each FSDP2 (DTensor) or ZeRO-3 parameter, all of a plain one."""
+    return sum(_held(p) for p in model.parameters())
 
 
 def per_rank(value: int | float) -> list:

@@ -24,8 +24,9 @@ def log_run_start(
     config: SFTConfig, model: Any, data: PreparedData, trainer: Any, plan: PrecisionPlan
 ) -> None:
     args = config.train
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 parameters are empty placeholders on every rank; ds_numel is the real size
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     stats = data.stats
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     logger.info(

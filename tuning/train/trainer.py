@@ -16,7 +16,7 @@ from tuning.data import IGNORE_INDEX, PreparedData
 from tuning.model import PrecisionPlan, generation_use_cache
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
-from tuning.train.distributed import ShardingReport, route_cpu_fsdp
+from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
 from tuning.train.loss import label_only_loss, resolve_loss_implementation
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
@@ -53,6 +53,7 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         super().create_accelerator_and_postprocess()
         if route_cpu_fsdp(self.accelerator):  # CPU + FSDP config: accelerate alone would pick DDP
             self.is_fsdp_enabled = True
+        check_checkpoint_storage(self.args, self.accelerator, self.is_fsdp_enabled)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # checkpoints and the final model alike: config.json carries the base's use_cache, not training's
