@@ -17,6 +17,7 @@ from tuning.config.args import DataArgs
 from tuning.data import build_datasets
 from tuning.data.mixing import build_from_data_config
 from tuning.data.tokenize import IGNORE_INDEX
+from tuning.errors import UserError
 from tuning.testing.tiny_model import build_tokenizer
 
 X = IGNORE_INDEX
@@ -224,6 +225,24 @@ def test_streaming_gives_an_iterable_train_set(tmp_path, io_file):
     assert isinstance(data.train, datasets.IterableDataset)
     row = next(iter(data.train))
     assert row["labels"][-1] == 2 and row["labels"][0] == X
+
+
+def test_unsupported_suffix_without_a_builder_is_a_user_error_on_every_load_path(tmp_path, io_file):
+    """Streaming and non-train splits load through datasets directly: the file's suffix is still checked."""
+    rows = tmp_path / "rows.txt"
+    rows.write_text(io_file.read_text())
+    streaming = io_config(tmp_path, rows, "")
+    streaming.write_text(streaming.read_text().replace("seed: 66", "seed: 66\n    streaming: true"))
+    (tmp_path / "split").mkdir()
+    (tmp_path / "plain").mkdir()
+    split = io_config(tmp_path / "split", rows, "dataset_split_name: validation")
+    plain = io_config(tmp_path / "plain", rows, "")
+    for config in (streaming, split, plain):
+        with pytest.raises(UserError, match=r"rows.txt has an unsupported extension; use one of .json"):
+            build(config)
+    (tmp_path / "named").mkdir()
+    named = build(io_config(tmp_path / "named", rows, "builder: json"))  # a named builder reads any suffix
+    assert len(named.train) == len(io_file.read_text().splitlines())
 
 
 def test_reference_formats_column_handlers_and_pretokenized(tmp_path):

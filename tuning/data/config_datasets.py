@@ -63,7 +63,8 @@ def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
     streaming = config.dataprocessor.streaming
     if not streaming and ds.builder is None and ds.dataset_split_name in (None, "train"):
         return loading.load_data(path)  # the CLI's loader, with its line-numbered error messages
-    files = [Path(path)] if Path(path).is_file() else loading.resolve_files(path)
+    # a builder the user names may read any suffix (e.g. text); otherwise resolve_files checks it
+    files = [Path(path)] if ds.builder and Path(path).is_file() else loading.resolve_files(path)
     builder = None if files is None else ds.builder or loading.BUILDERS[files[0].suffix]
     try:
         if files is None:
@@ -73,7 +74,7 @@ def _load_one(path: str, ds: DatasetConfig, config: DataConfig) -> Any:
         )
     except Exception as e:  # datasets raises many types; the user needs the path and the first line
         where = f"data config {config.path}: dataset '{ds.name}'"
-        if files is not None and builder is not None:
+        if files is not None:
             raise UserError(f"{where}: {loading.explain_load_failure(files, builder, e)}") from None
         cause = excerpt(first_line(e))
         raise UserError(
