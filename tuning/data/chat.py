@@ -32,7 +32,14 @@ from typing import Any, Literal
 
 from tuning.config import DataArgs
 from tuning.data.sandbox import template_errors
-from tuning.data.tokenize import IGNORE_INDEX, NOTHING_TRAINED, OK, Span, check_invariants
+from tuning.data.tokenize import (
+    IGNORE_INDEX,
+    NOTHING_TRAINED,
+    OK,
+    Span,
+    check_invariants,
+    require_offsets,
+)
 from tuning.errors import UserError, excerpt
 
 TrainOn = Literal["responses", "last_response", "all"]
@@ -491,11 +498,7 @@ def encode_conversations(
     """Conversations → ``input_ids``, ``labels``, ``status``, ``truncated`` and :data:`SAMPLE_INFO`
     columns, one row per sample, and the index of the conversation each sample came from. A conversation
     without a trained assistant turn gives one empty row with status ``no_assistant_turn``."""
-    if not getattr(tokenizer, "is_fast", True):
-        raise UserError(
-            f"tokenizer {type(tokenizer).__name__} is a slow (Python) tokenizer; loss masking needs "
-            "character offsets: use a fast tokenizer (tokenizer.json)"
-        )
+    require_offsets(tokenizer)
     template = ChatTemplate(tokenizer, chat_template)
     stops = stop_strings(tokenizer, settings.stop_token_ids)
     per_conversation = [conversation_samples(c, template, settings, stops) for c in conversations]

@@ -82,6 +82,15 @@ def encode(tokenizer: Any, texts: list[str], *, add_special_tokens: bool = True,
     return enc
 
 
+def require_offsets(tokenizer: Any) -> None:
+    """Loss masking maps character spans to tokens through offsets, which only fast tokenizers give."""
+    if not getattr(tokenizer, "is_fast", True):
+        raise UserError(
+            f"tokenizer {type(tokenizer).__name__} is a slow (Python) tokenizer; loss masking needs "
+            "character offsets: use a fast tokenizer (tokenizer.json)"
+        )
+
+
 def tokenize_batch(
     tokenizer: Any,
     texts: list[str],
@@ -93,11 +102,7 @@ def tokenize_batch(
 ) -> dict[str, list]:
     """Batched fast tokenization with offsets; returns ``input_ids``, ``labels``, ``status`` and
     ``truncated`` lists (one entry per text)."""
-    if not getattr(tokenizer, "is_fast", True):
-        raise UserError(
-            f"tokenizer {type(tokenizer).__name__} is a slow (Python) tokenizer; loss masking needs "
-            "character offsets: use a fast tokenizer (tokenizer.json)"
-        )
+    require_offsets(tokenizer)
     enc = encode(tokenizer, texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     eos_id = tokenizer.eos_token_id
     out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "truncated": []}

@@ -27,7 +27,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from tuning.config import BNB_METHODS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
-from tuning.errors import UserError
+from tuning.errors import UserError, first_line
 from tuning.model.loading import (
     PrecisionPlan,
     attention_candidates,
@@ -35,7 +35,8 @@ from tuning.model.loading import (
     model_refuses,
     why_unusable,
 )
-from tuning.model.peft import wrap
+from tuning.model.peft import is_linear, wrap
+from tuning.model.quantization import checkpoint_quant_method
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +143,6 @@ def meta_model(setup: Setup) -> tuple[Any, set[int]]:
     return model, quantized
 
 
-def first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def quantized_modules(model: Any, quant: QuantArgs) -> list[Any]:
     """The linear modules bitsandbytes replaces, by transformers' own rule (the output head and tied
     weights stay in the compute dtype)."""
@@ -173,13 +170,7 @@ def bnb_bytes(numel: int, out_features: int, quant: QuantArgs) -> int:
 
 
 def keeps_mxfp4(setup: Setup) -> bool:
-    declared = getattr(setup.model_config, "quantization_config", None)
-    method = (
-        declared.get("quant_method")
-        if isinstance(declared, dict)
-        else getattr(declared, "quant_method", None)
-    )
-    return str(getattr(method, "value", method)) == "mxfp4" and not setup.quant.dequantize
+    return checkpoint_quant_method(setup.model_config) == "mxfp4" and not setup.quant.dequantize
 
 
 @dataclass
@@ -198,11 +189,7 @@ def count_parameters(model: Any, quantized: set[int], setup: Setup) -> _Counts:
     counts = _Counts()
     mxfp4 = keeps_mxfp4(setup)
     adapters = setup.peft.peft_method != "none"
-    linear = {
-        id(m.weight)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
-    }
+    linear = {id(m.weight) for m in model.modules() if is_linear(m)}
     layer_bytes: dict[str, int] = {}
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):

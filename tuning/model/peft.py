@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from tuning.config import PeftArgs
-from tuning.errors import UserError
+from tuning.errors import UserError, first_line
 from tuning.model.loading import PrecisionPlan
 from tuning.model.quantization import prepare_quantized_base
 
@@ -82,7 +82,7 @@ def wrap(
     try:
         return get_peft_model(model, config, autocast_adapter_dtype=plan.autocast is not None)
     except ValueError as e:
-        raise UserError(f"cannot apply --peft_method {args.peft_method}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot apply --peft_method {args.peft_method}: {first_line(e)}") from None
 
 
 def _save_adapter(save: Any, added: AddedTokens | None, folder: str, *args: Any, **kwargs: Any) -> None:
@@ -154,11 +154,11 @@ def module_names(model: Any) -> list[str]:
 
 def linear_module_names(model: Any) -> list[str]:
     """Distinct last name parts of the model's linear layers (what ``--target_modules`` takes)."""
-    names = [name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod)]
+    names = [name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if is_linear(mod)]
     return sorted(set(names))
 
 
-def _is_linear(module: torch.nn.Module) -> bool:
+def is_linear(module: torch.nn.Module) -> bool:
     # transformers' Conv1D (GPT-2 family) is a linear layer with transposed weights; peft adapts both
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from tuning import __version__
 from tuning.config import SFTConfig
 from tuning.data import PreparedData, data_sources
+from tuning.files import write_text_atomic
 from tuning.outputs.plot import LOSS_PLOT_NAME
 from tuning.train import read_training_logs
 
@@ -69,11 +69,8 @@ def _write(
     if has_plot and plot.resolve() != (folder / LOSS_PLOT_NAME).resolve():
         shutil.copyfile(plot, folder / LOSS_PLOT_NAME)
     text = render_model_card(config, summary, data, quant, has_plot=has_plot, max_len=max_len)
-    path = folder / MODEL_CARD_NAME
-    tmp = path.with_name(f".{MODEL_CARD_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a card (peft's own card stays until then)
-    return path
+    # a reader never sees half a card (peft's own card stays until then)
+    return write_text_atomic(folder / MODEL_CARD_NAME, text)
 
 
 def render_model_card(
@@ -273,7 +270,7 @@ def _settings(config: SFTConfig, max_len: int) -> list[tuple[str, str]]:
         ),
         ("max_seq_length", max_len),
         ("torch_dtype", config.model.torch_dtype),
-        ("optim", getattr(args.optim, "value", args.optim)),
+        ("optim", args.optim_name),
         ("weight_decay", args.weight_decay),
         ("max_grad_norm", args.max_grad_norm),
         ("packing", f"{data.packing_strategy}" if data.packing else "off"),

@@ -40,6 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tuning.errors import TrainingInterrupted, UserError
 from tuning.files import (
+    ATOMIC_WRITE_SUFFIX,
     delete_folder,
     fsync_dir,
     fsync_file,
@@ -48,6 +49,7 @@ from tuning.files import (
     remove_staging_folders,
     remove_tombstones,
     remove_unfinished_writes,
+    write_text_atomic,
 )
 from tuning.train import hf_private
 from tuning.train.distributed import per_rank
@@ -59,7 +61,7 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "checkpoint_complete.json"
 IN_PROGRESS = ".checkpoint_in_progress"
 TRAINER_STATE = "trainer_state.json"
-_NOT_IN_MANIFEST = {COMPLETE_MARKER, IN_PROGRESS, f".{COMPLETE_MARKER}.tmp"}
+_NOT_IN_MANIFEST = {COMPLETE_MARKER, IN_PROGRESS, f".{COMPLETE_MARKER}{ATOMIC_WRITE_SUFFIX}"}
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -129,11 +131,8 @@ def commit_checkpoint(path: str | Path, step: int, epoch: float | None, record: 
             sizes[file.relative_to(folder).as_posix()] = file.stat().st_size
     for sub in (p for p in folder.rglob("*") if p.is_dir()):
         fsync_dir(sub)
-    tmp = folder / f".{COMPLETE_MARKER}.tmp"
     marker = {"step": step, "epoch": epoch, **(record or {}), "files": sizes}
-    tmp.write_text(json.dumps(marker) + "\n", encoding="utf-8")
-    fsync_file(tmp)
-    os.replace(tmp, folder / COMPLETE_MARKER)
+    write_text_atomic(folder / COMPLETE_MARKER, json.dumps(marker) + "\n")
     (folder / IN_PROGRESS).unlink(missing_ok=True)
     fsync_dir(folder)
     return folder
