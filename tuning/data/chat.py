@@ -197,6 +197,13 @@ def conversation_from_row(
     return Conversation(messages, first_trainable, tools or None, documents or None, kwargs)
 
 
+def conversations_from_rows(
+    rows: list[Mapping[str, Any]], column: str, settings: ChatSettings
+) -> list[Conversation]:
+    """Rows whose ``column`` holds a conversation (messages, ShareGPT included) → conversations."""
+    return [conversation_from_row(r, normalize_messages(r[column], column), settings) for r in rows]
+
+
 # --- the template ----------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -65,18 +66,9 @@ def align_features(parts: list[Any]) -> list[Any]:
 
 def _total_stats(parts: list[ProcessedDataset]) -> DataStats:
     total = DataStats()
+    counters = [f.name for f in dataclasses.fields(DataStats) if f.type in ("int", int)]
     for p in parts:
-        for name in (
-            "rows",
-            "kept",
-            "trained_tokens",
-            "total_tokens",
-            "truncated",
-            "conversations_split",
-            "split_samples",
-            "conversations_over_budget",
-            "turns_over_budget",
-        ):
+        for name in counters:
             setattr(total, name, getattr(total, name) + getattr(p.stats, name))
         for reason, count in p.stats.dropped.items():
             total.dropped[reason] = total.dropped.get(reason, 0) + count

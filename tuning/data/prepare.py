@@ -165,28 +165,27 @@ def chat_conversations(
     """The batch's rows as conversations when they are chat data, else None: ``messages``/``conversations``
     (ShareGPT included), prompt/completion given as lists of messages (the prompt is context), and alpaca
     rows when there is a chat template (the instruction, then the input, as the user's turn)."""
+    messages = fmt == "prompt_completion" and batch["prompt"] and not isinstance(batch["prompt"][0], str)
+    chat_alpaca = fmt == "alpaca" and (args.chat_template or getattr(tokenizer, "chat_template", None))
+    if not (fmt == "chat" or messages or chat_alpaca):
+        return None  # a text format: render_batch reads the rows
     rows = formats.rows_of(batch)
     if fmt == "chat":
-        column = formats.conversation_column(args, list(batch))
-        return [
-            chat.conversation_from_row(r, chat.normalize_messages(r[column], column), settings) for r in rows
-        ]
-    if fmt == "prompt_completion" and rows and not isinstance(rows[0]["prompt"], str):
+        return chat.conversations_from_rows(rows, formats.conversation_column(args, list(batch)), settings)
+    if messages:
         out = []
         for r in rows:
             prompt = chat.normalize_messages(r["prompt"], "prompt")
             completion = chat.normalize_messages(r["completion"], "completion")
             out.append(chat.conversation_from_row(r, prompt + completion, settings, len(prompt)))
         return out
-    if fmt == "alpaca" and (args.chat_template or getattr(tokenizer, "chat_template", None)):
-        out = []
-        for r in rows:
-            system = [{"role": "system", "content": r["system"]}] if r.get("system") else []
-            user = {"role": "user", "content": formats.alpaca_user_message(r)}
-            assistant = {"role": "assistant", "content": formats.require_text(r["output"], "output")}
-            out.append(chat.conversation_from_row(r, [*system, user, assistant], settings, len(system) + 1))
-        return out
-    return None
+    out = []
+    for r in rows:  # alpaca with a chat template: the instruction (and input) as the user's turn
+        system = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+        user = {"role": "user", "content": formats.alpaca_user_message(r)}
+        assistant = {"role": "assistant", "content": formats.require_text(r["output"], "output")}
+        out.append(chat.conversation_from_row(r, [*system, user, assistant], settings, len(system) + 1))
+    return out
 
 
 def render_batch(

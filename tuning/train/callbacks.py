@@ -61,8 +61,9 @@ class TrainingLogCallback(TrainerCallback):
                 }
                 lines.append(json.dumps({"name": name, "data": data}))
         if lines:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
+            path = self.path  # pending or live: decided once per record
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
 
 
@@ -79,14 +80,13 @@ def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
     if not live.is_file():
         return
     lines = [line for line in live.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if _record_step(line) <= resumed_step]
+    steps = [_record_step(line) for line in lines]
+    kept = [line for line, step in zip(lines, steps, strict=True) if step <= resumed_step]
     if len(kept) == len(lines):
         return
     newest = latest_complete_checkpoint(output_dir)
     newest_step = checkpoint_step(newest) if newest else None
-    orphans = newest_step is not None and all(
-        _record_step(line) > newest_step for line in lines if _record_step(line) > resumed_step
-    )
+    orphans = newest_step is not None and all(step > newest_step for step in steps if step > resumed_step)
     target = live if orphans else pending_dir(output_dir) / TRAINING_LOGS_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, "".join(line + "\n" for line in kept))

@@ -119,6 +119,16 @@ def begin_checkpoint(path: str | Path) -> Path:
     return folder
 
 
+def resumed_step(checkpoint: str | None) -> int:
+    """The global step a run resumed from ``checkpoint`` starts at (0 for a fresh run)."""
+    if not checkpoint:
+        return 0
+    state = Path(checkpoint) / TRAINER_STATE
+    if state.is_file():
+        return int(json.loads(state.read_text(encoding="utf-8")).get("global_step") or 0)
+    return checkpoint_step(checkpoint) or 0
+
+
 def commit_checkpoint(path: str | Path, step: int, epoch: float | None, record: dict | None = None) -> Path:
     """Flush every file of ``path`` to disk, then write the marker (atomically, last): the step, the size
     of every file, and ``record`` (what the trainer carries across a resume). Call once, on the rank
@@ -418,6 +428,7 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
         self.last_saved_step = -1
         self.written_steps: set[int] = set()
         self.resumed_from: str | None = None
+        self.resumed_step = 0  # the step of resumed_from (read once: rotation keeps what came before it)
         self.trained_tokens_at_start = 0
         self._checkpoint_limit: int | None = None
         self.add_callback(CheckpointProtocol(self))
@@ -427,6 +438,7 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
             latest = latest_complete_checkpoint(self.args.output_dir)
             resume_from_checkpoint = str(latest) if latest else None
         self.resumed_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.resumed_step = resumed_step(self.resumed_from)
         check_resumable(
             self.resumed_from, self.is_fsdp_enabled, self.is_deepspeed_enabled, self.args.world_size
         )
@@ -467,15 +479,6 @@ class SafeCheckpointsMixin(hf_private.PrivateTrainerHooks):
         # the run exits 143/130 after its checkpoint; loading the best model at the end would only
         # spend the grace period (the resumed run loads it when it finishes)
         args.load_best_model_at_end = False
-
-    @property
-    def resumed_step(self) -> int:
-        if not self.resumed_from:
-            return 0
-        state = Path(self.resumed_from) / TRAINER_STATE
-        if state.is_file():
-            return int(json.loads(state.read_text(encoding="utf-8")).get("global_step") or 0)
-        return checkpoint_step(self.resumed_from) or 0
 
     def before_checkpoint_write(self, folder: Path) -> bool:
         if self.state.global_step == self.last_saved_step:

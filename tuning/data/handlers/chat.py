@@ -36,11 +36,7 @@ def tokenize_and_apply_chat_template_with_masking(
     too. A row's ``tools``, ``documents`` and ``chat_template_kwargs`` go to the template."""
     require_chat_template(tokenizer, chat_template, "tokenize_and_apply_chat_template_with_masking")
     settings = chat_settings or chat.ChatSettings()
-    column = conversation_column_name
-    conversations = [
-        chat.conversation_from_row(row, chat.normalize_messages(row[column], column), settings)
-        for row in rows_of(batch)
-    ]
+    conversations = chat.conversations_from_rows(rows_of(batch), conversation_column_name, settings)
     # no truncation here: the pipeline truncates (and counts) after the last handler
     out, rows = chat.encode_conversations(conversations, tokenizer, chat_template, settings, sys.maxsize)
     return {
