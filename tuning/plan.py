@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tuning.config import build_parser, file_values, output_dir_hint, parse_command_line, peek_flag
+from tuning.config import build_parser, output_dir_hint, parse_command_line
 from tuning.errors import UserError, run_command
 from tuning.files import read_mapping_file
 from tuning.logs import setup_logging
@@ -38,8 +38,6 @@ from tuning.model import (
     setup_for,
 )
 
-UNUSED_DATA = "unused.jsonl"  # the plan reads no data; the parser still wants a data flag
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -53,9 +51,7 @@ def _plan(argv: list[str]) -> int:
     parser.add_argument("--num_processes", type=int, default=None, help="Processes of the launch.")
     parser.add_argument("--accelerate_config", default=None, help="The accelerate launch config file.")
     parser.set_defaults(output_dir=str(Path(tempfile.gettempdir()) / "tuning-plan"))  # never written
-    if not _names_data(argv, parser):
-        argv = [*argv, "--training_data_path", UNUSED_DATA]
-    config, extras = parse_command_line(argv, parser)
+    config, extras = parse_command_line(argv, parser, needs_data=False)
     model_config = load_model_config(config.model)
     try:
         tokenizer = load_tokenizer(config.model, config.data)
@@ -79,15 +75,6 @@ def _plan(argv: list[str]) -> int:
     if problem:
         raise UserError(problem)
     return 0
-
-
-def _names_data(argv: list[str], parser: Any) -> bool:
-    """Whether the command line, or its config file, names training data."""
-    flags = ("training_data_path", "data_config_path")
-    if any(peek_flag(argv, flag, parser) for flag in flags):
-        return True
-    _, from_file = file_values(peek_flag(argv, "config", parser), parser)
-    return any(from_file.get(flag) for flag in flags)
 
 
 def topology_from(extras: Any) -> Topology:

@@ -197,7 +197,6 @@ class DataArgs:
             "help": "What carries loss. responses (default): every assistant turn of chat data (as the "
             "model generates it), the completion/output column, the text after --response_template; "
             "last_response: only the last of those; all: every token of the text.",
-            "choices": ["responses", "last_response", "all"],
         },
     )
     assistant_only_loss: bool | None = field(

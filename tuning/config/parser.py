@@ -193,10 +193,14 @@ def parse_config(argv: list[str], defaults: dict[str, Any] | None = None) -> SFT
 
 
 def parse_command_line(
-    argv: list[str], parser: HfArgumentParser | None = None, defaults: dict[str, Any] | None = None
+    argv: list[str],
+    parser: HfArgumentParser | None = None,
+    defaults: dict[str, Any] | None = None,
+    needs_data: bool = True,
 ) -> tuple[SFTConfig, argparse.Namespace]:
     """:func:`parse_config` for a command whose ``parser`` (from :func:`build_parser`) has flags of its
-    own: returns them too, as a namespace."""
+    own: returns them too, as a namespace. ``needs_data=False``: a command that reads no data (``tuning
+    plan``) may leave the data flags out."""
     parser = parser or build_parser()
     on_cli = _command_line_values(parser, argv)
     config_file = on_cli.pop("config", None)
@@ -220,7 +224,7 @@ def parse_command_line(
     config = SFTConfig(**{name: _build_group(cls, values) for name, cls in ARG_GROUPS.items()})
     grouped = {f.name for cls in ARG_GROUPS.values() for f in dataclasses.fields(cls)} | {"config"}
     extras = argparse.Namespace(**{k: v for k, v in values.items() if k not in grouped})
-    validate(config)
+    validate(config, needs_data)
     return config, extras
 
 
@@ -369,11 +373,11 @@ def implied_step_strategies(on_cli: dict[str, Any], from_file: dict[str, Any]) -
     return implied
 
 
-def validate(config: SFTConfig) -> None:
+def validate(config: SFTConfig, needs_data: bool = True) -> None:
     """Cross-field checks that no single dataclass can do."""
     if not config.model.model_name_or_path:
         raise UserError("--model_name_or_path is required: a local model folder or a hub id")
-    if not config.data.training_data_path and not config.data.data_config_path:
+    if needs_data and not config.data.training_data_path and not config.data.data_config_path:
         raise UserError(
             "--training_data_path is required: a data file, folder, glob or hub id (or pass --data_config_path)"
         )
