@@ -83,15 +83,10 @@ def _check_columns(fmt: str, args: DataArgs, columns: list[str]) -> None:
             raise UserError(f"column '{col}' (needed for {fmt} data) is not in the data; columns: {columns}")
 
 
-def response_spans(
-    text: str, response: str | None, instruction: str | None, train_on: str = "responses"
-) -> list[Span]:
+def response_spans(text: str, response: str | None, instruction: str | None) -> list[Span]:
     """Trained spans of a text: all of it without a response marker; else from the end of the first
-    marker to the end, or, with an instruction marker, from each response to the next instruction.
-    ``train_on`` ``last_response`` keeps the last of those, ``all`` trains the whole text."""
-    if train_on == "last_response":
-        return response_spans(text, response, instruction)[-1:]
-    if not response or train_on == "all":
+    marker to the end, or, with an instruction marker, from each response to the next instruction."""
+    if not response:
         return [(0, len(text))]
     spans: list[Span] = []
     pos = 0

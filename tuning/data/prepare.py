@@ -191,7 +191,8 @@ def chat_conversations(
 def render_batch(
     batch: dict[str, list], fmt: str, args: DataArgs, tokenizer: Any
 ) -> tuple[list[str], list[list[formats.Span]]]:
-    """Rows of one text-format batch → texts and their trained spans (an empty list: marker not found)."""
+    """Rows of one text-format batch → texts and their trained spans (an empty list: marker not found),
+    after ``--train_on``: ``last_response`` keeps the last span, ``all`` trains the whole text."""
     rows = formats.rows_of(batch)
     if fmt in ("input_output", "prompt_completion", "alpaca"):
         if fmt == "input_output":
@@ -200,18 +201,19 @@ def render_batch(
             pairs = [formats.prompt_completion_text(r["prompt"], r["completion"]) for r in rows]
         else:
             pairs = [formats.prompt_completion_text(formats.alpaca_prompt(r), r["output"]) for r in rows]
-        whole = args.train_on == "all"
-        return [t for t, _ in pairs], [[(0, len(t)) if whole else s] for t, s in pairs]
-    if fmt == "template":
-        template = formats.RowTemplate(args.data_formatter_template or "")
-        texts = [template.render(r) for r in rows]
+        texts, spans = [t for t, _ in pairs], [[s] for _, s in pairs]
     else:
-        column = args.dataset_text_field or formats.DEFAULT_TEXT_FIELD
-        texts = [formats.require_text(r[column], column) for r in rows]
-    spans = [
-        formats.response_spans(t, args.response_template, args.instruction_template, args.train_on)
-        for t in texts
-    ]
+        if fmt == "template":
+            template = formats.RowTemplate(args.data_formatter_template or "")
+            texts = [template.render(r) for r in rows]
+        else:
+            column = args.dataset_text_field or formats.DEFAULT_TEXT_FIELD
+            texts = [formats.require_text(r[column], column) for r in rows]
+        spans = [formats.response_spans(t, args.response_template, args.instruction_template) for t in texts]
+    if args.train_on == "all":
+        return texts, [[(0, len(t))] for t in texts]
+    if args.train_on == "last_response":
+        return texts, [s[-1:] for s in spans]
     return texts, spans
 
 
