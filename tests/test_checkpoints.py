@@ -18,22 +18,21 @@ from safetensors.torch import save_file
 from tuning.errors import UserError
 from tuning.files import TOMBSTONE_PREFIX, delete_folder, staging_folder
 from tuning.train.callbacks import TRAINING_LOGS_NAME, TrainingLogCallback, continue_training_logs
-from tuning.train.checkpoints import (
+from tuning.train.checkpoint_format import (
     COMPLETE_MARKER,
     IN_PROGRESS,
     begin_checkpoint,
-    clean_output_dir,
     commit_checkpoint,
     has_optimizer_state,
     latest_complete_checkpoint,
     list_checkpoints,
-    prune_checkpoints,
     read_marker,
     verify_checkpoint,
 )
 from tuning.train.fingerprint import data_fingerprint, model_fingerprint
 from tuning.train.records import new_record_path, pending_dir, promote_pending, record_path, start_pending
 from tuning.train.resume import check_fits, resume_checkpoint
+from tuning.train.run_folder import clean_output_dir, prune_checkpoints
 from tuning.train.signals import StopOnSignal, interrupted_exit_code
 
 

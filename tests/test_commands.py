@@ -178,6 +178,8 @@ def test_termination_log_finds_output_dir_by_prefix_or_in_the_config_file(
 ):
     monkeypatch.delenv("TERMINATION_LOG_FILE", raising=False)
     argv = [a for a in train_argv if a not in ("--output_dir", str(tmp_path / "out"))]
+    (tmp_path / "abbrev").mkdir()  # error.log goes only into a folder that exists (tuning/errors.py)
+    (tmp_path / "from-file").mkdir()
     assert sft_trainer.main([*argv, "--output_d", str(tmp_path / "abbrev"), "--lora_r", "x"]) == 1
     assert "lora_r" in (tmp_path / "abbrev" / "error.log").read_text()
     config = tmp_path / "job.yaml"

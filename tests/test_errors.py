@@ -106,6 +106,7 @@ def test_user_mistakes_exit_1_with_one_line(case, job, tmp_path, monkeypatch, ca
 def test_error_log_in_output_dir_without_termination_log_env(job, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TERMINATION_LOG_FILE", raising=False)
     job["--response_template"] = "never there"
+    (tmp_path / "out").mkdir()  # error.log goes only into a folder that exists (tuning/errors.py)
     assert sft_trainer.main(argv_of(job)) == USER_ERROR_EXIT_CODE
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert (tmp_path / "out" / "error.log").read_text().splitlines() == [line]

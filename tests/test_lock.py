@@ -83,7 +83,9 @@ def test_the_cli_exits_1_with_the_holder_in_the_message_and_the_termination_log(
     out = tmp_path / "out"
     holder = hold(out, 60)
     try:
-        argv = ["--model_name_or_path", "m", "--training_data_path", "d.json", "--output_dir", str(out)]
+        data = tmp_path / "d.json"  # exists: a missing data file is reported before the lock is taken
+        data.write_text("[]")
+        argv = ["--model_name_or_path", "m", "--training_data_path", str(data), "--output_dir", str(out)]
         assert main([*argv, "--wait_for_output_dir", "0"]) == 1
     finally:
         holder.send_signal(signal.SIGKILL)

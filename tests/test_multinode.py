@@ -35,7 +35,7 @@ from tests.conftest import REPO, text_rows, write_json
 from tests.test_distributed import TOLERANCE, free_port
 from tuning import sft_trainer
 from tuning.train import read_training_logs
-from tuning.train.checkpoints import is_complete
+from tuning.train.checkpoint_format import is_complete
 
 pytestmark = pytest.mark.slow
 

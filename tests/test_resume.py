@@ -28,7 +28,7 @@ from tuning.config import parse_config
 from tuning.sft_trainer import main, run
 from tuning.testing.tiny_model import write_tiny_model
 from tuning.train import read_training_logs
-from tuning.train.checkpoints import COMPLETE_MARKER, is_complete, verify_checkpoint
+from tuning.train.checkpoint_format import COMPLETE_MARKER, is_complete, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -33,13 +33,13 @@ from tests.test_distributed import TOLERANCE, free_port
 from tests.test_multinode import assert_losses_match, complete_steps, losses
 from tuning import sft_trainer
 from tuning.errors import UserError
-from tuning.train.checkpoints import (
+from tuning.train.checkpoint_format import (
     COMPLETE_MARKER,
-    check_resumable,
     checkpoint_layout,
     checkpoint_world_size,
     is_complete,
 )
+from tuning.train.resume import check_resumable
 
 FIXTURE = REPO / "fixtures" / "accelerate_fsdp_defaults.yaml"
 FAULT_SCRIPT = REPO / "tests" / "train_with_fault.py"

@@ -30,6 +30,8 @@ SIGTERM_EXIT_CODE = 143
 SIGINT_EXIT_CODE = 130
 # Kubernetes keeps 4 KiB of a container's termination message; several ranks may each append a line.
 MAX_LINE_CHARS = 1000
+# the termination log in output_dir when $TERMINATION_LOG_FILE is unset; a run that succeeds removes it
+ERROR_LOG_NAME = "error.log"
 
 
 class UserError(Exception):
@@ -91,17 +93,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def termination_log_path(output_dir: str | None) -> Path | None:
-    """Where the one-line failure reason goes: ``$TERMINATION_LOG_FILE`` (the Kubernetes convention is
-    /dev/termination-log), else ``output_dir/error.log`` when output_dir is (or can be) a directory."""
+    """Where the one-line failure reason goes besides stderr: ``$TERMINATION_LOG_FILE`` (the Kubernetes
+    convention is /dev/termination-log), else ``output_dir/error.log`` when output_dir is a folder that
+    exists. A command never creates output_dir to report a failure: a run that fails before training
+    leaves the folder as it found it (and none where there was none; ``tuning/train/run_folder.py``)."""
     env = os.environ.get("TERMINATION_LOG_FILE")
     if env:
         return Path(env)
-    if not output_dir:
+    if not output_dir or not Path(output_dir).is_dir():
         return None
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        return None
-    return out / "error.log"
+    return Path(output_dir) / ERROR_LOG_NAME
 
 
 def write_termination_log(line: str, output_dir: str | None) -> None:
@@ -110,7 +111,8 @@ def write_termination_log(line: str, output_dir: str | None) -> None:
     if path is None:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("TERMINATION_LOG_FILE"):  # its folder may be created; output_dir never is
+            path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(clip(line) + "\n")
     except OSError:

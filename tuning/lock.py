@@ -10,8 +10,10 @@ filesystem): no stale lock to clean up by hand, nothing to time out. A second ru
 for the holder to finish (``--wait_for_output_dir``, default 300 s: longer than a grace period's
 save), then exits 1 naming the holder (pid, host, since when).
 
-- The lock file is never deleted: deleting it would let a third process lock a new file while a second
-  still waits on the old one.
+- The lock file is deleted only by its holder, while holding it, and only when the run created it and
+  leaves the folder as it found it (a run that failed before training, ``tuning/train/run_folder.py``).
+  A waiter that then wins the lock on the deleted file sees that the path no longer names the file it
+  locked (another inode, or none) and locks the path afresh, so two runs never hold different files.
 - NFS (v3 with lockd, v4) implements ``flock`` as a whole-file POSIX lock seen by every client, so one
   job per output_dir holds across machines. Filesystems without locks (Lustre mounted without
   ``-o flock``, some FUSE mounts) refuse it: the run then goes on with a warning, unprotected.
@@ -53,6 +55,82 @@ def holder_of(output_dir: str | Path) -> str:
         return "an unknown process"
 
 
+class OutputDirLock:
+    """The lock on ``output_dir``, held from :meth:`acquire` to :meth:`release`. Records whether this
+    process created the folder and the lock file, so a run that leaves nothing behind can remove them."""
+
+    def __init__(
+        self, output_dir: str | Path, wait_seconds: float = DEFAULT_WAIT_SECONDS, poll_seconds: float = 0.5
+    ):
+        self.folder = Path(output_dir)
+        self.wait_seconds = wait_seconds
+        self.poll_seconds = poll_seconds
+        self.created_folder = False
+        self.created_file = False
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, waiting up to ``wait_seconds`` for another holder; raises :class:`UserError`
+        when it is still held after the wait, or the folder or its lock file can't be created."""
+        deadline = time.monotonic() + self.wait_seconds
+        self.created_folder = not self.folder.exists()
+        while True:
+            fd = self._open()
+            try:
+                locked = _acquire(fd, self.folder, max(deadline - time.monotonic(), 0), self.poll_seconds)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked or _same_file(fd, self.folder / LOCK_NAME):
+                break
+            os.close(fd)  # its holder deleted the file as it left: lock what the path names now
+        self._fd = fd
+        if locked:
+            _write_holder(fd)
+
+    def _open(self) -> int:
+        path = self.folder / LOCK_NAME
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.created_file = True
+            except FileExistsError:
+                fd = os.open(path, os.O_RDWR)
+                self.created_file = False
+            return fd
+        except FileNotFoundError:  # the file (or the folder) was removed between the two opens: again
+            return self._open()
+        except OSError as e:
+            raise UserError(
+                f"--output_dir {self.folder}: cannot create it or its lock file ({e.strerror or e}); "
+                "pass a folder this user can write"
+            ) from None
+
+    def release(self, *, remove: bool = False) -> None:
+        """Let go of the lock. ``remove``: also delete the lock file if this process created it, and the
+        folder if this process created it and it is empty now (the folder as it was found)."""
+        if self._fd is None:
+            return
+        try:
+            if remove and self.created_file:
+                (self.folder / LOCK_NAME).unlink(missing_ok=True)  # while held: see the module docstring
+                if self.created_folder:
+                    with contextlib.suppress(OSError):  # not empty: something else lives there now
+                        self.folder.rmdir()
+        finally:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        held, named = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
 @contextlib.contextmanager
 def output_dir_lock(
     output_dir: str | Path,
@@ -69,21 +147,12 @@ def output_dir_lock(
     if not enabled:
         yield
         return
-    folder = Path(output_dir)
+    lock = OutputDirLock(output_dir, wait_seconds, poll_seconds)
+    lock.acquire()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(
-            f"--output_dir {folder}: cannot create it or its lock file ({e.strerror or e}); "
-            "pass a folder this user can write"
-        ) from None
-    try:
-        if _acquire(fd, folder, wait_seconds, poll_seconds):
-            _write_holder(fd)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (see the module docstring)
+        lock.release()  # the file stays (see the module docstring)
 
 
 def _acquire(fd: int, folder: Path, wait_seconds: float, poll_seconds: float) -> bool:

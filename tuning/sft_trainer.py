@@ -16,10 +16,9 @@ import logging
 import os
 import time
 
-from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolved_config
+from tuning.config import SFTConfig, output_dir_hint, parse_config
 from tuning.data import build_datasets, check_data_config, write_processed
 from tuning.errors import run_command
-from tuning.lock import output_dir_lock
 from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
@@ -43,20 +42,16 @@ from tuning.outputs import (
 )
 from tuning.trackers import build_trackers
 from tuning.train import (
+    RunFolder,
     build_trainer,
-    clean_output_dir,
     exit_process,
-    explicit_checkpoint,
     launch_defaults,
     leave_process_group,
     log_run_start,
-    pending_dir,
-    promote_pending,
     resume_checkpoint,
     run_fingerprint,
     select_cpu_backend,
     set_seed,
-    start_pending,
     topology,
 )
 
@@ -68,16 +63,10 @@ def run(config: SFTConfig) -> dict:
     args = config.train
     if args.disable_tqdm:
         disable_progress_bars()  # the libraries' bars too, not only our progress bar
-    # one writer per output_dir: rank 0 (each node's with --save_on_each_node) holds it to the end
-    with output_dir_lock(args.output_dir, args.wait_for_output_dir, enabled=args.should_save):
-        if args.should_save:  # every path below is written once, even across machines
-            clean_output_dir(args.output_dir, keep=explicit_checkpoint(args), final_dir=args.save_model_dir)
-            start_pending(args.output_dir)  # this run's records replace the last run's at its first commit
-            save_resolved_config(config, pending_dir(args.output_dir))
-        summary = _train(config)
-        if args.should_save:
-            promote_pending(args.output_dir)
-        return summary
+    # output_dir's contract (tuning/train/run_folder.py): one writer, debris removed, this run's records
+    # replace the last run's at its first commit, a run that fails before training leaves it as found
+    with RunFolder(config):
+        return _train(config)
 
 
 def _train(config: SFTConfig) -> dict:

@@ -14,6 +14,7 @@ from tuning.data.batching import pack, sample_lengths
 from tuning.data.chat import settings_from_args
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
+from tuning.data.loading import resolve_files
 from tuning.data.mixing import build_from_data_config
 from tuning.data.prepare import DataStats, PreparedData, prepare_path
 from tuning.errors import UserError
@@ -53,10 +54,18 @@ def build_datasets(
 
 
 def check_data_config(args: DataArgs, max_steps: int) -> None:
-    """Read and check the whole data config now, before any model or data is loaded (no-op without one)."""
+    """Read and check the whole data config now, before any model or data is loaded; without one, that
+    the data paths name files that exist (a typo is reported before the model loads and the memory plan
+    prints, and before output_dir is touched)."""
     if not args.data_config_path:
+        for path in (args.training_data_path, args.validation_data_path):
+            if path:
+                resolve_files(path)
         return
     data_config = load_data_config(args.data_config_path)
+    for dataset in data_config.datasets:  # a builder the user names may read any path (config_datasets.py)
+        for path in dataset.data_paths if dataset.builder is None else ():
+            resolve_files(path)
     if data_config.dataprocessor.streaming and max_steps <= 0:
         raise UserError(
             f"data config {args.data_config_path} streams its datasets, so epochs have no length; "

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tuning.files import write_text_atomic
-from tuning.train.checkpoints import checkpoint_step, latest_complete_checkpoint
+from tuning.train.checkpoint_format import checkpoint_step, latest_complete_checkpoint
 from tuning.train.records import pending_dir, record_path
 
 TRAINING_LOGS_NAME = "training_logs.jsonl"

@@ -1,4 +1,4 @@
-"""The resume decision: which checkpoint this run continues from, and whether it may.
+"""The resume decision, in one place: which checkpoint this run continues from, and whether it may.
 
 ``--resume_from_checkpoint`` unset or ``true``: the newest complete checkpoint in ``output_dir`` whose
 files are intact (a damaged one is named and skipped); ``false``: none; a path: that folder, which must
@@ -8,7 +8,9 @@ be intact. Then the checkpoint must fit this run (``tuning/train/fingerprint.py`
 - other settings (batch, data, seed, precision, optimizer...) or a checkpoint without optimizer state
   are refused on auto-resume, naming each change: the job would silently become another one. Passing
   the checkpoint's path explicitly continues anyway, with a warning. A checkpoint without optimizer
-  state is resumed with a warning when this run has ``--save_only_model`` itself.
+  state is resumed with a warning when this run has ``--save_only_model`` itself;
+- the engine (FSDP, DeepSpeed, neither) and, for DeepSpeed, the number of processes must be the ones
+  that wrote it (:func:`check_resumable`, called by the trainer, which knows its engine).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from tuning.errors import UserError
-from tuning.train.checkpoints import (
+from tuning.train.checkpoint_format import (
     COMPLETE_MARKER,
     TRAINER_STATE,
+    checkpoint_layout,
+    checkpoint_world_size,
     complete_checkpoints,
     has_optimizer_state,
     is_complete,
@@ -175,3 +179,43 @@ def _explicit_checkpoint(value: str) -> Path:
             "newest intact one in --output_dir) or 'false' (start over)"
         )
     return path
+
+
+def check_resumable(checkpoint: str | None, fsdp: bool, deepspeed: bool, world_size: int) -> None:
+    """Refuse, with the fix, a resume the engines would fail on (Hugging Face raises a ValueError deep in
+    ``train``, or silently starts the optimizer afresh); log a change in the number of processes.
+
+    FSDP checkpoints, sharded or full, reshard onto any number of processes (torch.distributed.checkpoint
+    and FSDP's full state dict both do; tested 2 -> 4 -> 2); DeepSpeed's ZeRO checkpoints load only on the
+    world size that wrote them (other sizes need DeepSpeed's universal-checkpoint conversion).
+    """
+    if not checkpoint:
+        return
+    layout, written_by = checkpoint_layout(checkpoint), checkpoint_world_size(checkpoint)
+    engine = "FSDP" if layout.startswith("fsdp") else "DeepSpeed" if layout == "deepspeed" else None
+    running = "FSDP" if fsdp else "DeepSpeed" if deepspeed else None
+    if engine != running and (engine or running == "DeepSpeed"):
+        how = {
+            "FSDP": "accelerate launch --config_file fixtures/accelerate_fsdp_defaults.yaml (any number of processes)",
+            "DeepSpeed": f"accelerate launch with a DeepSpeed config and {written_by} processes",
+            None: "the launch that wrote it (no FSDP or DeepSpeed config)",
+        }[engine]
+        raise UserError(
+            f"{checkpoint} was written {f'under {engine}' if engine else 'without FSDP or DeepSpeed'} and "
+            f"this run uses {running or 'neither'}; resume it with {how}, or pass "
+            "--resume_from_checkpoint false to start over"
+        )
+    if written_by == world_size:
+        return
+    if engine == "DeepSpeed":
+        raise UserError(
+            f"{checkpoint} is a DeepSpeed checkpoint of {written_by} processes and this run has {world_size}; "
+            f"DeepSpeed resumes ZeRO checkpoints on the same number of processes: launch {written_by}, or "
+            "pass --resume_from_checkpoint false to start over"
+        )
+    logger.info(
+        "resuming a checkpoint of %d processes on %d: FSDP reshards the model and optimizer; keep "
+        "per_device_train_batch_size x gradient_accumulation_steps x processes as it was for an exact resume",
+        written_by,
+        world_size,
+    )
