@@ -73,7 +73,6 @@ class OutputDirLock:
         """Take the lock, waiting up to ``wait_seconds`` for another holder; raises :class:`UserError`
         when it is still held after the wait, or the folder or its lock file can't be created."""
         deadline = time.monotonic() + self.wait_seconds
-        self.created_folder = not self.folder.exists()
         while True:
             fd = self._open()
             try:
@@ -91,7 +90,11 @@ class OutputDirLock:
     def _open(self) -> int:
         path = self.folder / LOCK_NAME
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True)
+                self.created_folder = True
+            except FileExistsError:
+                pass
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
                 self.created_file = True
