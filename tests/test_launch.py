@@ -174,9 +174,11 @@ def _launch(job: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_user_error_in_a_rank_exits_1_with_its_line_in_the_termination_log(tmp_path, tiny_model_dir):
     """(Success, ``.complete`` and 203 for a killed rank: tests/test_distributed.py, 2 processes.)"""
-    result = _launch(_job(tmp_path / "bad", tiny_model_dir, learning_rat=1e-5))
-    assert result.returncode == 1, result.stderr[-2000:]
+    job = _job(tmp_path / "bad", tiny_model_dir, learning_rat=1e-5)
     out = tmp_path / "bad" / "out"
+    out.mkdir()  # error.log goes only into a folder that exists (tuning/errors.py)
+    result = _launch(job)
+    assert result.returncode == 1, result.stderr[-2000:]
     assert not (out / launch.COMPLETE_MARKER).exists()
     # the trainer's one line reached the usual termination log, through the launcher
     assert "unknown key 'learning_rat'" in (out / "error.log").read_text()

@@ -116,7 +116,8 @@ def test_all_linear_leaves_out_the_head_unless_named(tiny_model_dir):
     assert resolve_target_modules(None, model) is None
 
 
-def test_bad_target_module_exits_1_listing_linear_names(train, capsys):
+def test_bad_target_module_exits_1_listing_linear_names(train, capsys, tmp_path):
+    (tmp_path / "out").mkdir()  # error.log goes only into a folder that exists (tuning/errors.py)
     code, out, _ = train("--peft_method", "lora", "--target_modules", "q_proj", "qkv_proj")
     assert code == 1
     line = (out / "error.log").read_text().strip()

@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from tuning.compat import argparse as argparse_private
 from tuning.errors import (
     INTERNAL_ERROR_EXIT_CODE,
     USER_ERROR_EXIT_CODE,
@@ -93,7 +94,7 @@ def accelerate_flags(launch: dict[str, Any]) -> list[str]:
     """``--key=value`` per flag (true booleans as bare ``--key``); unknown flags are a user error."""
     from accelerate.commands.launch import launch_command_parser
 
-    known = {a.dest for a in launch_command_parser()._actions}
+    known = {a.dest for a in argparse_private.actions(launch_command_parser())}
     flags = []
     for key, value in launch.items():
         if key not in known:

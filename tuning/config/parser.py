@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from tuning.compat import argparse as argparse_private
 from tuning.config.args import (
     BNB_METHODS,
     KAHAN_OPTIMIZERS,
@@ -107,7 +108,7 @@ def build_parser() -> HfArgumentParser:
         default=None,
         help="YAML or JSON file with the same keys as the flags; command-line flags override it.",
     )
-    for action in parser._actions:
+    for action in argparse_private.actions(parser):
         hint = field_hints().get(action.dest)
         if hint is not None and _admits(hint, dict) and action.nargs is None:
             action.type = _json_object_type(action.type, text_too=_admits(hint, str))
@@ -152,7 +153,12 @@ def _json_object_type(fallback: Callable[[str], Any] | None, text_too: bool) -> 
 def peek_flag(argv: list[str], dest: str, parser: argparse.ArgumentParser | None = None) -> str | None:
     """The value given for ``--dest`` on a command line that may not parse: the exact flag, ``--dest=V``
     or a unique prefix of it (argparse's abbreviation rule over ``parser``'s flags). The last one wins."""
-    options = [o for a in (parser or build_parser())._actions for o in a.option_strings if o.startswith("--")]
+    options = [
+        o
+        for a in argparse_private.actions(parser or build_parser())
+        for o in a.option_strings
+        if o.startswith("--")
+    ]
     target, found = f"--{dest}", None
     for i, arg in enumerate(argv):
         if arg == "--":
@@ -231,13 +237,13 @@ def parse_command_line(
 def _command_line_values(parser: HfArgumentParser, argv: list[str]) -> dict[str, Any]:
     """The flags the command line itself sets (by destination, abbreviations and ``--flag=value`` too),
     asked of argparse: a sentinel namespace keeps every flag not given at the sentinel."""
-    probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions})
+    probe = argparse.Namespace(**{a.dest: _UNSET for a in argparse_private.actions(parser)})
     try:
         given, remaining = parser.parse_known_args(argv, namespace=probe)
     except _ParseError as e:
         raise UserError(f"invalid command line: {e}; run with --help for the list of flags") from None
     if remaining:
-        dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
+        dests = [a.dest for a in argparse_private.actions(parser) if a.dest not in ("help", "config")]
         flag = next((r for r in remaining if r.startswith("-")), remaining[0])
         raise UserError(
             f"unknown flag {flag}{did_you_mean(flag.split('=')[0], dests, flag=True)}; see --help"
@@ -270,7 +276,9 @@ def convert_config_values(values: dict[str, Any], where: str, parser: HfArgument
     like the flags: unknown keys rejected, the launcher's own key set aside (a ``tuning launch`` job file
     is also a ``--config`` file)."""
     actions: dict[str, argparse.Action] = {}
-    for action in parser._actions:  # the first action of a dest is the flag's; --no_X shares the dest
+    for action in argparse_private.actions(
+        parser
+    ):  # the first action of a dest is the flag's; --no_X shares the dest
         actions.setdefault(action.dest, action)
     valid = [d for d in actions if d not in ("help", "config")]
     values = dict(values)
@@ -298,9 +306,7 @@ def _file_value(parser: HfArgumentParser, action: argparse.Action, hint: Any, va
     action's type and checked against its choices (argparse's own two steps, called directly)."""
 
     def convert(text: str) -> Any:
-        converted = parser._get_value(action, text)
-        parser._check_value(action, converted)
-        return converted
+        return argparse_private.convert(parser, action, text)
 
     takes = f"it takes {_describe(hint)}"
     if value is None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any, Literal
 
+from tuning.compat import transformers as hf
 from tuning.config import DataArgs
 from tuning.data.sandbox import template_errors
 from tuning.data.tokenize import (
@@ -239,10 +240,8 @@ class ChatTemplate:
     def render(self, messages: Any, conversation: Conversation, generation_prompt: bool = False) -> str:
         """The template's rendering; its failures (a sandbox refusal, its own ``raise_exception`` on a
         conversation it does not accept) are one-line user errors naming the conversation."""
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
         with template_errors(CHAT_TEMPLATE, compiling=True):
-            compiled = _compile_jinja_template(self.text(conversation.tools))
+            compiled = hf.compile_jinja_template(self.text(conversation.tools))
         with template_errors(CHAT_TEMPLATE, messages):
             return compiled.render(
                 messages=messages,
@@ -255,11 +254,11 @@ class ChatTemplate:
     def generation_spans(self, conversation: Conversation) -> tuple[str, list[Span]]:
         # transformers computes the character spans of {% generation %} blocks while rendering (the
         # machinery of return_assistant_tokens_mask); using them keeps our offset-based masking.
-        from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
+        from transformers.utils.chat_template_utils import render_jinja_template
 
         template = self.text(conversation.tools)
         with template_errors(CHAT_TEMPLATE, compiling=True):
-            _compile_jinja_template(template)  # cached: render_jinja_template reuses it
+            hf.compile_jinja_template(template)  # cached: render_jinja_template reuses it
         with template_errors(CHAT_TEMPLATE, conversation.messages):
             rendered, indices = render_jinja_template(
                 conversations=[conversation.messages],

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from tuning.compat import transformers as hf
 from tuning.config import KAHAN_OPTIMIZERS, ModelArgs
 from tuning.dtypes import torch_dtype
 from tuning.errors import UserError, first_line
@@ -115,7 +116,7 @@ def attention_candidates(args: ModelArgs, model_class: type | None = None) -> li
     requested = args.flash_attn_implementation if args.use_flash_attn else "sdpa"
     chain = [requested]
     if _is_flash(requested):
-        chain += (getattr(model_class, "_compatible_flash_implementations", None) or [])[:1]
+        chain += (hf.attention_support(model_class)[2] if model_class is not None else [])[:1]
         chain.append("flash_attention_2")
     return list(dict.fromkeys([*chain, "sdpa", "eager"]))
 
@@ -127,13 +128,13 @@ def _is_flash(impl: str) -> bool:
 def model_refuses(impl: str, model_class: type) -> str | None:
     """Why the model class itself can't run ``impl`` (checked before loading, so no weights are read twice)."""
     name = model_class.__name__
-    if impl == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
+    sdpa, flash, compatible = hf.attention_support(model_class)
+    if impl == "sdpa" and not sdpa:
         return f"{name} does not support sdpa"
     if not _is_flash(impl):
         return None
-    if not getattr(model_class, "_supports_flash_attn", True):
+    if not flash:
         return f"{name} does not support flash attention"
-    compatible = getattr(model_class, "_compatible_flash_implementations", None)
     if compatible and impl not in compatible:
         # gpt-oss: its attention sinks (a learned per-head logit) are only in these kernels
         return f"{name} runs flash attention only with {', '.join(compatible)} (attention sinks)"

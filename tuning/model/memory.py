@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from tuning.compat import transformers as hf
 from tuning.config import BNB_METHODS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
 from tuning.errors import UserError, first_line
 from tuning.model.loading import (
@@ -148,7 +149,7 @@ def quantized_modules(model: Any, quant: QuantArgs) -> list[Any]:
     weights stay in the compute dtype)."""
     if quant.quantization_method not in BNB_METHODS:
         return []
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, hf.keep_in_fp32_modules(model))
     return [
         module
         for name, module in model.named_modules()

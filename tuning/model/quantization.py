@@ -18,6 +18,7 @@ import torch
 from transformers import BitsAndBytesConfig, Mxfp4Config, PretrainedConfig
 from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
 
+from tuning.compat import transformers as hf
 from tuning.config import BNB_METHODS, QuantArgs
 from tuning.errors import UserError
 
@@ -54,7 +55,7 @@ def quantization_config(
     ``sharded``: FSDP will shard the model, so packed 4-bit weights are stored in that dtype too.
     """
     declared = checkpoint_quant_method(config)
-    name = getattr(config, "_name_or_path", "") or "the model"
+    name = hf.name_or_path(config) or "the model"
     if args.quantization_method in BNB_METHODS:
         return bnb_config(args, declared, name, compute_dtype, sharded)
     if args.quantization_method == "none" and declared != "mxfp4":

@@ -11,47 +11,53 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tuning.config import SFTConfig, TrackerArgs, resolved_config_dict
 from tuning.errors import UserError, first_line
+from tuning.trackers.protocol import RunInfo
 from tuning.train import TokenRate, new_record_path
 
 logger = logging.getLogger(__name__)
 
-# tracker name → (package that must import, pip extra, "module:Class" of our implementation)
-REGISTRY: dict[str, tuple[str | None, str | None, str]] = {
-    "file_logger": (None, None, "tuning.trackers.file_logger:FileLoggerTracker"),
-    "aim": ("aim", "aim", "tuning.trackers.aim_tracker:AimTracker"),
-    "tensorboard": ("tensorboard", "tensorboard", "tuning.trackers.tensorboard_tracker:TensorBoardTracker"),
-    "mlflow": ("mlflow", "mlflow", "tuning.trackers.mlflow_tracker:MlflowTracker"),
+
+def _file_logger() -> type:
+    from tuning.trackers.file_logger import FileLoggerTracker
+
+    return FileLoggerTracker
+
+
+def _aim() -> type:
+    from tuning.trackers.aim_tracker import AimTracker
+
+    return AimTracker
+
+
+def _tensorboard() -> type:
+    from tuning.trackers.tensorboard_tracker import TensorBoardTracker
+
+    return TensorBoardTracker
+
+
+def _mlflow() -> type:
+    from tuning.trackers.mlflow_tracker import MlflowTracker
+
+    return MlflowTracker
+
+
+# tracker name → (package that must import, pip extra, our implementation). Each implementation is a plain
+# import inside a function (not importlib), so the import-direction test sees it and it loads only when asked.
+REGISTRY: dict[str, tuple[str | None, str | None, Callable[[], type]]] = {
+    "file_logger": (None, None, _file_logger),
+    "aim": ("aim", "aim", _aim),
+    "tensorboard": ("tensorboard", "tensorboard", _tensorboard),
+    "mlflow": ("mlflow", "mlflow", _mlflow),
 }
-
-
-@dataclass
-class RunInfo:
-    """What every tracker records about the run before the first step."""
-
-    experiment: str
-    run_name: str
-    output_dir: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-class Tracker(Protocol):
-    name: str
-
-    def start(self, info: RunInfo) -> dict[str, Any]:
-        """Open the run; return ``{"run_id": ..., ...}``, written to ``<name>_tracker.json``."""
-
-    def log(self, metrics: dict[str, float], step: int, epoch: float) -> None: ...
-
-    def finish(self) -> None: ...
 
 
 class NullTracker:
@@ -81,8 +87,7 @@ def tracker_class(name: str) -> type:
                 f"--trackers {name}: the {package} package is not installed; "
                 f"install it with: pip install 'tuning[{extra}]'"
             ) from None
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return target()
 
 
 def build_trackers(config: SFTConfig) -> TrackerCallback:

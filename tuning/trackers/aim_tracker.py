@@ -8,7 +8,7 @@ from typing import Any
 from aim import Run
 
 from tuning.config import TrackerArgs
-from tuning.trackers import RunInfo
+from tuning.trackers.protocol import RunInfo
 
 AIM_DEFAULT_PORT = 53800
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuning.config import TrackerArgs
-from tuning.trackers import RunInfo
+from tuning.trackers.protocol import RunInfo
 
 
 class FileLoggerTracker:

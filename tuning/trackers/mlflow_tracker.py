@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from tuning.config import TrackerArgs
-from tuning.trackers import RunInfo
+from tuning.trackers.protocol import RunInfo
 
 MAX_PARAM_CHARS = 6000  # mlflow's limit on one parameter value
 MAX_BATCH = 100  # parameters per log_batch call

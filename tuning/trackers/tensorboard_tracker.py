@@ -11,7 +11,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 
 from tuning.config import TrackerArgs
-from tuning.trackers import RunInfo
+from tuning.trackers.protocol import RunInfo
 
 
 class TensorBoardTracker:

@@ -30,6 +30,8 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather
 from transformers import TrainerCallback
 
+from tuning.compat import accelerate as accelerate_private
+from tuning.compat import deepspeed as deepspeed_private
 from tuning.errors import UserError
 from tuning.model import Topology
 
@@ -119,7 +121,7 @@ def route_cpu_fsdp(accelerator: Any) -> bool:
     state.distributed_type = DistributedType.FSDP
     # as AcceleratorState does at the end of its own set-up: a later AcceleratorState() copies the
     # PartialState fields back, which would otherwise silently undo the routing
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerate_private.set_shared_distributed_type(DistributedType.FSDP)
     return True
 
 
@@ -150,7 +152,7 @@ def full_state_dict(trainer: Any) -> Iterator[None]:
     gathering is collective.
     """
     engine = getattr(trainer, "model_wrapped", None) if trainer.is_deepspeed_enabled else None
-    zero = getattr(getattr(engine, "_config", None), "zero_config", None)
+    zero = deepspeed_private.zero_config(engine)
     if zero is not None and not zero.gather_16bit_weights_on_model_save:
         zero.gather_16bit_weights_on_model_save = True  # what DeepSpeed reads at save time
         try:

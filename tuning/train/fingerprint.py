@@ -27,6 +27,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
+from tuning.compat import datasets as datasets_private
 from tuning.config import SFTConfig
 
 # flag → the config group holding it; a changed value makes the resumed run another run
@@ -138,7 +139,7 @@ def data_fingerprint(dataset: Any) -> dict[str, Any] | None:
                 lengths.append(chunk_lengths)
         checksums.append(crc)
     row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-    indices = getattr(dataset, "_indices", None)
+    indices = datasets_private.indices_table(dataset)
     if indices is not None:
         order = np.ascontiguousarray(indices.column(0).to_numpy(zero_copy_only=False))
         row_lengths = row_lengths[order]

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tuning.compat import transformers as hf
 from tuning.config import SFTConfig
 from tuning.data import PreparedData
 from tuning.model import PrecisionPlan
@@ -34,7 +35,7 @@ def log_run_start(
         config.model.model_name_or_path,
         str(plan.load_dtype).removeprefix("torch."),
         str(plan.autocast or plan.load_dtype).removeprefix("torch."),
-        model.config._attn_implementation,
+        hf.attn_implementation(model.config),
         trainable,
         total,
     )

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 from torch.optim.adam import adam
-from torch.optim.optimizer import _get_scalar_dtype  # the dtype AdamW's own step counter gets
+
+from tuning.compat import torch as torch_private
 
 
 class SparseRowsAdamW(torch.optim.AdamW):
@@ -70,9 +71,9 @@ class SparseRowsAdamW(torch.optim.AdamW):
         if not state:  # torch's lazy initialisation (Adam._init_group), so checkpoints look the same
             fused = bool(group["fused"])
             state["step"] = (
-                torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
+                torch.zeros((), dtype=torch_private.optimizer_step_dtype(is_fused=fused), device=p.device)
                 if fused
-                else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                else torch.tensor(0.0, dtype=torch_private.optimizer_step_dtype())
             )
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from tuning.compat import transformers as hf
 from tuning.data import (
     PaddingCollator,
     PaddingFreeCollator,
@@ -39,46 +40,13 @@ def padding_free_blocker(model: Any) -> str | None:
         return f"{type(base).__name__} is not a transformers model class (remote code)"
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward takes no position_ids"
-    attention = str(getattr(base.config, "_attn_implementation", "") or "")
-    if "flash" not in attention and not _mask_reads_position_ids(getattr(base, "model", base)):
+    attention = hf.attn_implementation(base.config)
+    if "flash" not in attention and not hf.mask_reads_position_ids(getattr(base, "model", base)):
         # flash kernels split samples at restarting position_ids themselves; eager/sdpa/flex need a
         # mask built from them, and e.g. GptOssModel (transformers 5.24) builds its mask without them:
         # packed samples would attend to each other (measured: a second sample's logits off by 7.7)
         return f"{type(getattr(base, 'model', base)).__name__} builds its {attention} attention mask without position_ids"
     return None
-
-
-_MASK_BUILDERS = ("create_causal_mask(", "create_sliding_window_causal_mask(", "mask_kwargs = {")
-
-
-def _mask_reads_position_ids(decoder: Any) -> bool:
-    """Whether ``decoder.forward`` hands ``position_ids`` to transformers' mask builders (which turn
-    restarting positions into a per-sample mask). Read from the source: a forward that builds no mask
-    through them is taken at its word (True)."""
-    try:
-        source = inspect.getsource(type(decoder).forward)
-    except (OSError, TypeError):
-        return True
-    calls = []
-    for opening in _MASK_BUILDERS:
-        start = source.find(opening)
-        while start != -1:
-            calls.append(_bracketed(source, start + len(opening) - 1))
-            start = source.find(opening, start + 1)
-    return not calls or any("position_ids" in call for call in calls)
-
-
-def _bracketed(source: str, open_at: int) -> str:
-    """The text from the bracket at ``open_at`` to its match."""
-    depth = 0
-    for i in range(open_at, len(source)):
-        if source[i] in "({[":
-            depth += 1
-        elif source[i] in ")}]":
-            depth -= 1
-            if depth == 0:
-                return source[open_at : i + 1]
-    return source[open_at:]
 
 
 def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any, packed: bool = False) -> Any:

@@ -1,0 +1,22 @@
+"""argparse's private names (the standard library's, 3.10+), each pinned by ``tests/test_compat.py``.
+
+``HfArgumentParser`` is an ``argparse.ArgumentParser``: reading the flags it declared and converting a
+value the way the command line would are not public in argparse."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every action (flag) the parser declares, in order (``parser._actions``)."""
+    return list(parser._actions)
+
+
+def convert(parser: argparse.ArgumentParser, action: argparse.Action, text: str) -> Any:
+    """``text`` converted and checked as the parser converts a flag's value (its ``type`` and
+    ``choices``); raises ``argparse.ArgumentError`` as it would (``_get_value``, ``_check_value``)."""
+    value = parser._get_value(action, text)
+    parser._check_value(action, value)
+    return value
