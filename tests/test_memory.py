@@ -260,6 +260,9 @@ def test_a_run_that_cannot_fit_stops_before_the_data(tiny_model_dir, tmp_path, c
     monkeypatch.setattr(
         memory_check, "device_capacity", lambda: Capacity(8 * 2**20, "of CPU RAM available (test)")
     )
+    (tmp_path / "missing.json").write_text(
+        ""
+    )  # empty: reading it would fail, so this error proves the data was never read
     argv = [
         "--model_name_or_path",
         str(tiny_model_dir),

@@ -133,6 +133,9 @@ def test_keeping_mxfp4_is_refused_where_it_cant_train(monkeypatch, capability, p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_dequantize_false_on_cpu_exits_1_before_reading_data(gpt_oss_dir, tmp_path, capsys):
+    (tmp_path / "missing.json").write_text(
+        ""
+    )  # empty: reading it would fail, so this error proves the data was never read
     argv = ["--model_name_or_path", str(gpt_oss_dir), "--training_data_path", str(tmp_path / "missing.json")]
     argv += ["--output_dir", str(tmp_path / "out"), "--quantization_method", "mxfp4", "--dequantize", "False"]
     assert sft_trainer.main(argv) == 1

@@ -110,6 +110,9 @@ def test_qlora_trains_lora_only(tmp_path, capsys, peft, what):
 def test_bitsandbytes_missing_is_one_install_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(quantization, "is_bitsandbytes_available", lambda: False)
     monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
+    (tmp_path / "none.json").write_text(
+        ""
+    )  # empty: reading it would fail, so this error proves the data was never read
     argv = ["--model_name_or_path", str(tiny_model_dir), "--training_data_path", str(tmp_path / "none.json")]
     argv += [
         "--output_dir",
