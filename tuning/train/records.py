@@ -9,8 +9,10 @@ first checkpoint (whose marker records the same ``run_id``), or when it ends wit
 (``--save_strategy no``, data processing only).
 
 At the next start, a ``.pending/`` whose ``run_id`` a complete checkpoint carries is a promotion a kill
-interrupted: it is finished. Any other ``.pending/`` belongs to a run that ended before it had anything
-to show: it is discarded (it stays until then, for a look at what the failed run wrote).
+interrupted: it is finished. Any other ``.pending/`` belongs to a run that ended before its first
+checkpoint: it is discarded (it stays until then, for a look at what the failed run wrote). A run that
+fails before training wrote anything removes its own ``.pending/`` as it exits
+(:class:`tuning.train.run_folder.RunFolder`), and one killed then leaves it for the next start.
 """
 
 from __future__ import annotations

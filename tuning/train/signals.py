@@ -3,7 +3,8 @@
 Kubernetes and Slurm send SIGTERM and wait a grace period before SIGKILL; Hugging Face's ``Trainer`` has
 no handler, so the default action kills the process mid-step and everything since the last scheduled
 checkpoint is lost. The handler only records the signal; the trainer acts on it at the next step
-boundary (``SFTTrainer._maybe_log_save_evaluate``), where a checkpoint is consistent.
+boundary (``CheckpointProtocol.on_step_end`` in ``tuning/train/checkpoints.py``, agreed by every rank),
+where a checkpoint is consistent.
 """
 
 from __future__ import annotations
