@@ -101,9 +101,9 @@ def previous_run(out: Path) -> None:
     """What an earlier, successful run leaves."""
     out.mkdir()
     (out / "resolved_config.yaml").write_text("learning_rate: 1.0e-05\n")
-    (out / "training_logs.jsonl").write_text(
-        json.dumps({"name": "training_loss", "step": 1, "value": 2.0}) + "\n"
-    )
+    record = {"name": "training_loss", "data": {"epoch": 1.0, "step": 1, "value": 2.0, "timestamp": 0}}
+    (out / "training_logs.jsonl").write_text(json.dumps(record) + "\n")
+    (out / "loss.png").write_bytes(b"an earlier run's plot")
     (out / "run_summary.json").write_text("{}\n")
     (out / LOCK_NAME).write_text("{}\n")
 

@@ -100,7 +100,7 @@ def _train(config: SFTConfig) -> dict:
         result = trainer.train(resume_from_checkpoint=resume_checkpoint(args, fingerprint))
     finally:
         tracking.close()  # also when training fails; a no-op after a normal end
-        if args.should_save:
+        if args.should_save and trainer.state.log_history:  # not an earlier run's curve redrawn
             write_loss_plot(args.output_dir)  # also for a failed run: the curve up to the failure
     seconds = time.perf_counter() - start
     saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
