@@ -210,7 +210,9 @@ def test_first_batch_check_switches_to_label_only_only_when_the_losses_agree(tmp
 
 _MOE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, router_aux_loss_coef=0.3),
+    "qwen3_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, router_aux_loss_coef=0.3
+    ),
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.9, sliding_window=8),
 }
 

@@ -25,7 +25,6 @@ from tuning.model import (
     GPU_RUNTIME_RESERVE,
     Capacity,
     Topology,
-    topology_of,
     check_fits,
     context_length,
     device_capacity,
@@ -37,6 +36,7 @@ from tuning.model import (
     precision_plan,
     render,
     setup_for,
+    topology_of,
 )
 
 

@@ -123,7 +123,9 @@ def decide_loss(
         return LossDecision("standard", False, f"label_only not used: {blocker}")
     if requested == "label_only":
         unverified = model_type not in VERIFIED_ARCHITECTURES
-        return LossDecision("label_only", False, "asked for" + (" (architecture not verified)" if unverified else ""))
+        return LossDecision(
+            "label_only", False, "asked for" + (" (architecture not verified)" if unverified else "")
+        )
     if model_type in VERIFIED_ARCHITECTURES:
         return LossDecision("label_only", False, f"auto: {model_type} is verified")
     return LossDecision("standard", True, f"auto: {model_type} is not verified; checked on the first batch")

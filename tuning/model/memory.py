@@ -28,13 +28,6 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from tuning.config import BNB_METHODS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
 from tuning.errors import UserError, first_line
-from tuning.model.loading import (
-    PrecisionPlan,
-    attention_candidates,
-    causal_lm_class,
-    model_refuses,
-    why_unusable,
-)
 from tuning.model.decisions import (
     LABEL_ONLY_CHUNK_TOKENS,
     LossDecision,
@@ -43,6 +36,13 @@ from tuning.model.decisions import (
     label_only_blocker,
     padding_free_blocker,
     padding_free_decision,
+)
+from tuning.model.loading import (
+    PrecisionPlan,
+    attention_candidates,
+    causal_lm_class,
+    model_refuses,
+    why_unusable,
 )
 from tuning.model.peft import is_linear, wrap
 from tuning.model.quantization import checkpoint_quant_method
@@ -386,7 +386,9 @@ def logits_bytes(setup: Setup, compute: int, vocab: int, loss: LossDecision) -> 
     per = 8 + 2 * compute
     if loss.loss == "standard":
         returned = compute if compute < 4 else 0  # float32 logits are their own float32 copy
-        return (per + returned) * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab ({loss.planned})"
+        return (
+            per + returned
+        ) * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab ({loss.planned})"
     positions = min(w.tokens, LABEL_ONLY_CHUNK_TOKENS)
     return per * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label_only)"
 

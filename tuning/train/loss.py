@@ -39,7 +39,9 @@ VERIFY_POSITIONS = 64  # the first-batch check of an unverified architecture: on
 __all__ = ["VERIFIED_ARCHITECTURES", "causal_lm"]  # re-exported: where tests and callers have found them
 
 
-def resolve_loss_implementation(requested: LossImplementation, model: torch.nn.Module, args: Any) -> LossDecision:
+def resolve_loss_implementation(
+    requested: LossImplementation, model: torch.nn.Module, args: Any
+) -> LossDecision:
     """Which loss this run uses (:func:`tuning.model.decide_loss`, the rule the memory plan applies too);
     says which and why in one line."""
     lm = causal_lm(model)
@@ -186,9 +188,9 @@ def verify_label_only(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -
                 ours = model(**sample)["loss"].float()
     finally:
         model.train(training)
-    half = causal_lm(model).get_output_embeddings().weight.dtype != torch.float32 or torch.is_autocast_enabled(
-        standard.device.type
-    )
+    half = causal_lm(
+        model
+    ).get_output_embeddings().weight.dtype != torch.float32 or torch.is_autocast_enabled(standard.device.type)
     tolerance = 5e-3 if half else 1e-5  # relative; see docs/memory.md
     agree = torch.tensor(int(bool(torch.allclose(ours, standard, rtol=tolerance, atol=tolerance))))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
