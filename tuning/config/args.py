@@ -393,6 +393,15 @@ class TrainArgs(TrainingArguments):
             "standard: the model's own loss over full logits; auto: label_only where it applies."
         },
     )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the activations saved for backward to host memory during forward and back for "
+            "backward (torch.autograd.graph.save_on_cpu; TRL's and axolotl's flag). With "
+            "--gradient_checkpointing only the layer inputs checkpointing keeps are moved. Saves device "
+            "memory for host memory and transfer time; the loss is unchanged."
+        },
+    )
     memory_check: Literal["error", "warn", "off"] = field(
         default="error",
         metadata={

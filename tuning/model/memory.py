@@ -63,6 +63,7 @@ class Workload:
     seq_len: int = 4096
     token_budget: int | None = None  # --max_tokens_per_batch
     gradient_checkpointing: bool = False
+    activation_offloading: bool = False  # --activation_offloading: saved tensors wait in host memory
     padding_free: bool = True
     loss: str = "auto"  # --loss_implementation
     optim: str = "adamw_torch"
@@ -483,6 +484,10 @@ def estimate(setup: Setup, facts: ModelFacts | None = None) -> MemoryPlan:
     checkpointed = layers * residual * text.hidden_size * w.tokens + per_layer + scores + once
     recompute = w.gradient_checkpointing or (topo.sharded and topo.activation_checkpointing)
     activations = checkpointed if recompute else full
+    if w.activation_offloading:
+        # save_on_cpu: what autograd keeps goes to host memory as it is saved; the device holds the layer
+        # being computed (forward, or backward with its saved tensors brought back), not the stack of them
+        activations = per_layer + scores + once
     # autocast keeps a half copy of every float32 weight it casts until the forward ends, and saves it
     # for backward; under checkpointing each layer casts again when it is recomputed
     copies = 2 * counts.trainable_linear_fp32
@@ -549,6 +554,7 @@ def setup_for(
         seq_len=max_len or config.data.max_seq_length,
         token_budget=train.max_tokens_per_batch,
         gradient_checkpointing=bool(train.gradient_checkpointing),
+        activation_offloading=bool(train.activation_offloading),
         padding_free=train.padding_free,
         loss=train.loss_implementation,
         optim=train.optim_name,

@@ -250,10 +250,29 @@ def chunked_cross_entropy(
 def _chunk_loss(
     head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, transform: Any
 ) -> torch.Tensor:
-    logits = head(states)
+    logits = _project(head, states)
     if transform is not None:
         logits = transform(logits)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _project(head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """``head(states)`` with the head's weight as the engine holds it during the model's forward.
+
+    A plain linear head whose weight is whole here (one process, DDP, ZeRO-2, or an FSDP2 unit still
+    gathered: accelerate's tail unit of final norm and head stays gathered until its backward) is applied
+    directly, so no engine hook sees a second call: calling an FSDP2 unit's module again would register
+    its post-backward on our chunk's input and reshard the unit before the final norm's backward needs
+    it. A head whose weight is not whole here (ZeRO-3 partitions, an FSDP2 unit resharded after forward)
+    or that is not a plain linear layer (adapters) is called as a module, so the engine's own hooks gather
+    it, in forward and in the chunks' recomputation, as they do for the model's own call."""
+    weight = getattr(head, "weight", None)
+    whole = (
+        type(head).forward is torch.nn.Linear.forward
+        and type(weight) is torch.nn.Parameter  # not a DTensor shard
+        and weight.numel() == head.in_features * head.out_features  # not a ZeRO-3 placeholder
+    )
+    return F.linear(states, weight, head.bias) if whole else head(states)
 
 
 def _logit_transform(config: Any) -> Any:

@@ -62,6 +62,15 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
             "sharded": self.is_fsdp_enabled and processes > 1,
         }
 
+    def compute_loss_context_manager(self) -> Any:
+        stack = super().compute_loss_context_manager()
+        if getattr(self.args, "activation_offloading", False) and self.model.training:
+            # torch's own mechanism: every tensor autograd saves in this forward goes to host memory (pinned
+            # on CUDA, so the copy back overlaps); under non-reentrant checkpointing the checkpoint's own
+            # hooks take the layers' insides, and only what checkpointing keeps (layer inputs) is moved
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
+        return stack
+
     def get_train_dataloader(self) -> Any:
         budget = getattr(self.args, "max_tokens_per_batch", None)
         return token_budget_loader(self, budget) if budget else super().get_train_dataloader()
