@@ -402,6 +402,14 @@ class TrainArgs(TrainingArguments):
             "memory for host memory and transfer time; the loss is unchanged."
         },
     )
+    oom_recovery: bool | None = field(
+        default=None,
+        metadata={
+            "help": "When a micro-batch runs out of device memory, split it by tokens and redo the step "
+            "(the update equals the unsplit one's); exit 1 naming the sample when one sample alone does "
+            "not fit. Default: on with CUDA. One process only (docs/performance.md)."
+        },
+    )
     memory_check: Literal["error", "warn", "off"] = field(
         default="error",
         metadata={

@@ -18,6 +18,7 @@ from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
 from tuning.train.loss import label_only_forward, resolve_loss_implementation, verify_label_only
+from tuning.train.oom import oom_recovery_enabled, recover_step
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
 from tuning.train.sparse_rows import with_sparse_rows
@@ -38,6 +39,10 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         )
         self.loss_implementation = self.loss_decision.loss
         self._verify_loss = self.loss_decision.verify  # checked on the first training batch
+        self.oom_recovery = oom_recovery_enabled(self.args, self.accelerator.num_processes)
+        self.oom_logged_steps: set[int] = set()
+        self.step_micro_batches: list = []
+        self.split_micro_batches: dict[int, list] = {}
 
     @property
     def decisions(self) -> dict[str, Any]:
@@ -61,6 +66,27 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
             "engine": engine,
             "sharded": self.is_fsdp_enabled and processes > 1,
         }
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        if not self.oom_recovery:
+            return super().training_step(model, inputs, num_items_in_batch)
+        counted = self.trained_tokens
+        try:
+            return self.plain_training_step(model, inputs, num_items_in_batch)
+        except torch.OutOfMemoryError:
+            pass  # recover outside the handler: the exception's frames hold the micro-batch's tensors
+        loss = recover_step(self, model, inputs, num_items_in_batch)
+        # the redone micro-batches were counted when they first ran
+        self.trained_tokens = counted + int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        return loss
+
+    def plain_training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items: Any
+    ) -> torch.Tensor:
+        """The Trainer's own step for one micro-batch (tuning/train/oom.py runs parts through it)."""
+        return super().training_step(model, inputs, num_items)
 
     def compute_loss_context_manager(self) -> Any:
         stack = super().compute_loss_context_manager()
