@@ -104,3 +104,19 @@ def test_split_by_tokens():
         "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]]),
     }
     assert [h["input_ids"].shape[0] for h in split_by_tokens(padded)] == [1, 2]
+
+
+def test_flags_the_same_from_the_command_line_and_a_config_file(tmp_path):
+    from tuning.config import parse_config
+
+    base = ["--model_name_or_path", "m", "--training_data_path", "d.json", "--output_dir", str(tmp_path)]
+    assert parse_config(base).train.oom_recovery is None  # on with CUDA (oom_recovery_enabled)
+    flags = parse_config([*base, "--oom_recovery", "false", "--activation_offloading", "true"]).train
+    config = tmp_path / "job.yaml"
+    config.write_text("oom_recovery: false\nactivation_offloading: true\n")
+    from_file = parse_config([*base, "--config", str(config)]).train
+    assert (flags.oom_recovery, flags.activation_offloading) == (False, True)
+    assert (from_file.oom_recovery, from_file.activation_offloading) == (False, True)
+    for bad in ("--oom_recovery", "--activation_offloading"):
+        with pytest.raises(UserError, match=f"{bad}: Truthy value expected"):
+            parse_config([*base, bad, "maybe"])
