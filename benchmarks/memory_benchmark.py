@@ -4,6 +4,7 @@ prediction.
 
     python benchmarks/memory_benchmark.py [--steps 200] [--out benchmarks/memory_results.json]
     python benchmarks/memory_benchmark.py --quick        # 5 steps per mode: the memory columns
+    python benchmarks/memory_benchmark.py --fsdp_loss --seq_len 2048 --steps 3   # label_only vs standard
 
 Every mode runs the real CLI in its own process (so the peak is that run's): a random Llama (hidden
 256, 4 layers, intermediate 688) with the 32k TinyLlama vocabulary, AdamW at lr 1e-5, seed 42, rows of
@@ -187,6 +188,141 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- label-only vs standard loss under 2-process FSDP (issue 25) ---
+
+FSDP_CONFIG = Path(__file__).resolve().parent.parent / "fixtures" / "accelerate_fsdp_defaults.yaml"
+
+
+def write_wide_vocab_inputs(
+    root: Path, vocab: int, hidden: int, seq_len: int, trained: int
+) -> tuple[Path, Path]:
+    """A random 2-layer Llama with a ``vocab``-entry head, and pretokenized rows of ``seq_len`` tokens of
+    which the last ``trained`` carry labels (a long prompt, a shorter completion)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuning.testing.tiny_model import build_tokenizer
+
+    model_dir = root / "wide"
+    torch.manual_seed(42)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=seq_len,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)  # only for loading: the rows are already token ids
+    rng = random.Random(0)
+    rows = []
+    for _ in range(16):
+        ids = [1, *(rng.randrange(3, vocab) for _ in range(seq_len - 1))]
+        rows.append({"input_ids": ids, "labels": [-100] * (seq_len - trained) + ids[seq_len - trained :]})
+    data = root / "wide.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return model_dir, data
+
+
+def rank_child(argv: list[str]) -> None:
+    """One rank of a launched run: the CLI, then one line with this rank's resident-memory growth from just
+    before the model loads to its peak, and the plan's peak."""
+    from tuning import sft_trainer
+
+    seen: dict = {}
+    real_load, real_check = sft_trainer.load_model, sft_trainer.check_memory
+
+    def load_model(*args, **kwargs):
+        seen["baseline"] = rss_now()
+        return real_load(*args, **kwargs)
+
+    def check_memory(setup, mode, show=True):
+        plan = real_check(setup, mode, show)
+        seen["plan"] = plan.total if plan else None
+        return plan
+
+    sft_trainer.load_model, sft_trainer.check_memory = load_model, check_memory
+    code = sft_trainer.main(argv)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rank = os.environ.get("RANK", "0")
+    print(f"RANKRESULT {json.dumps({'rank': rank, 'code': code, 'peak': peak, **seen})}", flush=True)
+
+
+def fsdp_loss_comparison(args: argparse.Namespace) -> list[dict]:
+    """label_only and standard side by side, 2 processes under the shipped FSDP config, same rows."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir, data = write_wide_vocab_inputs(root, args.vocab, args.hidden, args.seq_len, args.trained)
+        for loss in ("label_only", "standard"):
+            out = root / loss
+            argv = ["--model_name_or_path", str(model_dir), "--training_data_path", str(data)]
+            argv += ["--output_dir", str(out), "--torch_dtype", "float32", "--max_steps", str(args.steps)]
+            argv += ["--per_device_train_batch_size", "1", "--save_strategy", "no", "--logging_steps", "1"]
+            argv += ["--max_seq_length", str(args.seq_len), "--loss_implementation", loss]
+            argv += ["--padding_free", "false", "--memory_check", "warn"]
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
+            launch += ["--num_processes", "2", "--main_process_port", str(29500 + random.randrange(1000))]
+            result = subprocess.run(
+                [*launch, __file__, "--rank_child", json.dumps(argv)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            )
+            ranks = [
+                json.loads(ln.removeprefix("RANKRESULT "))
+                for ln in result.stdout.splitlines()
+                if ln.startswith("RANKRESULT ")
+            ]
+            if result.returncode != 0 or len(ranks) != 2:
+                raise SystemExit(f"{loss} failed:\n{result.stderr[-3000:]}")
+            summary = json.loads((out / "run_summary.json").read_text())
+            rows.append(
+                {
+                    "loss": loss,
+                    "ranks": ranks,
+                    "seconds_per_step": summary["train_seconds"] / summary["steps"],
+                    "losses": [r["value"] for r in _logs(out)],
+                }
+            )
+    return rows
+
+
+def _logs(out: Path) -> list[dict]:
+    from tuning.train import read_training_logs
+
+    return read_training_logs(out)
+
+
+def fsdp_table(rows: list[dict]) -> str:
+    mib = 2**20
+    lines = [
+        "| loss | RSS growth rank 0 / 1 (MiB) | plan peak (MiB) | plan / measured (rank 0) | s/step | losses |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        grown = [(k["peak"] - k["baseline"]) / mib for k in r["ranks"]]
+        plan = (r["ranks"][0].get("plan") or 0) / mib
+        lines.append(
+            f"| {r['loss']} | {grown[0]:.0f} / {grown[1]:.0f} | {plan:.0f} | {plan / grown[0]:.2f} | "
+            f"{r['seconds_per_step']:.2f} | {', '.join(f'{v:.4f}' for v in r['losses'])} |"
+        )
+    label_only, standard = rows
+    ratio = max(k["peak"] - k["baseline"] for k in label_only["ranks"]) / max(
+        k["peak"] - k["baseline"] for k in standard["ranks"]
+    )
+    lines.append(
+        f"\nlabel_only / standard: RSS growth {ratio:.2f}x, "
+        f"time per step {label_only['seconds_per_step'] / standard['seconds_per_step']:.2f}x"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,9 +334,28 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=str(TOKENIZER))
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "memory_results.json"))
+    parser.add_argument("--rank_child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--fsdp_loss",
+        action="store_true",
+        help="label_only vs standard loss, 2 processes under FSDP on CPU, a wide-vocabulary model",
+    )
+    parser.add_argument("--vocab", type=int, default=150_000)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--trained", type=int, default=512, help="--fsdp_loss: trained tokens per row")
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
+        return
+    if args.rank_child:
+        rank_child(json.loads(args.rank_child))
+        return
+    if args.fsdp_loss:
+        rows = fsdp_loss_comparison(args)
+        print(fsdp_table(rows))
+        Path(args.out).with_name("memory_fsdp_loss.json").write_text(
+            json.dumps({"args": vars(args), "results": rows}, indent=1) + "\n", encoding="utf-8"
+        )
         return
     steps = 5 if args.quick else args.steps
     with tempfile.TemporaryDirectory() as tmp:

@@ -122,6 +122,7 @@ def test_zero2_and_zero3_on_two_processes_match_one(tmp_path, tiny_model_dir, da
             ["-m", "tuning.sft_trainer"], training_args(tiny_model_dir, data, out, 2), *cmd
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "loss: label_only (auto: llama is verified)" in result.stderr  # on sharded weights too
         # ZeRO-2 keeps full weights on every rank (it shards gradients and optimizer state); ZeRO-3 halves them
         assert f"DEEPSPEED: parameters held per rank {held}, {held}" in result.stderr
         assert f"{TINY_PARAMETERS}/{TINY_PARAMETERS} parameters trainable" in result.stderr
@@ -135,3 +136,15 @@ def test_zero2_and_zero3_on_two_processes_match_one(tmp_path, tiny_model_dir, da
         ]
     # ZeRO-3 checkpoints are the per-rank shards alone (the shipped file gathers only the final model)
     assert not (tmp_path / "zero3" / "checkpoint-4" / "model.safetensors").exists()
+    # the label-only loss (the head fetched by ZeRO-3's own module hooks) equals the model's own loss
+    # under the same engine, step by step and in the final weights
+    standard = tmp_path / "zero3-standard"
+    args = [*training_args(tiny_model_dir, data, standard, 2), "--loss_implementation", "standard"]
+    result = accelerate_launch(["-m", "tuning.sft_trainer"], args, "--config_file", str(CONFIGS[3]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert final_losses(standard) == pytest.approx(final_losses(tmp_path / "zero3"), abs=1e-6)
+    saved, label_only = (
+        load_file(standard / "final" / "model.safetensors"),
+        load_file(tmp_path / "zero3" / "final" / "model.safetensors"),
+    )
+    assert max((saved[k] - label_only[k]).abs().max().item() for k in saved) < 1e-6

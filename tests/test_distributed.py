@@ -141,6 +141,26 @@ def test_full_finetuning_on_two_processes_shards_and_matches_one(tmp_path, tiny_
     model = AutoModelForCausalLM.from_pretrained(two / "final")
     assert sum(p.numel() for p in model.parameters()) == TINY_PARAMETERS
     assert not list(two.glob(".final.tmp-*"))
+    assert "loss: label_only (auto: llama is verified)" in result.stderr
+
+
+@pytest.mark.slow
+def test_label_only_loss_under_fsdp_equals_the_standard_loss(tmp_path, tiny_model_dir, data):
+    """The label-only loss on sharded weights (the head gathered by FSDP's own hooks) trains exactly what
+    the model's own loss trains on the same engine: per-step losses and final weights."""
+    runs = {}
+    for loss in ("label_only", "standard"):
+        out = tmp_path / loss
+        args = training_args(tiny_model_dir, data, out, 2, "--num_train_epochs", "1", "--logging_steps", "1")
+        result = accelerate_launch(["-m", "tuning.sft_trainer"], [*args, "--loss_implementation", loss])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (
+            f"loss: {loss} (asked for)" in result.stderr and "FSDP: parameters held per rank" in result.stderr
+        )
+        runs[loss] = (final_losses(out), load_file(out / "final" / "model.safetensors"))
+    (losses, weights), (standard_losses, standard_weights) = runs["label_only"], runs["standard"]
+    assert len(losses) == 4 and losses == pytest.approx(standard_losses, abs=1e-6)
+    assert max((weights[k] - standard_weights[k]).abs().max().item() for k in weights) < 1e-6
 
 
 def _kill_tree_after(proc: subprocess.Popen, marker: Path, timeout: float = 240) -> None:

@@ -35,6 +35,7 @@ EXPECTED_SIGNATURES = {
         "epochs_trained",
         "steps_trained_in_current_epoch",
     ],
+    "get_batch_samples": ["self", "epoch_iterator", "num_batches", "device"],
 }
 
 
@@ -222,3 +223,37 @@ def test_resumed_at_max_steps_mid_epoch_nothing_is_trained(tmp_path):
     ours, _ = make_trainer(tmp_path / "ours", max_steps=3)
     ours.train(resume_from_checkpoint=checkpoint)
     assert (ours.state.global_step, ours.step_losses) == (3, []), changed("_run_epoch", "when it is called")
+
+
+def test_run_epoch_hands_training_step_the_objects_get_batch_samples_returned(tmp_path):
+    """tuning/train/oom.py finds a failed micro-batch among the step's by identity."""
+    seen, returned = [], []
+
+    class Recording(Trainer):
+        def get_batch_samples(self, *args):
+            batches, num_items = super().get_batch_samples(*args)
+            returned.append([id(b) for b in batches])
+            return batches, num_items
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen.append(id(inputs))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    model = torch.nn.Linear(1, 1)
+    model.forward = lambda x, labels: {"loss": ((model.weight * x).sum() - labels.sum()) ** 2}
+    data = [{"x": torch.tensor([float(i)]), "labels": torch.tensor([1.0])} for i in range(8)]
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    Recording(model=model, args=args, train_dataset=data).train()
+    assert len(returned) == 2, changed("get_batch_samples", "not called once per optimizer step")
+    assert seen == [i for step in returned for i in step], changed(
+        "_run_epoch", "training_step no longer receives the objects get_batch_samples returned"
+    )

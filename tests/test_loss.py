@@ -68,13 +68,14 @@ def test_normalised_by_num_items_in_batch():
 def test_auto_picks_label_only_unless_another_loss_applies(tokenizer):
     model = build_model(len(tokenizer))
     plain = TrainArgs(output_dir="unused", report_to="none")
-    assert resolve_loss_implementation("auto", model, plain) == "label_only"
-    assert resolve_loss_implementation("auto", model, plain, sharded=True) == "standard"
-    assert resolve_loss_implementation("standard", model, plain) == "standard"
+    assert resolve_loss_implementation("auto", model, plain).loss == "label_only"
+    assert resolve_loss_implementation("standard", model, plain).loss == "standard"
     liger = TrainArgs(output_dir="unused", report_to="none", use_liger_kernel=True)
-    assert resolve_loss_implementation("auto", model, liger) == "standard"
+    assert resolve_loss_implementation("auto", model, liger).loss == "standard"
     with pytest.raises(UserError, match="use_liger_kernel"):
         resolve_loss_implementation("label_only", model, liger)
+    smoothing = TrainArgs(output_dir="unused", report_to="none", label_smoothing_factor=0.1)
+    assert resolve_loss_implementation("auto", model, smoothing).loss == "standard"
 
 
 def _one_step(tokenizer, tmp_path, batch_size, accumulation, loss_implementation, padding_free):
@@ -161,13 +162,82 @@ def test_every_verified_architecture_gets_its_own_loss_from_label_only(model_typ
     assert full.item() > 0.5  # a real loss, not a degenerate one
 
 
-def test_auto_uses_standard_for_an_unverified_architecture(caplog):
+def test_auto_checks_an_unverified_architecture_before_using_label_only(caplog):
     model = _tiny_of_type("llama")
     plain = TrainArgs(output_dir="o", use_liger_kernel=False)
     model.config.model_type = "brand_new_arch"
     with caplog.at_level("INFO", logger="tuning"):
-        assert resolve_loss_implementation("auto", model, plain) == "standard"
-    assert "architecture brand_new_arch is not verified" in caplog.text
-    assert (
-        resolve_loss_implementation("label_only", model, plain) == "label_only"
-    )  # asked for: allowed, warned
+        decision = resolve_loss_implementation("auto", model, plain)
+    assert (decision.loss, decision.verify) == ("standard", True)
+    assert "brand_new_arch is not verified; checked on the first batch" in caplog.text
+    asked = resolve_loss_implementation("label_only", model, plain)  # asked for: allowed, warned
+    assert (asked.loss, asked.verify) == ("label_only", False)
+
+
+def _first_step_loss(model, tmp_path, caplog):
+    rows = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in FEATURES] * 2
+    data = PreparedData(datasets.Dataset.from_list(rows), None, "pretokenized", DataStats())
+    args = TrainArgs(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+    )
+    with caplog.at_level("INFO", logger="tuning"):
+        trainer = build_trainer(args, model, None, data, PrecisionPlan(torch.float32, None, torch.float32))
+        trainer.train()
+    return trainer
+
+
+def test_first_batch_check_switches_to_label_only_only_when_the_losses_agree(tmp_path, caplog, monkeypatch):
+    model = _tiny_of_type("gemma2")  # softcapped logits
+    model.config.model_type = "brand_new_arch"
+    trainer = _first_step_loss(model, tmp_path / "a", caplog)
+    assert trainer.loss_implementation == "label_only"
+    assert "loss: label_only (auto: brand_new_arch label-only equals the model's own loss" in caplog.text
+    # an architecture doing something to its logits that the label-only loss does not copy
+    caplog.clear()
+    monkeypatch.setattr("tuning.train.loss._logit_transform", lambda config: None)
+    model = _tiny_of_type("gemma2")
+    model.config.model_type = "brand_new_arch"
+    trainer = _first_step_loss(model, tmp_path / "b", caplog)
+    assert trainer.loss_implementation == "standard"
+    assert "loss: standard (auto: brand_new_arch label-only differs from the model's own loss" in caplog.text
+
+
+_MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02),
+    "qwen3_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, router_aux_loss_coef=0.3
+    ),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.9, sliding_window=8),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_MOE))
+def test_moe_router_loss_added_as_the_model_adds_it(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **_SMALL, **_MOE[model_type], output_router_logits=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    model.config.use_cache = False
+    plain = TrainArgs(output_dir="o", use_liger_kernel=False)
+    assert resolve_loss_implementation("auto", model, plain).loss == "label_only"
+    batch = PaddingCollator(pad_id=2)(FEATURES)
+    full = model(**batch)
+    assert full.aux_loss.item() > 0.1  # the router term is there and large enough to matter
+    full.loss.backward()
+    full_grads = _grads(model)
+    model.zero_grad()
+    ours, _ = label_only_loss(model, batch, chunk_tokens=3)
+    ours.backward()
+    assert torch.allclose(ours, full.loss, rtol=1e-5, atol=1e-6), model_type
+    assert torch.allclose(_grads(model), full_grads, rtol=1e-4, atol=1e-6), model_type
+    # normalised by the step's trained tokens, the router term added once per forward, unscaled
+    ours_n, _ = label_only_loss(model, batch, num_items_in_batch=40)
+    model_n = model(**batch, num_items_in_batch=40).loss
+    assert torch.allclose(ours_n, model_n, rtol=1e-5, atol=1e-6), model_type

@@ -320,3 +320,43 @@ def test_tuning_plan_exits_1_naming_what_would_fit(capsys, tmp_path):
     assert captured.err.strip().endswith("--peft_method lora --quantization_method bnb_4bit")
     assert plan_command.main([*args, "--accelerate_config", str(accelerate)]) == 0  # FSDP over 16 GPUs
     assert "FSDP share of 16 processes" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_activation_offloading_losses_equal_and_planned(tmp_path, tiny_model_dir):
+    """--activation_offloading (torch's save_on_cpu) changes where saved tensors wait, not what is computed:
+    with and without it, and composed with gradient checkpointing, the per-step losses are equal; the plan
+    counts one layer's activations on the device."""
+    import json
+
+    from tests.conftest import text_rows, write_json
+    from tuning import sft_trainer
+    from tuning.config import parse_config
+    from tuning.model import estimate, load_model_config, precision_plan, setup_for, topology_of
+
+    data = write_json(tmp_path / "d.json", text_rows(1))
+    losses = {}
+    for name, extra in {
+        "plain": [],
+        "offloaded": ["--activation_offloading", "true"],
+        "checkpointed": ["--gradient_checkpointing", "true"],
+        "both": ["--gradient_checkpointing", "true", "--activation_offloading", "true"],
+    }.items():
+        out = tmp_path / name
+        argv = ["--model_name_or_path", str(tiny_model_dir), "--training_data_path", str(data)]
+        argv += ["--output_dir", str(out), "--dataset_text_field", "output", "--torch_dtype", "float32"]
+        argv += ["--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "2"]
+        argv += ["--save_strategy", "no", "--learning_rate", "1e-2", *extra]
+        assert sft_trainer.main(argv) == 0
+        lines = (out / "training_logs.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["data"]["value"] for line in lines]
+        config = parse_config(argv)
+        model_config = load_model_config(config.model)
+        precision = precision_plan(config.model, model_config, "none", config.train.optim_name)
+        losses[name + " plan"] = estimate(
+            setup_for(config, model_config, precision, topology_of(1))
+        ).activations
+    assert len(losses["plain"]) == 3 and losses["plain"][-1] != losses["plain"][0]
+    for name in ("offloaded", "checkpointed", "both"):
+        assert losses[name] == pytest.approx(losses["plain"], abs=1e-6), name
+    assert losses["offloaded plan"] < losses["checkpointed plan"] < losses["plain plan"]

@@ -30,7 +30,7 @@ from tuning.model.loading import (
 from tuning.model.peft import apply_peft, wrapped_summary
 from tuning.model.quantization import quantization_config
 from tuning.testing.tiny_gpt_oss import pack_mxfp4, unpack_mxfp4, write_tiny_gpt_oss
-from tuning.train.loss import resolve_loss_implementation
+from tuning.train.loss import label_only_loss, resolve_loss_implementation
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
 EXPERTS = [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj")]
@@ -243,13 +243,16 @@ def test_router_aux_loss_is_the_models_own(gpt_oss_dir):
     ids = torch.tensor([[1, 55, 72, 69, 82, 4, 102, 4, 48]])
     train_args = type("Args", (), {"use_liger_kernel": False})()
     assert model.config.output_router_logits is False  # as shipped: the aux loss is off, label_only applies
-    assert resolve_loss_implementation("auto", model, train_args) == "label_only"
+    assert resolve_loss_implementation("auto", model, train_args).loss == "label_only"
     plain = model(input_ids=ids, labels=ids).loss
     model.config.output_router_logits = True
     out = model(input_ids=ids, labels=ids)
     assert out.aux_loss is not None
     assert torch.allclose(out.loss, plain + 0.9 * out.aux_loss)  # router_aux_loss_coef from config.json
-    assert resolve_loss_implementation("auto", model, train_args) == "standard"  # keeps the aux term
+    # the label-only loss adds the same term (tests/test_loss.py checks it against the model's own loss)
+    assert resolve_loss_implementation("auto", model, train_args).loss == "label_only"
+    ours, _ = label_only_loss(model, {"input_ids": ids, "labels": ids})
+    assert torch.allclose(ours, out.loss, rtol=1e-5, atol=1e-6)
 
 
 def test_all_linear_leaves_router_and_experts_alone(gpt_oss_dir):

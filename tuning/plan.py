@@ -36,6 +36,7 @@ from tuning.model import (
     precision_plan,
     render,
     setup_for,
+    topology_of,
 )
 
 
@@ -90,11 +91,11 @@ def topology_from(extras: Any) -> Topology:
     processes = (
         extras.num_processes or int(os.environ.get("WORLD_SIZE", 0)) or int(launch.get("num_processes", 1))
     )
-    if processes < 1:
-        raise UserError(f"--num_processes must be at least 1, got {processes}")
-    return Topology(
-        world_size=processes,
-        sharded=sharded and processes > 1,
+    return topology_of(
+        processes,
+        fsdp=sharded,
+        deepspeed=launch.get("distributed_type") == "DEEPSPEED"
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
         activation_checkpointing=bool(fsdp.get("fsdp_activation_checkpointing", False)),
         offload=bool(fsdp.get("fsdp_offload_params", False)),
     )

@@ -393,6 +393,23 @@ class TrainArgs(TrainingArguments):
             "standard: the model's own loss over full logits; auto: label_only where it applies."
         },
     )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the activations saved for backward to host memory during forward and back for "
+            "backward (torch.autograd.graph.save_on_cpu; TRL's and axolotl's flag). With "
+            "--gradient_checkpointing only the layer inputs checkpointing keeps are moved. Saves device "
+            "memory for host memory and transfer time; the loss is unchanged."
+        },
+    )
+    oom_recovery: bool | None = field(
+        default=None,
+        metadata={
+            "help": "When a micro-batch runs out of device memory, split it by tokens and redo the step "
+            "(the update equals the unsplit one's); exit 1 naming the sample when one sample alone does "
+            "not fit. Default: on with CUDA. One process only (docs/performance.md)."
+        },
+    )
     memory_check: Literal["error", "warn", "off"] = field(
         default="error",
         metadata={

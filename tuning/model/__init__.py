@@ -1,5 +1,17 @@
 """Model stage: tokenizer and model loading, precision, attention, quantization, adapters, the memory plan."""
 
+from tuning.model.decisions import (
+    LABEL_ONLY_CHUNK_TOKENS,
+    VERIFIED_ARCHITECTURES,
+    LossDecision,
+    Topology,
+    causal_lm,
+    decide_loss,
+    label_only_blocker,
+    padding_free_blocker,
+    padding_free_decision,
+    topology_of,
+)
 from tuning.model.loading import (
     PrecisionPlan,
     context_length,
@@ -8,7 +20,7 @@ from tuning.model.loading import (
     load_model_config,
     precision_plan,
 )
-from tuning.model.memory import Topology, estimate, setup_for
+from tuning.model.memory import estimate, setup_for
 from tuning.model.memory_check import (
     GPU_RUNTIME_RESERVE,
     Capacity,
@@ -30,6 +42,15 @@ from tuning.model.quantization import quantization_config
 from tuning.model.tokenizer import generation_stop_ids, load_tokenizer
 
 __all__ = [
+    "LABEL_ONLY_CHUNK_TOKENS",
+    "VERIFIED_ARCHITECTURES",
+    "LossDecision",
+    "causal_lm",
+    "decide_loss",
+    "label_only_blocker",
+    "padding_free_blocker",
+    "padding_free_decision",
+    "topology_of",
     "GPU_RUNTIME_RESERVE",
     "Capacity",
     "Topology",

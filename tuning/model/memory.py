@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,15 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from tuning.compat import transformers as hf
 from tuning.config import BNB_METHODS, ModelArgs, PeftArgs, QuantArgs, SFTConfig
 from tuning.errors import UserError, first_line
+from tuning.model.decisions import (
+    LABEL_ONLY_CHUNK_TOKENS,
+    LossDecision,
+    Topology,
+    decide_loss,
+    label_only_blocker,
+    padding_free_blocker,
+    padding_free_decision,
+)
 from tuning.model.loading import (
     PrecisionPlan,
     attention_candidates,
@@ -42,7 +51,6 @@ from tuning.model.quantization import checkpoint_quant_method
 logger = logging.getLogger(__name__)
 
 GiB = 2**30
-LABEL_ONLY_CHUNK = 2048  # tuning/train/loss.py DEFAULT_CHUNK_TOKENS: logits alive at once with label_only
 BNB_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
 BNB_NESTED_BLOCK = 256  # double quantization: one float32 absmax per 256 first-level blocks
 MXFP4_BLOCK = 32  # one E8M0 scale byte per 32 four-bit values
@@ -56,24 +64,18 @@ class Workload:
     seq_len: int = 4096
     token_budget: int | None = None  # --max_tokens_per_batch
     gradient_checkpointing: bool = False
+    activation_offloading: bool = False  # --activation_offloading: saved tensors wait in host memory
     padding_free: bool = True
     loss: str = "auto"  # --loss_implementation
     optim: str = "adamw_torch"
     accumulation: int = 1  # --gradient_accumulation_steps
+    use_liger_kernel: bool = False
+    label_smoothing_factor: float = 0.0
+    packed: bool = False  # --packing_strategy bfd: rows hold several samples, kept apart padding-free
 
     @property
     def tokens(self) -> int:
         return self.token_budget or self.batch_size * self.seq_len
-
-
-@dataclass(frozen=True)
-class Topology:
-    """How many processes share the work, and whether FSDP shards weights, gradients and optimizer state."""
-
-    world_size: int = 1
-    sharded: bool = False
-    activation_checkpointing: bool = False  # FSDP's own (fsdp_activation_checkpointing)
-    offload: bool = False  # fsdp_offload_params: sharded state lives in CPU RAM between uses
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class MemoryPlan:
     step_temporaries: int
     total: int
     describe: dict[str, str]
+    decisions: dict[str, Any] = field(default_factory=dict)  # what the run decides the same way
 
 
 # --- the model on the meta device ---
@@ -127,6 +130,7 @@ def meta_model(setup: Setup) -> tuple[Any, set[int]]:
     text = config.get_text_config()
     if setup.vocab_size and setup.vocab_size > text.vocab_size:
         text.vocab_size = setup.vocab_size
+    config.use_cache = False  # as load_model sets it for training (padding-free batches read it)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # from_config must not quantize: stored bytes are counted below
     try:
@@ -374,25 +378,21 @@ def attention_score_bytes(setup: Setup, compute: int) -> tuple[int, int]:
     return rows * heads * length * length * (4 + compute) + repeated, rows * length * length * compute
 
 
-def logits_bytes(setup: Setup, compute: int, vocab: int) -> tuple[int, str]:
+def logits_bytes(setup: Setup, compute: int, vocab: int, loss: LossDecision) -> tuple[int, str]:
     """The output head's logits and cross-entropy buffers, per position: the float32 log-softmax kept for
     backward and the float32 gradient (8 bytes), the logits and their gradient in the compute dtype
     (2 × compute), and with the model's own loss also the half-precision logits it returns (measured
     with torch's memory profiler: 12 and 14 bytes per position and vocabulary entry in bfloat16).
     Label-only loss (tuning/train/loss.py) does this for at most one chunk of trained positions."""
     w = setup.workload
-    text = setup.model_config.get_text_config()
-    standard = (
-        w.loss == "standard"
-        or setup.topology.sharded  # the head is sharded: tuning/train/loss.py falls back to the model's loss
-        or (w.loss == "auto" and getattr(text, "output_router_logits", False))
-    )
     per = 8 + 2 * compute
-    if standard:
+    if loss.loss == "standard":
         returned = compute if compute < 4 else 0  # float32 logits are their own float32 copy
-        return (per + returned) * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab (full loss)"
-    positions = min(w.tokens, LABEL_ONLY_CHUNK)
-    return per * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label-only)"
+        return (
+            per + returned
+        ) * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab ({loss.planned})"
+    positions = min(w.tokens, LABEL_ONLY_CHUNK_TOKENS)
+    return per * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label_only)"
 
 
 def adapter_activation_bytes(model: Any, setup: Setup) -> int:
@@ -430,18 +430,45 @@ class ModelFacts:
     temporaries: int
     optimizer_note: str
     adapter_per_token: int
+    model_type: str | None = None
+    label_only_blocker: str | None = None  # tuning.model.decisions: the same questions the run asks
+    padding_free_blocker: str | None = None
 
 
 def model_facts(setup: Setup) -> ModelFacts:
     model, quantized = meta_model(setup)
     state, temporaries, note = optimizer_bytes(model, setup)
     counts = count_parameters(model, quantized, setup)
-    return ModelFacts(counts, state, temporaries, note, adapter_activation_bytes(model, setup))
+    return ModelFacts(
+        counts,
+        state,
+        temporaries,
+        note,
+        adapter_activation_bytes(model, setup),
+        model_type=getattr(setup.model_config, "model_type", None),
+        label_only_blocker=label_only_blocker(model),
+        padding_free_blocker=padding_free_blocker(model, attention_implementation(setup)),
+    )
+
+
+def decisions(setup: Setup, facts: ModelFacts) -> tuple[LossDecision, bool]:
+    """(the loss, padding-free or not) as the run will decide them, from the meta model's facts."""
+    w = setup.workload
+    loss = decide_loss(
+        w.loss,
+        facts.model_type,
+        facts.label_only_blocker,
+        use_liger_kernel=w.use_liger_kernel,
+        label_smoothing_factor=w.label_smoothing_factor,
+    )
+    return loss, padding_free_decision(w.padding_free, facts.padding_free_blocker, w.packed)
 
 
 def estimate(setup: Setup, facts: ModelFacts | None = None) -> MemoryPlan:
     """The memory plan for one device (``facts``: the model's, when already counted for this variant)."""
     facts = facts or model_facts(setup)
+    loss, padding_free = decisions(setup, facts)
+    setup = replace(setup, workload=replace(setup.workload, padding_free=padding_free))
     counts, state, temporaries = facts.counts, facts.state, facts.temporaries
     precision, w, topo = setup.precision, setup.workload, setup.topology
     residual = 4 if precision.load_dtype == torch.float32 else 2
@@ -452,12 +479,16 @@ def estimate(setup: Setup, facts: ModelFacts | None = None) -> MemoryPlan:
     per_layer = layer_activation_bytes(setup.model_config, w.tokens, compute, residual, frozen)
     per_layer += facts.adapter_per_token * w.tokens // max(layers, 1)
     scores, once = attention_score_bytes(setup, compute)
-    logits, logits_note = logits_bytes(setup, compute, max(setup.vocab_size or 0, text.vocab_size))
+    logits, logits_note = logits_bytes(setup, compute, max(setup.vocab_size or 0, text.vocab_size), loss)
     full = layers * (per_layer + scores) + once
     # checkpointing keeps each layer's input and recomputes one layer at a time in backward
     checkpointed = layers * residual * text.hidden_size * w.tokens + per_layer + scores + once
     recompute = w.gradient_checkpointing or (topo.sharded and topo.activation_checkpointing)
     activations = checkpointed if recompute else full
+    if w.activation_offloading:
+        # save_on_cpu: what autograd keeps goes to host memory as it is saved; the device holds the layer
+        # being computed (forward, or backward with its saved tensors brought back), not the stack of them
+        activations = per_layer + scores + once
     # autocast keeps a half copy of every float32 weight it casts until the forward ends, and saves it
     # for backward; under checkpointing each layer casts again when it is recomputed
     copies = 2 * counts.trainable_linear_fp32
@@ -496,6 +527,15 @@ def estimate(setup: Setup, facts: ModelFacts | None = None) -> MemoryPlan:
             "logits": logits_note,
             "attention": attention_implementation(setup),
         },
+        decisions={
+            "loss": loss.loss,
+            "verify_loss": loss.verify,
+            "padding_free": padding_free,
+            "chunk_tokens": LABEL_ONLY_CHUNK_TOKENS,
+            "world_size": topo.world_size,
+            "engine": topo.engine,
+            "sharded": topo.sharded,
+        },
     )
 
 
@@ -509,15 +549,20 @@ def setup_for(
 ) -> Setup:
     """The estimate's inputs for a run's resolved config."""
     train = config.train
+    packed = config.data.packing and config.data.packing_strategy == "bfd"
     workload = Workload(
         batch_size=train.per_device_train_batch_size,
         seq_len=max_len or config.data.max_seq_length,
         token_budget=train.max_tokens_per_batch,
         gradient_checkpointing=bool(train.gradient_checkpointing),
+        activation_offloading=bool(train.activation_offloading),
         padding_free=train.padding_free,
         loss=train.loss_implementation,
         optim=train.optim_name,
         accumulation=train.gradient_accumulation_steps,
+        use_liger_kernel=bool(train.use_liger_kernel),
+        label_smoothing_factor=train.label_smoothing_factor,
+        packed=packed,
     )
     return Setup(
         model_config=model_config,

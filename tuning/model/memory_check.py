@@ -87,7 +87,8 @@ def render(plan: MemoryPlan, setup: Setup, capacity: Capacity | None = None) -> 
             plan.activations,
             f"{w.tokens} tokens × {layers} layers, attention {plan.describe['attention']}, gradient "
             f"checkpointing {'on' if recompute else 'off'} (on: {gib(plan.activations_checkpointed)}, "
-            f"off: {gib(plan.activations_full)})",
+            f"off: {gib(plan.activations_full)})"
+            + (", offloaded to host memory but one layer's" if w.activation_offloading else ""),
         ),
         ("output head", plan.logits, plan.describe["logits"]),
     ]

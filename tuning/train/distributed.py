@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from tuning.compat import accelerate as accelerate_private
 from tuning.compat import deepspeed as deepspeed_private
 from tuning.errors import UserError
-from tuning.model import Topology
+from tuning.model import Topology, topology_of
 
 logger = logging.getLogger("tuning")
 
@@ -47,10 +47,10 @@ def topology(args: Any) -> Topology:
     """How this run is spread, for the memory plan: processes, and whether FSDP shards (an FSDP
     ``accelerate launch`` config or ``--fsdp``), with its activation checkpointing and offload settings
     (exported by accelerate launch as ``FSDP_*``)."""
-    sharded = (fsdp_requested() or bool(getattr(args, "fsdp", None))) and args.world_size > 1
-    return Topology(
-        world_size=args.world_size,
-        sharded=sharded,
+    return topology_of(
+        args.world_size,
+        fsdp=fsdp_requested() or bool(getattr(args, "fsdp", None)),
+        deepspeed=deepspeed_requested() or bool(getattr(args, "deepspeed", None)),
         activation_checkpointing=os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true",
         offload=os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true",
     )

@@ -10,6 +10,7 @@ hook can do:
 | empty and mark the checkpoint folder before the Trainer writes it; commit it (marker) before any ``on_save`` callback sees it | ``Trainer._save_checkpoint(model, trial)`` | ``on_save`` runs after the files are written, and with ``save_strategy best`` the decision to save is taken after evaluating, past every callback |
 | Hugging Face's own rotation off (it runs before our marker, counts unmarked folders, and with ``save_total_limit 1`` deletes the newest checkpoint at the end) | ``args.save_total_limit``, read inside ``_save_checkpoint`` and ``_finalize_training`` | no switch for it |
 | save the step a stop signal came at when the Trainer's own decision skipped it (``save_strategy best`` overrides ``should_save`` after evaluating) | ``Trainer._save_checkpoint`` called directly | no public "save now" |
+| redo an optimizer step after a micro-batch ran out of memory (``--oom_recovery``): the step's micro-batches, to run the earlier ones again | ``Trainer.get_batch_samples(epoch_iterator, num_batches, device)`` (undocumented; called once per step by ``_run_epoch``, which then hands each of the returned objects to ``training_step``) | ``training_step`` sees one micro-batch; no hook sees the step's list |
 | carry the partial logging window across a resume | ``Trainer._tr_loss`` and ``Trainer._globalstep_last_logged`` | the logged loss is ``_tr_loss / (global_step - _globalstep_last_logged)``; ``train()`` resets both just before ``on_train_begin`` |
 
 ``tests/test_hf_private.py`` pins each of these (signatures, and the behaviour we rely on) and fails
@@ -54,6 +55,12 @@ class PrivateTrainerHooks:
         if 0 < self.state.max_steps <= self.state.global_step:  # type: ignore[attr-defined]
             return
         super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        self.step_micro_batches = batches  # tuning/train/oom.py runs the earlier ones again after an OOM
+        self.split_micro_batches: dict[int, list] = {}
+        return batches, num_items
 
     def before_checkpoint_write(self, folder: Path) -> bool:
         return True

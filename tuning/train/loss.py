@@ -12,7 +12,6 @@ all ranks, counted by the Trainer), so batch 1 × accumulation 8 equals batch 8 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,96 +22,44 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tuning.data import IGNORE_INDEX
-from tuning.errors import UserError
+from tuning.model import (
+    LABEL_ONLY_CHUNK_TOKENS,
+    VERIFIED_ARCHITECTURES,
+    LossDecision,
+    causal_lm,
+    decide_loss,
+    label_only_blocker,
+)
 
 LossImplementation = Literal["auto", "label_only", "standard"]
 logger = logging.getLogger(__name__)
-DEFAULT_CHUNK_TOKENS = 2048
+DEFAULT_CHUNK_TOKENS = LABEL_ONLY_CHUNK_TOKENS
+VERIFY_POSITIONS = 64  # the first-batch check of an unverified architecture: one row, this many tokens
 
-
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``*ForCausalLM`` module under distributed and PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and friends
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-# Architectures (config.model_type) whose label-only loss tests/test_loss.py proves equal to the model's
-# own, logit transforms included (Granite's scaling, Cohere's scale, Gemma's softcapping). ``auto`` picks
-# label_only only for these: a new architecture may do something to its logits after the head that
-# this module doesn't copy, and would then silently train on another loss. Add a type here together
-# with its case in the test.
-VERIFIED_ARCHITECTURES = frozenset(
-    {
-        "cohere",
-        "cohere2",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "glm4",
-        "gpt_neox",
-        "gpt_oss",
-        "granite",
-        "granitemoe",
-        "llama",
-        "mistral",
-        "mixtral",
-        "olmo",
-        "olmo2",
-        "phi",
-        "phi3",
-        "qwen2",
-        "qwen2_moe",
-        "qwen3",
-        "qwen3_moe",
-        "smollm3",
-        "stablelm",
-        "starcoder2",
-    }
-)
+__all__ = ["VERIFIED_ARCHITECTURES", "causal_lm"]  # re-exported: where tests and callers have found them
 
 
 def resolve_loss_implementation(
-    requested: LossImplementation, model: torch.nn.Module, args: Any, *, sharded: bool = False
-) -> str:
-    """``auto`` → ``label_only`` where it is exact, applicable and verified for the architecture, else
-    ``standard``; says which it chose and why in one line.
-
-    ``sharded``: FSDP/DeepSpeed hold the output head in shards gathered only inside the model's forward.
-    """
-    why_not = "the output head is sharded (FSDP/DeepSpeed)" if sharded else _why_not_label_only(model, args)
-    if requested == "label_only" and why_not:
-        raise UserError(f"--loss_implementation label_only cannot run: {why_not}; use auto or standard")
-    model_type = getattr(causal_lm(model).config, "model_type", None)
-    unverified = (
-        None if model_type in VERIFIED_ARCHITECTURES else f"architecture {model_type} is not verified for it"
-    )
-    if requested == "label_only" and unverified:
-        logger.warning("--loss_implementation label_only: %s; check its loss against standard", unverified)
-    if requested != "auto":
-        return requested
-    chosen = "standard" if why_not or unverified else "label_only"
-    logger.info(
-        "loss: %s (auto%s)",
-        chosen,
-        f": label_only not used, {why_not or unverified}" if chosen == "standard" else "",
-    )
-    return chosen
-
-
-def _why_not_label_only(model: torch.nn.Module, args: Any) -> str | None:
-    if getattr(args, "use_liger_kernel", False):
-        return "--use_liger_kernel computes the loss with its own fused kernel"
+    requested: LossImplementation, model: torch.nn.Module, args: Any
+) -> LossDecision:
+    """Which loss this run uses (:func:`tuning.model.decide_loss`, the rule the memory plan applies too);
+    says which and why in one line."""
     lm = causal_lm(model)
-    if not hasattr(lm, "get_decoder") or not isinstance(lm.get_output_embeddings(), torch.nn.Module):
-        return f"{type(lm).__name__} has no separate decoder and output head"
-    if getattr(lm.config, "is_encoder_decoder", False):
-        return "the model is an encoder-decoder"
-    if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
-        return f"{type(lm).__name__}.forward takes no logits_to_keep"
-    if getattr(lm.config, "output_router_logits", False):  # MoE (issue 8): the aux loss lives in forward
-        return "the model adds its router auxiliary loss inside its own loss (output_router_logits)"
-    return None
+    decision = decide_loss(
+        requested,
+        getattr(lm.config, "model_type", None),
+        label_only_blocker(model),
+        use_liger_kernel=bool(getattr(args, "use_liger_kernel", False)),
+        label_smoothing_factor=float(getattr(args, "label_smoothing_factor", 0.0) or 0.0),
+    )
+    if requested == "label_only" and lm.config.model_type not in VERIFIED_ARCHITECTURES:
+        logger.warning(
+            "--loss_implementation label_only: architecture %s is not verified for it; auto would check "
+            "its loss against standard on the first batch",
+            lm.config.model_type,
+        )
+    logger.info("loss: %s (%s)", decision.loss, decision.why)
+    return decision
 
 
 @contextmanager
@@ -134,6 +81,80 @@ def captured_hidden_states(model: torch.nn.Module) -> Iterator[list[torch.Tensor
         handle.remove()
 
 
+@contextmanager
+def label_only_forward(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[None]:
+    """While active, ``model(**inputs)`` with ``labels`` returns outputs whose ``loss`` is the label-only
+    loss (and whose logits are the last position's only); calls without labels are left alone.
+
+    ``model`` is the module the Trainer calls (DDP, DeepSpeed's engine, an FSDP2 root, PEFT, or the bare
+    model). Labels and ``num_items_in_batch`` are taken off its inputs before it runs, and the loss is
+    computed in a forward hook placed ahead of every other, so it runs inside the model's call: under
+    FSDP2 the root unit (which holds the output head) is still gathered, and the loss is one of the
+    forward's outputs, so FSDP's pre-backward hook gathers the head again for backward; under DeepSpeed
+    ZeRO-3 calling the head module fetches its partitions through the engine's own module hooks, in
+    forward and in the chunks' recomputation. No gather of ours. The Trainer then treats the loss as
+    the model's own (the same scaling across processes and accumulation).
+    """
+    lm = causal_lm(model)
+    pending: dict[str, Any] = {}
+
+    def before(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if kwargs.get("labels") is None:
+            return None
+        kwargs = dict(kwargs)
+        pending["labels"] = kwargs.pop("labels")
+        pending["num_items_in_batch"] = kwargs.pop("num_items_in_batch", None)
+        kwargs["logits_to_keep"] = 1
+        return args, kwargs
+
+    def after(_module: torch.nn.Module, _args: tuple, output: Any) -> Any:
+        if "labels" not in pending:
+            return None
+        labels, num_items = pending.pop("labels"), pending.pop("num_items_in_batch")
+        loss = _loss_from_hidden(lm, hidden.pop(), labels, num_items, chunk_tokens, output)
+        hidden.clear()
+        if isinstance(output, tuple):  # return_dict=False: the loss leads, as the model's own would
+            return (loss, *output)
+        output["loss"] = loss
+        return output
+
+    with captured_hidden_states(model) as hidden:
+        handles = [
+            model.register_forward_pre_hook(before, prepend=True, with_kwargs=True),
+            model.register_forward_hook(after, prepend=True),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _loss_from_hidden(
+    lm: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None,
+    chunk_tokens: int,
+    output: Any,
+) -> torch.Tensor:
+    if hidden.shape[-2] > labels.shape[-1]:  # prompt tuning prepends virtual tokens, never trained
+        labels = F.pad(labels, (hidden.shape[-2] - labels.shape[-1], 0), value=IGNORE_INDEX)
+    loss = chunked_cross_entropy(
+        hidden,
+        labels,
+        lm.get_output_embeddings(),
+        num_items_in_batch=num_items_in_batch,
+        chunk_tokens=chunk_tokens,
+        logit_transform=_logit_transform(lm.config),
+    )
+    aux = getattr(output, "aux_loss", None)
+    if getattr(lm.config, "output_router_logits", False) and aux is not None:
+        # as transformers' MoE models add it to their own loss: once per forward, unnormalised by tokens
+        loss = loss + lm.router_aux_loss_coef * aux.to(loss.device)
+    return loss
+
+
 def label_only_loss(
     model: torch.nn.Module,
     inputs: dict[str, torch.Tensor],
@@ -144,22 +165,48 @@ def label_only_loss(
 
     ``outputs.logits`` holds only the last position (``logits_to_keep=1``): the head's work is ours.
     """
-    features = {k: v for k, v in inputs.items() if k != "labels"}
-    with captured_hidden_states(model) as hidden:
-        outputs = model(**features, logits_to_keep=1)
-    labels = inputs["labels"]
-    if hidden[-1].shape[-2] > labels.shape[-1]:  # prompt tuning prepends virtual tokens, never trained
-        labels = F.pad(labels, (hidden[-1].shape[-2] - labels.shape[-1], 0), value=IGNORE_INDEX)
-    lm = causal_lm(model)
-    loss = chunked_cross_entropy(
-        hidden[-1],
-        labels,
-        lm.get_output_embeddings(),
-        num_items_in_batch=num_items_in_batch,
-        chunk_tokens=chunk_tokens,
-        logit_transform=_logit_transform(lm.config),
-    )
-    return loss, outputs
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+    with label_only_forward(model, chunk_tokens):
+        outputs = model(**inputs, **extra)
+    return outputs["loss"], outputs
+
+
+def verify_label_only(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    """Whether label-only equals the model's own loss on a few positions of this batch (an architecture
+    outside the verified list, on its first batch). Both losses come from the same forward inputs in eval
+    mode (no dropout, no random numbers drawn); every rank must call it, and all ranks take one verdict.
+
+    Returns (agree, the numbers for the log line).
+    """
+    sample = _check_sample(inputs)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            standard = model(**sample)["loss"].float()
+            with label_only_forward(model):
+                ours = model(**sample)["loss"].float()
+    finally:
+        model.train(training)
+    half = causal_lm(
+        model
+    ).get_output_embeddings().weight.dtype != torch.float32 or torch.is_autocast_enabled(standard.device.type)
+    tolerance = 5e-3 if half else 1e-5  # relative; see docs/memory.md
+    agree = torch.tensor(int(bool(torch.allclose(ours, standard, rtol=tolerance, atol=tolerance))))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        agree = agree.to(standard.device)
+        torch.distributed.all_reduce(agree, op=torch.distributed.ReduceOp.MIN)  # one verdict for all ranks
+    return bool(agree.item()), f"{ours.item():.6g} vs {standard.item():.6g}, tolerance {tolerance:g} relative"
+
+
+def _check_sample(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The first row's first positions, every second half of them trained: labels of our own, since the
+    check compares two ways of computing one loss, not this batch's."""
+    ids = inputs["input_ids"][:1, :VERIFY_POSITIONS]
+    sample = {k: v[:1, : ids.shape[-1]] for k, v in inputs.items() if k in ("attention_mask", "position_ids")}
+    labels = ids.clone()
+    labels[:, : ids.shape[-1] // 2] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, **sample}
 
 
 def chunked_cross_entropy(
@@ -203,10 +250,29 @@ def chunked_cross_entropy(
 def _chunk_loss(
     head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, transform: Any
 ) -> torch.Tensor:
-    logits = head(states)
+    logits = _project(head, states)
     if transform is not None:
         logits = transform(logits)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _project(head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """``head(states)`` with the head's weight as the engine holds it during the model's forward.
+
+    A plain linear head whose weight is whole here (one process, DDP, ZeRO-2, or an FSDP2 unit still
+    gathered: accelerate's tail unit of final norm and head stays gathered until its backward) is applied
+    directly, so no engine hook sees a second call: calling an FSDP2 unit's module again would register
+    its post-backward on our chunk's input and reshard the unit before the final norm's backward needs
+    it. A head whose weight is not whole here (ZeRO-3 partitions, an FSDP2 unit resharded after forward)
+    or that is not a plain linear layer (adapters) is called as a module, so the engine's own hooks gather
+    it, in forward and in the chunks' recomputation, as they do for the model's own call."""
+    weight = getattr(head, "weight", None)
+    whole = (
+        type(head).forward is torch.nn.Linear.forward
+        and type(weight) is torch.nn.Parameter  # not a DTensor shard
+        and weight.numel() == head.in_features * head.out_features  # not a ZeRO-3 placeholder
+    )
+    return F.linear(states, weight, head.bias) if whole else head(states)
 
 
 def _logit_transform(config: Any) -> Any:

@@ -4,14 +4,12 @@ glibc's handling of the large buffers every CPU step frees and allocates again."
 from __future__ import annotations
 
 import ctypes
-import inspect
 import logging
 import platform
 from typing import Any
 
 from torch.utils.data import DataLoader
 
-from tuning.compat import transformers as hf
 from tuning.data import (
     PaddingCollator,
     PaddingFreeCollator,
@@ -19,56 +17,25 @@ from tuning.data import (
     pad_token_id,
     sample_lengths,
 )
-from tuning.errors import UserError
+from tuning.model import padding_free_blocker, padding_free_decision
 
 COLLATED_COLUMNS = ["input_ids", "labels"]
 
 logger = logging.getLogger(__name__)
 
 
-def padding_free_blocker(model: Any) -> str | None:
-    """Why one padding-free row would not equal a padded batch for this model (None: it would)."""
-    config = getattr(model, "peft_config", None)
-    if config and any(getattr(c, "is_prompt_learning", False) for c in config.values()):
-        return "prompt tuning prepends its virtual tokens once per row, not once per sample"
-    if getattr(model.config, "use_cache", False):
-        # with a cache object transformers skips the per-sample mask and samples attend to each other
-        return "model.config.use_cache is true"
-    base = getattr(model, "get_base_model", lambda: model)()
-    if not type(base).__module__.startswith("transformers."):
-        # remote code may build its own mask and ignore restarting position_ids
-        return f"{type(base).__name__} is not a transformers model class (remote code)"
-    if "position_ids" not in inspect.signature(base.forward).parameters:
-        return f"{type(base).__name__}.forward takes no position_ids"
-    attention = hf.attn_implementation(base.config)
-    if "flash" not in attention and not hf.mask_reads_position_ids(getattr(base, "model", base)):
-        # flash kernels split samples at restarting position_ids themselves; eager/sdpa/flex need a
-        # mask built from them, and e.g. GptOssModel (transformers 5.24) builds its mask without them:
-        # packed samples would attend to each other (measured: a second sample's logits off by 7.7)
-        return f"{type(getattr(base, 'model', base)).__name__} builds its {attention} attention mask without position_ids"
-    return None
-
-
 def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any, packed: bool = False) -> Any:
-    """Padding-free when asked for and exact for this model; otherwise right padding.
+    """Padding-free when asked for and exact for this model (:func:`tuning.model.padding_free_decision`,
+    which the memory plan calls too); otherwise right padding.
 
     ``packed``: the rows hold several samples each with ``position_ids`` restarting per sample
     (``--packing_strategy bfd``). Only a padding-free batch keeps those samples apart, so there is no
     padded fallback: where padding-free isn't exact, packing this way isn't either.
     """
-    if packed:
-        blocker = padding_free_blocker(model)
-        if blocker is not None:
-            raise UserError(
-                f"--packing_strategy bfd keeps packed samples apart through padding-free batches, which "
-                f"are not exact here: {blocker}; drop --packing, or pass --packing_strategy wrapped "
-                "(samples in a row then attend to each other)"
-            )
+    blocker = padding_free_blocker(model)
+    if padding_free_decision(requested_padding_free, blocker, packed):
         return PaddingFreeCollator()
     if requested_padding_free:
-        blocker = padding_free_blocker(model)
-        if blocker is None:
-            return PaddingFreeCollator()
         logger.warning("padding-free batching is off: %s; padding each batch instead", blocker)
     return PaddingCollator(pad_id=pad_token_id(tokenizer))
 

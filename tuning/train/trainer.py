@@ -12,12 +12,13 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config import TrainArgs
-from tuning.data import IGNORE_INDEX, PreparedData
-from tuning.model import PrecisionPlan, generation_use_cache
+from tuning.data import IGNORE_INDEX, PaddingFreeCollator, PreparedData
+from tuning.model import LABEL_ONLY_CHUNK_TOKENS, PrecisionPlan, causal_lm, generation_use_cache
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
-from tuning.train.loss import label_only_loss, resolve_loss_implementation
+from tuning.train.loss import label_only_forward, resolve_loss_implementation, verify_label_only
+from tuning.train.oom import oom_recovery_enabled, recover_step
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
 from tuning.train.sparse_rows import with_sparse_rows
@@ -33,12 +34,68 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trained_tokens = 0
-        self.loss_implementation = resolve_loss_implementation(
-            getattr(self.args, "loss_implementation", "standard"),
-            self.model,
-            self.args,
-            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
+        self.loss_decision = resolve_loss_implementation(
+            getattr(self.args, "loss_implementation", "standard"), self.model, self.args
         )
+        self.loss_implementation = self.loss_decision.loss
+        self._verify_loss = self.loss_decision.verify  # checked on the first training batch
+        self.oom_recovery = oom_recovery_enabled(self.args, self.accelerator.num_processes)
+        self.oom_logged_steps: set[int] = set()
+        self.step_micro_batches: list = []
+        self.split_micro_batches: dict[int, list] = {}
+
+    @property
+    def decisions(self) -> dict[str, Any]:
+        """What this run decided, under the names the memory plan records them (MemoryPlan.decisions)."""
+        processes = self.accelerator.num_processes
+        engine = (
+            "fsdp"
+            if self.is_fsdp_enabled
+            else "deepspeed"
+            if self.is_deepspeed_enabled
+            else "ddp"
+            if processes > 1
+            else "none"
+        )
+        return {
+            "loss": self.loss_decision.loss,
+            "verify_loss": self.loss_decision.verify,
+            "padding_free": isinstance(self.data_collator, PaddingFreeCollator),
+            "chunk_tokens": LABEL_ONLY_CHUNK_TOKENS,
+            "world_size": processes,
+            "engine": engine,
+            "sharded": self.is_fsdp_enabled and processes > 1,
+        }
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        if not self.oom_recovery:
+            return super().training_step(model, inputs, num_items_in_batch)
+        counted = self.trained_tokens
+        try:
+            return self.plain_training_step(model, inputs, num_items_in_batch)
+        except torch.OutOfMemoryError:
+            pass  # recover outside the handler: the exception's frames hold the micro-batch's tensors
+        loss = recover_step(self, model, inputs, num_items_in_batch)
+        # the redone micro-batches were counted when they first ran
+        self.trained_tokens = counted + int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        return loss
+
+    def plain_training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items: Any
+    ) -> torch.Tensor:
+        """The Trainer's own step for one micro-batch (tuning/train/oom.py runs parts through it)."""
+        return super().training_step(model, inputs, num_items)
+
+    def compute_loss_context_manager(self) -> Any:
+        stack = super().compute_loss_context_manager()
+        if getattr(self.args, "activation_offloading", False) and self.model.training:
+            # torch's own mechanism: every tensor autograd saves in this forward goes to host memory (pinned
+            # on CUDA, so the copy back overlaps); under non-reentrant checkpointing the checkpoint's own
+            # hooks take the layers' insides, and only what checkpointing keeps (layer inputs) is moved
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
+        return stack
 
     def get_train_dataloader(self) -> Any:
         budget = getattr(self.args, "max_tokens_per_batch", None)
@@ -75,15 +132,29 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         if model.training and "labels" in inputs:
             # the model shifts labels by one: the first position never carries loss
             self.trained_tokens += int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        if self._verify_loss and model.training and "labels" in inputs:
+            self._verify_loss = False
+            agree, numbers = verify_label_only(model, inputs)
+            self.loss_implementation = "label_only" if agree else "standard"
+            logger.info(
+                "loss: %s (auto: %s label-only %s the model's own loss on the first batch: %s)",
+                self.loss_implementation,
+                causal_lm_type(model),
+                "equals" if agree else "differs from",
+                numbers,
+            )
         if self.loss_implementation == "label_only" and "labels" in inputs:
-            loss, outputs = label_only_loss(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # num_items_in_batch counts all ranks and DDP averages gradients: undo the average, as HF does
-                loss = loss * self.accelerator.num_processes
-            return (loss, outputs) if return_outputs else loss
+            with label_only_forward(model):
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+
+
+def causal_lm_type(model: torch.nn.Module) -> str:
+    return str(getattr(causal_lm(model).config, "model_type", type(model).__name__))
 
 
 def configure_precision(args: TrainArgs, plan: PrecisionPlan) -> None:

@@ -1,0 +1,170 @@
+"""Out-of-memory recovery (``--oom_recovery``): a micro-batch that runs out of device memory is split by
+tokens and the step is redone, so the update equals the unsplit one.
+
+Why ours: neither transformers nor accelerate recovers a step (accelerate's ``find_executable_batch_size``
+restarts training with a smaller batch, which changes the run). Exactness comes from the loss being a sum
+over trained tokens divided by the step's trained-token count (``num_items_in_batch``): the halves of a
+micro-batch add up to its loss and gradients. A backward that failed part-way has already added some
+layers' gradients, so the step's gradients are zeroed and its earlier micro-batches are run again (they are
+still in memory: the Trainer fetches a step's micro-batches before running them).
+
+Limits, stated in docs/performance.md: one process only (with several, a rank that fails inside a
+collective leaves the others waiting in it: the error propagates and the launcher stops the job); the
+loss must be normalised by ``num_items_in_batch``; a redone micro-batch draws new dropout masks.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+import torch
+
+from tuning.data import IGNORE_INDEX
+from tuning.errors import UserError
+
+logger = logging.getLogger("tuning")
+
+
+def tokens(inputs: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a collated micro-batch."""
+    mask = inputs.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+
+
+def split_by_tokens(inputs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Two micro-batches holding the samples of ``inputs`` with about half the tokens each, or None for a
+    single sample. Padded batches split by rows; padding-free rows (one row, ``position_ids`` restarting
+    at 0 per sample) split at the sample boundary nearest the middle."""
+    ids = inputs["input_ids"]
+    if ids.shape[0] > 1:
+        lengths = inputs["attention_mask"].sum(-1) if "attention_mask" in inputs else None
+        cut = _middle([int(n) for n in lengths] if lengths is not None else [ids.shape[1]] * ids.shape[0])
+        return [_rows(inputs, slice(0, cut)), _rows(inputs, slice(cut, None))]
+    positions = inputs.get("position_ids")
+    if positions is None:
+        return None
+    starts = (positions[0] == 0).nonzero().flatten().tolist()
+    if len(starts) < 2:
+        return None
+    bounds = [*starts, positions.shape[1]]
+    cut = bounds[_middle([b - a for a, b in zip(bounds, bounds[1:], strict=False)])]
+    return [_columns(inputs, slice(0, cut)), _columns(inputs, slice(cut, None))]
+
+
+def _middle(lengths: list[int]) -> int:
+    """The index splitting ``lengths`` into two non-empty runs of the closest total."""
+    total, running, best, best_gap = sum(lengths), 0, 1, None
+    for i, n in enumerate(lengths[:-1], start=1):
+        running += n
+        gap = abs(total - 2 * running)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = i, gap
+    return best
+
+
+def _rows(inputs: dict[str, Any], rows: slice) -> dict[str, Any]:
+    return {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in inputs.items()}
+
+
+def _columns(inputs: dict[str, Any], columns: slice) -> dict[str, Any]:
+    return {k: v[:, columns] if torch.is_tensor(v) and v.dim() > 1 else v for k, v in inputs.items()}
+
+
+def free_device_memory() -> None:
+    """What the failed micro-batch held (its activations are referenced from the exception's frames,
+    gone once the handler has left), back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def single_sample_error(inputs: dict[str, Any], step: int, args: Any) -> UserError:
+    """One line: the sample that does not fit on its own, and the flag that would help."""
+    labels = inputs.get("labels")
+    trained = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else 0
+    n = tokens(inputs)
+    if not args.gradient_checkpointing:
+        fix = "--gradient_checkpointing True"
+    elif not getattr(args, "activation_offloading", False):
+        fix = "--activation_offloading true"
+    else:
+        fix = f"--max_seq_length {max(n // 2, 1)} (truncates longer samples)"
+    return UserError(
+        f"out of device memory at step {step} on a single sample of {n} tokens ({trained} trained) "
+        f"even after splitting its micro-batch (--oom_recovery); pass {fix}, or use a device with more memory"
+    )
+
+
+def oom_recovery_enabled(args: Any, processes: int) -> bool:
+    """``--oom_recovery``: on by default with CUDA; one process only (see the module docstring)."""
+    requested = getattr(args, "oom_recovery", None)
+    enabled = torch.cuda.is_available() if requested is None else bool(requested)
+    if enabled and processes > 1:
+        if requested:
+            logger.warning("--oom_recovery: not with %d processes (one process only); off", processes)
+        return False
+    return enabled
+
+
+def recover_step(trainer: Any, model: Any, inputs: dict[str, Any], num_items: Any) -> torch.Tensor:
+    """After ``inputs`` ran out of memory: zero the step's gradients, run the step's earlier micro-batches
+    again, then ``inputs`` in parts (halved by tokens, again while a part runs out of memory). Returns
+    ``inputs``' loss (the sum of its parts'); the earlier micro-batches' losses are already counted.
+
+    ``trainer.step_micro_batches``: this step's micro-batches (tuning/train/hf_private.py);
+    ``trainer.split_micro_batches``: id(micro-batch) → the parts it runs as in this step."""
+    step = trainer.state.global_step + 1
+    if num_items is None or not trainer.model_accepts_loss_kwargs:
+        raise UserError(
+            f"out of device memory at step {step}; --oom_recovery needs the loss normalised by the step's "
+            "trained tokens, which this model's loss is not; lower --per_device_train_batch_size"
+        )
+    batches = trainer.step_micro_batches
+    at = next((i for i, b in enumerate(batches) if b is inputs), None)
+    if at is None:  # tests/test_hf_private.py pins that training_step gets the step's own objects
+        raise RuntimeError("--oom_recovery: the failed micro-batch is not among the step's micro-batches")
+    originals = [*batches[:at], inputs]
+    parts = trainer.split_micro_batches
+    failed: dict[str, Any] | None = inputs
+    while failed is not None:
+        owner = next((k for k, ps in parts.items() if any(p is failed for p in ps)), id(failed))
+        current = parts.get(owner, [failed])
+        halves = split_by_tokens(failed)
+        if halves is None:
+            raise single_sample_error(failed, step, trainer.args)
+        index = next(i for i, p in enumerate(current) if p is failed)
+        parts[owner] = [*current[:index], *halves, *current[index + 1 :]]
+        if step not in trainer.oom_logged_steps:  # one line per step
+            trainer.oom_logged_steps.add(step)
+            logger.warning(
+                "out of device memory in step %d: redoing the step with a micro-batch of %d tokens run as "
+                "%s (--oom_recovery; the update equals the unsplit one)",
+                step,
+                tokens(failed),
+                " + ".join(str(tokens(p)) for p in halves),
+            )
+        failed, loss = _run_again(trainer, model, originals, parts, num_items)
+    return loss
+
+
+def _run_again(
+    trainer: Any, model: Any, originals: list[dict[str, Any]], parts: dict[int, list], num_items: Any
+) -> tuple[dict[str, Any] | None, torch.Tensor]:
+    """The step's micro-batches up to the failed one, from zero gradients; (the part that ran out of
+    memory or None, the last micro-batch's loss)."""
+    model.zero_grad(set_to_none=True)
+    free_device_memory()
+    loss = torch.zeros(())
+    for batch in originals:
+        loss = torch.zeros(())
+        for part in parts.get(id(batch), [batch]):
+            try:
+                loss = loss.to(trainer.args.device) + trainer.plain_training_step(model, part, num_items)
+            except torch.OutOfMemoryError:
+                failed = part
+            else:
+                continue
+            return failed, loss  # outside the handler: its frames (the part's tensors) are released
+    return None, loss
