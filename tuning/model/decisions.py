@@ -134,6 +134,7 @@ def decide_loss(
 
 # --- padding-free batches ---
 
+
 def padding_free_blocker(model: Any, attention: str | None = None) -> str | None:
     """Why one padding-free row would not equal a padded batch for this model (None: it would).
 
