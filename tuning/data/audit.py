@@ -67,7 +67,7 @@ def add_audit_columns(out: dict[str, list], tokenizer: Any) -> dict[str, list]:
             empty.append(False)
             continue
         content = [t for t in labels if t != IGNORE_INDEX and t not in added]
-        empty.append(not content or not tokenizer.decode(content).strip())
+        empty.append(not content or (tokenizer is not None and not tokenizer.decode(content).strip()))
     out[SAMPLE_HASH] = hashes
     out[EMPTY_TRAINED] = empty
     return out

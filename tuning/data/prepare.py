@@ -121,8 +121,9 @@ def prepare(
     stats = count(ds)  # the mapped table, before any filter: one read of its counters
     if stats.kept == 0:
         raise UserError(_nothing_to_train_message(raw, fmt, args, tokenizer, Counter(stats.dropped)))
+    unit = "rows" if stats.samples == stats.rows else "samples"  # a chat row can become several samples
     for reason, n in stats.dropped.items():
-        logger.warning("%s: dropped %d of %d samples (%s)", name, n, stats.samples, reason.replace("_", " "))
+        logger.warning("%s: dropped %d of %d %s (%s)", name, n, stats.samples, unit, reason.replace("_", " "))
     _log_splits(stats, name)
     if stats.dropped:
         ds = ds.filter(lambda s: s == OK, input_columns="status")
