@@ -100,7 +100,15 @@ def _train(config: SFTConfig) -> dict:
     with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
         data = build_datasets(config.data, tokenizer, max_len, stop_ids)
     epochs = args.num_train_epochs if args.max_steps <= 0 else None  # the audit's effective epochs
-    run_audit(data, config.data, tokenizer, max_len, epochs, args.output_dir if args.should_save else None, gates_first=True)
+    run_audit(
+        data,
+        config.data,
+        tokenizer,
+        max_len,
+        epochs,
+        args.output_dir if args.should_save else None,
+        gates_first=True,
+    )
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job

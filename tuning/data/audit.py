@@ -14,6 +14,7 @@ Two halves:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,10 +80,8 @@ def _added_ids(tokenizer: Any) -> frozenset[int]:
         ids = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         ids |= set(getattr(tokenizer, "all_special_ids", []) or [])
         cached = frozenset(ids)
-        try:
+        with contextlib.suppress(AttributeError):  # a tokenizer that refuses attributes: per batch
             tokenizer._tuning_added_ids = cached
-        except AttributeError:  # a tokenizer that refuses attributes: recomputed per batch
-            pass
     return cached
 
 
@@ -146,7 +145,9 @@ class SourceCounter:
         self._rows_seen += int(starts.sum())
         self.add("rows", int(starts.sum()))
         kept_rows = np.unique(row_ids[ok])
-        self.add("rows_kept", len(kept_rows) - int(len(kept_rows) > 0 and kept_rows[0] == self._last_kept_row))
+        self.add(
+            "rows_kept", len(kept_rows) - int(len(kept_rows) > 0 and kept_rows[0] == self._last_kept_row)
+        )
         if len(kept_rows):
             self._last_kept_row = int(kept_rows[-1])
         split = starts & (info[:, 1] > 1)
@@ -170,7 +171,10 @@ class SourceCounter:
             key = f"trained.turn.{name}"
             self.roles[key] = self.roles.get(key, 0) + int(positions[code >> 3])
         self.roles["trained.turn.none"] = self.roles.get("trained.turn.none", 0) + int(positions[0])
-        for key, bit in (("trained.reasoning", chat.REASONING_BIT), ("trained.tool_calls", chat.TOOL_CALL_BIT)):
+        for key, bit in (
+            ("trained.reasoning", chat.REASONING_BIT),
+            ("trained.tool_calls", chat.TOOL_CALL_BIT),
+        ):
             self.roles[key] = self.roles.get(key, 0) + int((codes[trained] & bit).astype(bool).sum())
 
     def lengths_array(self) -> np.ndarray:
@@ -322,10 +326,15 @@ def gate_results(docs: list[dict], args: DataArgs) -> list[dict]:
             given = getattr(args, flag, None)
             limit = default if given is None else given
             past = value > limit if direction == "max" else value < limit
-            if flag == "max_empty_trained_fraction" and given is None and doc["samples"]["kept"]:
-                if doc["empty_trained_text"] == doc["samples"]["kept"]:  # nothing real to learn: an error
-                    out.append(_gate(doc, flag, figure, value, 1.0, "fail", "every trained text is empty"))
-                    continue
+            kept = doc["samples"]["kept"]
+            if (
+                flag == "max_empty_trained_fraction"
+                and given is None
+                and kept == doc["empty_trained_text"] > 0
+            ):
+                # nothing real to learn: an error by default
+                out.append(_gate(doc, flag, figure, value, 1.0, "fail", "every trained text is empty"))
+                continue
             if past:
                 out.append(_gate(doc, flag, figure, value, limit, "fail" if given is not None else "warn"))
     return out
@@ -412,8 +421,9 @@ def audit_table(audit: dict) -> str:
     cells = [tuple(str(c) for c in row) for row in [header, *lines]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     text = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in cells
     ]
     return "\n".join(["data audit:", *text])
-

@@ -542,7 +542,12 @@ def encode_samples(tokenizer: Any, samples: list[ChatSample]) -> list[list[_Enco
                 mask, broken = _mask_and_check(offsets, sample.turns)
             if sample.checked and broken:  # an earlier turn merged across a seam: a sample of its own
                 again += [
-                    (index, ChatSample(sample.text[: sample.turns[j][1]], [sample.turns[j]], True, sample.regions))
+                    (
+                        index,
+                        ChatSample(
+                            sample.text[: sample.turns[j][1]], [sample.turns[j]], True, sample.regions
+                        ),
+                    )
                     for j in broken
                 ]
                 mask = _mask_and_check(offsets, [t for j, t in enumerate(sample.turns) if j not in broken])[0]

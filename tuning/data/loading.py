@@ -186,13 +186,21 @@ def _json_problem(text: str) -> str | None:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"line {lineno} column {e.colno}: {e.msg}"
-        problem = "is not a JSON object" if not isinstance(row, dict) else shape.problem(row, f"line {lineno}")
+        problem = (
+            "is not a JSON object" if not isinstance(row, dict) else shape.problem(row, f"line {lineno}")
+        )
         if problem:
             return f"line {lineno} {problem}"
     return None
 
 
-_KINDS = ((bool, "true/false"), ((int, float), "a number"), (str, "text"), (list, "a list"), (dict, "an object"))
+_KINDS = (
+    (bool, "true/false"),
+    ((int, float), "a number"),
+    (str, "text"),
+    (list, "a list"),
+    (dict, "an object"),
+)
 
 
 class _RowShape:

@@ -10,10 +10,10 @@ import datasets
 import numpy as np
 
 from tuning.config import DataArgs
+from tuning.data.audit import AuditSource
 from tuning.data.chat import ChatSettings
 from tuning.data.config_datasets import ProcessedDataset, process_all
 from tuning.data.data_config import DataConfig
-from tuning.data.audit import AuditSource
 from tuning.data.prepare import PreparedData, total_stats
 from tuning.errors import UserError
 

@@ -10,13 +10,12 @@ from typing import Any
 import datasets
 
 from tuning.config import DataArgs
-from tuning.data.audit import AuditSource
+from tuning.data.audit import AuditSource, build_audit
 from tuning.data.batching import pack, sample_lengths
 from tuning.data.chat import settings_from_args
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
 from tuning.data.mixing import build_from_data_config
-from tuning.data.audit import build_audit
 from tuning.data.prepare import DataStats, PreparedData, prepare_path, total_stats
 from tuning.errors import UserError
 

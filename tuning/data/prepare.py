@@ -77,15 +77,15 @@ def total_stats(stats: list[DataStats]) -> DataStats:
     """The sum of several sources' counts (their per-sample figures concatenated: duplicates across
     sources count in the total)."""
     total = DataStats()
-    for field in dataclasses.fields(DataStats):
-        if field.type in ("int", int):
-            setattr(total, field.name, sum(getattr(s, field.name) for s in stats))
-        elif str(field.type).startswith("dict"):
+    for counter in dataclasses.fields(DataStats):
+        if counter.type in ("int", int):
+            setattr(total, counter.name, sum(getattr(s, counter.name) for s in stats))
+        elif str(counter.type).startswith("dict"):
             merged: dict[str, int] = {}
             for s in stats:
-                for key, count in getattr(s, field.name).items():
+                for key, count in getattr(s, counter.name).items():
                     merged[key] = merged.get(key, 0) + count
-            setattr(total, field.name, merged)
+            setattr(total, counter.name, merged)
     lengths = [s.lengths for s in stats if s.lengths is not None]
     hashes = [s.hashes for s in stats if s.hashes is not None]
     total.lengths = np.concatenate(lengths) if lengths else None
@@ -278,7 +278,9 @@ def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]
     out = {"input_ids": ids, "labels": labels, "status": status, "truncated": truncated, "trained_lost": lost}
     for column in (chat.SAMPLE_INFO, chat.TOKEN_ROLES):
         if column in batch:
-            out[column] = batch[column] if column == chat.SAMPLE_INFO else [r[:max_len] for r in batch[column]]
+            out[column] = (
+                batch[column] if column == chat.SAMPLE_INFO else [r[:max_len] for r in batch[column]]
+            )
     return out
 
 

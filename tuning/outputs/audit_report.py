@@ -34,11 +34,13 @@ th{background:#f1f3f8}td:first-child,th:first-child{text-align:left}
 border:1px solid #e1e4ea;padding:8px;max-height:320px;overflow:auto}
 mark{background:#c8f0d0;color:#0a5a1e;border-radius:2px}
 .note{color:#5a6270;font-size:12px}
-.charts{display:flex;flex-wrap:wrap;gap:16px}
+.charts{display:flex;flex-wrap:wrap;gap:16px}.wide{overflow-x:auto}
 """
 
 
-def write_audit(audit: dict[str, Any], data: Any, tokenizer: Any, output_dir: str | Path) -> tuple[Path, Path]:
+def write_audit(
+    audit: dict[str, Any], data: Any, tokenizer: Any, output_dir: str | Path
+) -> tuple[Path, Path]:
     """Write ``data_audit.json`` and ``data_audit.html`` into ``output_dir``; returns both paths.
     ``data`` is the PreparedData whose sources hold the samples shown."""
     out = Path(output_dir)
@@ -187,7 +189,7 @@ def _source_table(docs: list[dict]) -> str:
         )
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
-    return f"<table id='sources'>{header}{''.join(rows)}</table>"
+    return f"<div class='wide'><table id='sources'>{header}{''.join(rows)}</table></div>"
 
 
 def _drop_table(docs: list[dict]) -> str:
@@ -195,7 +197,11 @@ def _drop_table(docs: list[dict]) -> str:
     removed = any(d["rows"]["removed_by_handlers"] for d in docs)
     if not reasons and not removed:
         return "<p class='note'>No row or sample was dropped.</p>"
-    head = ["source", *(["rows removed by handlers"] if removed else []), *(r.replace("_", " ") for r in reasons)]
+    head = [
+        "source",
+        *(["rows removed by handlers"] if removed else []),
+        *(r.replace("_", " ") for r in reasons),
+    ]
     rows = []
     for d in docs:
         cells = [d["name"], *([d["rows"]["removed_by_handlers"]] if removed else [])]
@@ -248,7 +254,7 @@ def _share_chart(share: dict[str, float]) -> str:
             f"<text x='{label + w + 4:.1f}' y='{y + 15}' font-size='12'>{100 * value:.1f}%</text>"
         )
     return (
-        f"<svg class='share' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"<svg class='share' width='{width}' height='{height}' "
         f"role='img' aria-label='trained-token share per source'>{''.join(items)}</svg>"
     )
 
@@ -271,7 +277,7 @@ def _histogram(doc: dict) -> str:
             f"<title>{_e(title)}</title></rect>"
         )
     return (
-        f"<figure><svg class='histogram' xmlns='http://www.w3.org/2000/svg' width='{width}' "
+        f"<figure><svg class='histogram' width='{width}' "
         f"height='{height}' role='img' aria-label='sample lengths of {_e(doc['name'])}'>"
         f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#888'/>"
         f"{''.join(bars)}"
