@@ -164,7 +164,7 @@ def test_chat_role_and_turn_breakdown_on_the_real_qwen3_template(tmp_path):
     config = parse_config([*argv, "--output_dir", str(tmp_path / "out")])
     data.audit = data_audit(data, args, 4096, 1.0)
     card = _training(config, data, 4096)
-    assert "3 of 4 training rows kept; 4 samples (4 samples from 3 of 4 rows kept" in card
+    assert "3 of 4 training rows kept, made into 4 samples (1 conversations split into 2 samples)" in card
     assert "Data audit (`data_audit.html`" in card and "3 of 4 rows kept, 4 samples (1 dropped" in card
 
 
@@ -303,3 +303,29 @@ def test_audit_page_loads_in_headless_chromium(fixture_file, tiny_model_dir, tmp
     result = _load(chromium, page, tmp_path, f"--screenshot={shot}", "--window-size=1400,1800")
     assert result.returncode == 0 and shot.is_file() and shot.stat().st_size > 10_000, result.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 100])
+def test_counts_do_not_depend_on_the_batches_they_are_read_in(batch_rows):
+    """The counters are read batch by batch (bounded memory); a conversation's samples may span two."""
+    import datasets
+
+    from tuning.data.prepare import count
+
+    a, space = 69, 4  # tiny tokenizer ids: "a", " "
+    table = {  # conversations: 2 samples (the second dropped); 1; 2 both dropped; 1 repeating the first
+        "input_ids": [[1, a], [1, a, a], [space], [5, 6], [5, 6, 7], [1, a]],
+        "labels": [[-100, a], [-100, -100, -100], [space], [-100, -100], [-100, -100, -100], [-100, a]],
+        "status": ["ok", "no_trained_token_after_truncation", "ok", "x", "x", "ok"],
+        "truncated": [False, True, False, False, False, False],
+        "trained_lost": [0, 2, 0, 0, 0, 0],
+        "chat_sample": [[0, 2, 0], [1, 2, 0], [0, 1, 0], [0, 2, 0], [1, 2, 0], [0, 1, 0]],
+    }
+    stats = count(datasets.Dataset.from_dict(table), build_tokenizer(), batch_rows=batch_rows)
+    assert (stats.rows, stats.rows_kept, stats.samples, stats.kept) == (4, 3, 6, 3)
+    assert stats.dropped == {"no_trained_token_after_truncation": 1, "x": 2}
+    assert (stats.total_tokens, stats.trained_tokens, stats.trained_lost) == (5, 3, 2)
+    assert (stats.conversations_split, stats.split_samples) == (2, 4)
+    assert stats.empty_trained_text == 1  # the sample training only a space
+    assert stats.duplicate_samples == 1 and len(set(stats.hashes.tolist())) == 2
+    assert stats.lengths.tolist() == [2, 1, 2] and len(stats.examples) == 3

@@ -4,17 +4,17 @@ training when a figure is out of bounds (docs/data.md, "Audit").
 
 Two halves:
 
-- per batch, inside the tokenizing ``map``: :func:`add_audit_columns` adds a hash of each sample (exact
-  duplicates) and whether its trained text is empty; chat rows carry :data:`chat.TOKEN_ROLES`;
+- per sample, inside the tokenizing ``map``: the trained tokens truncation cut (``trained_lost``) and,
+  for chat rows, :data:`chat.TOKEN_ROLES`;
 - after the map, :class:`SourceCounter` reads the mapped table once, in record batches (memory bounded:
-  about 12 bytes per sample are kept, for the length quantiles and duplicate counts), into
+  about 12 bytes per sample are kept, for the length quantiles and duplicate counts), hashing samples
+  and finding empty trained texts with numpy on whole columns, into
   :class:`~tuning.data.prepare.DataStats`; :func:`build_audit` turns the stats of every source into the
   JSON document ``data_audit.json``, and :func:`check_gates` applies the thresholds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,14 +32,8 @@ from tuning.errors import UserError
 logger = logging.getLogger(__name__)
 
 AUDIT_VERSION = 1
-SAMPLE_HASH = "sample_hash"
-EMPTY_TRAINED = "empty_trained"
 # audit columns the tokenizing map writes next to input_ids/labels; dropped before training
-COLUMNS = ("status", "truncated", "trained_lost", SAMPLE_HASH, EMPTY_TRAINED, chat.TOKEN_ROLES)
-# A sample training more tokens than this is taken as having non-empty trained text without decoding
-# them (the check decodes only short trained parts: an empty answer trains its stop token and a few
-# template tokens).
-EMPTY_CHECK_TOKENS = 64
+COLUMNS = ("status", "truncated", "trained_lost", chat.TOKEN_ROLES)
 EXAMPLES = 3  # samples per source kept for the audit page
 HISTOGRAM_BINS = 20
 ROLES = ("system", "user", "assistant", "tool", "template")
@@ -56,39 +50,52 @@ GATES: dict[str, tuple[str, str, float]] = {
 }
 
 
-def add_audit_columns(out: dict[str, list], tokenizer: Any) -> dict[str, list]:
-    """A tokenized batch's audit columns: each sample's hash (ids and labels: equal samples train the
-    same thing) and whether its trained tokens, special and added tokens aside, are empty or whitespace."""
-    added = _added_ids(tokenizer)
-    hashes, empty = [], []
-    for ids, labels in zip(out["input_ids"], out["labels"], strict=True):
-        hashes.append(hash((tuple(ids), tuple(labels))))
-        trained = len(labels) - labels.count(IGNORE_INDEX)
-        if trained > EMPTY_CHECK_TOKENS:
-            empty.append(False)
-            continue
-        content = [t for t in labels if t != IGNORE_INDEX and t not in added]
-        empty.append(not content or (tokenizer is not None and not tokenizer.decode(content).strip()))
-    out[SAMPLE_HASH] = hashes
-    out[EMPTY_TRAINED] = empty
-    return out
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping): a pseudo-random weight per position."""
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (x ^ (x >> np.uint64(31))) | np.uint64(1)
 
 
-def _added_ids(tokenizer: Any) -> frozenset[int]:
-    cached = getattr(tokenizer, "_tuning_added_ids", None)
-    if cached is None:
+def sample_hashes(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per sample of its ids and labels (equal samples train the same thing), computed
+    on the flattened columns with numpy: the sum over positions of each value times a pseudo-random odd
+    weight of its position, wrapping, plus the length's. Samples must be non-empty."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    position = (np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = ids.astype(np.uint64) * _mix64(position * np.uint64(2))
+        mixed += labels.astype(np.int64).astype(np.uint64) * _mix64(position * np.uint64(2) + np.uint64(1))
+        return np.add.reduceat(mixed, starts) + _mix64(lengths.astype(np.uint64) + np.uint64(1 << 40))
+
+
+class BlankTokens:
+    """Which token ids show no text on their own: special and added tokens (stop tokens, ``<think>``),
+    and ids that decode to whitespace or nothing. Each id is decoded once (a source has at most its
+    vocabulary of distinct trained ids)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
         ids = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-        ids |= set(getattr(tokenizer, "all_special_ids", []) or [])
-        cached = frozenset(ids)
-        with contextlib.suppress(AttributeError):  # a tokenizer that refuses attributes: per batch
-            tokenizer._tuning_added_ids = cached
-    return cached
+        self.known: dict[int, bool] = dict.fromkeys(
+            ids | set(getattr(tokenizer, "all_special_ids", []) or []), True
+        )
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        unique, inverse = np.unique(ids, return_inverse=True)
+        if self.tokenizer is None:
+            return np.zeros(len(ids), bool)
+        for i in unique.tolist():
+            if i not in self.known:
+                self.known[i] = not self.tokenizer.decode([i]).strip()
+        return np.array([self.known[i] for i in unique.tolist()], bool)[inverse]
 
 
 @dataclass
 class SourceCounter:
     """Reads a source's mapped table (every sample, dropped ones too) once, batch by batch."""
 
+    tokenizer: Any = None
     examples: int = EXAMPLES
     status: dict[str, int] = field(default_factory=dict)
     ints: dict[str, int] = field(default_factory=dict)
@@ -98,6 +105,7 @@ class SourceCounter:
     samples: list[dict[str, Any]] = field(default_factory=list)
     _rows_seen: int = 0
     _last_kept_row: int = -1
+    _blank: Any = None
 
     def add(self, key: str, value: int) -> None:
         self.ints[key] = self.ints.get(key, 0) + int(value)
@@ -123,9 +131,16 @@ class SourceCounter:
         self.add("trained_tokens", int(cumulative[-1]))
         self.lengths.append(lengths.astype(np.int32))
         self.add("truncated", pc.sum(kept.column(names.index("truncated"))).as_py() or 0)
-        if SAMPLE_HASH in names:
-            self.hashes.append(kept.column(names.index(SAMPLE_HASH)).to_numpy(zero_copy_only=False))
-            self.add("empty_trained_text", pc.sum(kept.column(names.index(EMPTY_TRAINED))).as_py() or 0)
+        if kept.num_rows:
+            ids = pc.list_flatten(kept.column(names.index("input_ids"))).to_numpy(zero_copy_only=False)
+            labels_flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+            self.hashes.append(sample_hashes(ids, labels_flat, lengths))
+            if self._blank is None:
+                self._blank = BlankTokens(self.tokenizer)
+            sample_of = np.repeat(np.arange(kept.num_rows), lengths)[trained_flags]
+            content = ~self._blank(labels_flat[trained_flags])
+            per_sample = np.bincount(sample_of[content], minlength=kept.num_rows)
+            self.add("empty_trained_text", int((per_sample == 0).sum()))
         if chat.TOKEN_ROLES in names:
             self._count_roles(kept.column(names.index(chat.TOKEN_ROLES)), trained_flags, lengths)
         if len(self.samples) < self.examples and kept.num_rows:

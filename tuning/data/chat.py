@@ -29,6 +29,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from operator import itemgetter
 from typing import Any, Literal
 
 from tuning.config import DataArgs
@@ -448,10 +449,10 @@ def _turn_regions(
     calls = TOOL_CALL_BIT if message.get("tool_calls") else 0
     out = [(start, end, assistant | calls)]
     for value, bit in ((message.get("content"), 0), (message.get("reasoning_content"), REASONING_BIT)):
-        if isinstance(value, str) and value.strip():
-            at = text.find(value.strip(), start, end)
-            if at >= 0:
-                out.append((at, at + len(value.strip()), assistant | bit))
+        value = value.strip() if isinstance(value, str) else ""
+        at = text.find(value, start, end) if value else -1
+        if at >= 0:
+            out.append((at, at + len(value), assistant | bit))
     return out
 
 
@@ -479,16 +480,16 @@ class _Encoded:
     roles: bytes = b""  # TOKEN_ROLES
 
 
+_start = itemgetter(0)
+
+
 def token_roles(offsets: Sequence[Sequence[int]], regions: Sequence[tuple[int, int, int]]) -> bytes:
     """One code per token (:data:`TOKEN_ROLES`): each region painted, in order, onto the tokens that start
     inside it; a token outside every region is template text (0). Bisection over the regions, not a pass
     in Python over the tokens: the audit must cost little next to tokenizing."""
     codes = bytearray(len(offsets))
-    if not regions:
-        return bytes(codes)
-    starts = [s for s, _ in offsets]
     for a, b, code in regions:
-        i, j = bisect_left(starts, a), bisect_left(starts, b)
+        i, j = bisect_left(offsets, a, key=_start), bisect_left(offsets, b, key=_start)
         if j > i:
             codes[i:j] = bytes((code,)) * (j - i)
     return bytes(codes)

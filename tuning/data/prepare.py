@@ -118,7 +118,9 @@ def prepare(
     settings = settings or chat.settings_from_args(args)
     fn = partial(process_batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings)
     ds = raw.map(fn, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
-    stats = count(ds)  # the mapped table, before any filter: one read of its counters
+    stats = count(
+        ds, tokenizer, examples=args.audit_samples
+    )  # the mapped table, before any filter: one read of its counters
     if stats.kept == 0:
         raise UserError(_nothing_to_train_message(raw, fmt, args, tokenizer, Counter(stats.dropped)))
     unit = "rows" if stats.samples == stats.rows else "samples"  # a chat row can become several samples
@@ -142,10 +144,12 @@ def prepare(
     return ds.remove_columns(drop), stats
 
 
-def count(ds: datasets.Dataset, batch_rows: int = 8192) -> DataStats:
+def count(
+    ds: datasets.Dataset, tokenizer: Any = None, batch_rows: int = 8192, examples: int = audit.EXAMPLES
+) -> DataStats:
     """A mapped dataset's counts and the audit's per-sample figures, read batch by batch from its table
     (memory bounded)."""
-    counter = audit.SourceCounter()
+    counter = audit.SourceCounter(tokenizer, examples=examples)
     for batch in ds.data.to_batches(max_chunksize=batch_rows):
         counter.update(batch)
     stats = DataStats(dropped=dict(counter.status), token_roles=dict(counter.roles))
@@ -189,17 +193,16 @@ def process_batch(
     columns (and, for chat rows, :data:`chat.SAMPLE_INFO` and :data:`chat.TOKEN_ROLES`): one row per
     sample, so a chat row can become several."""
     if fmt == "pretokenized":
-        return audit.add_audit_columns(_pretokenized_batch(batch, max_len), tokenizer)
+        return _pretokenized_batch(batch, max_len)
     settings = settings or chat.settings_from_args(args)
     conversations = chat_conversations(batch, fmt, args, tokenizer, settings)
     if conversations is not None:
-        out = chat.encode_conversations(conversations, tokenizer, args.chat_template, settings, max_len)[0]
-        return audit.add_audit_columns(out, tokenizer)
+        return chat.encode_conversations(conversations, tokenizer, args.chat_template, settings, max_len)[0]
     texts, spans = render_batch(batch, fmt, args, tokenizer)
     found = [bool(s) for s in spans]
     out = tokenize_batch(tokenizer, texts, [s or [(0, 0)] for s in spans], max_len=max_len)
     out["status"] = [st if ok else NO_TEMPLATE for st, ok in zip(out["status"], found, strict=True)]
-    return audit.add_audit_columns(out, tokenizer)
+    return out
 
 
 def chat_conversations(

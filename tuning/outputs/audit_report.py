@@ -120,7 +120,7 @@ def render_page(audit: dict[str, Any], examples: dict[str, list[dict]], tokenize
         parts.append(f"<h3>{_e(doc['name'])}</h3>")
         shown = examples.get(doc["name"]) or []
         if not shown:
-            parts.append("<p class='note'>no samples kept</p>")
+            parts.append("<p class='note'>no samples shown (--audit_samples)</p>")
         for i, sample in enumerate(shown):
             parts.append(_sample(i, sample, tokenizer))
     parts.append("</body></html>")

@@ -232,7 +232,12 @@ def _training(config: SFTConfig, data: PreparedData, max_len: int) -> str:
         )
         lines.append(f"- {name}: {shown}")
     stats = data.stats
-    samples = f"; {stats.kept} samples ({stats.sample_counts()})" if stats.kept != stats.rows_kept else ""
+    samples = ""
+    if stats.kept != stats.rows_kept:  # a chat template that rewrites history splits conversations
+        samples = (
+            f", made into {stats.kept} samples ({stats.conversations_split} conversations split into "
+            f"{stats.split_samples} samples)"
+        )
     lines += [
         "",
         f"{stats.rows_kept} of {stats.rows} training rows kept{samples} ({data.data_format} format), "
