@@ -167,6 +167,23 @@ def test_chat_role_and_turn_breakdown_on_the_real_qwen3_template(tmp_path):
     assert "3 of 4 training rows kept, made into 4 samples (1 conversations split into 2 samples)" in card
     assert "Data audit (`data_audit.html`" in card and "3 of 4 rows kept, 4 samples (1 dropped" in card
 
+    # a tool loop: the call turn (no content, no reasoning) is all tool call; the answer after the result
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    path = write_jsonl(tmp_path / "tool.jsonl", [{"messages": messages, "tools": json.dumps([weather])}])
+    args = DataArgs(training_data_path=str(path))
+    chat = data_audit(build_datasets(args, tokenizer, 4096, stop), args, 4096, 1.0)["sources"][0]["chat"]
+    assert chat["trained_tool_calls"] == chat["trained_by_turn"]["first"] > 0
+    assert chat["trained_by_turn"]["last"] == 4 + 4 + 1  # empty think block, "It is sunny.", <|im_end|>
+    # "sunny" is s|unny after the newline; the question is in both samples
+    assert chat["context_by_role"]["tool"] == 2 and chat["context_by_role"]["user"] == 4 * 2
+
 
 GATE_CASES = {  # flag → (threshold that fails on ROWS at max_seq_length 8, the figure it names, its value)
     "max_dropped_fraction": ("0.1", "dropped_fraction 0.2"),
