@@ -20,6 +20,9 @@ Settings (each in its own process with a fresh ``datasets`` cache; ``--settings`
   row) and Qwen3 (every turn its own sample) tokenizers; ``20-turn, qwen3, render budget 50000``
   with ``--chat_render_budget 50000`` (about half of each conversation's turns).
 
+Each result also has ``cpu_seconds`` and, for code with the data audit, ``audit_report_seconds`` (its
+document, log table and page, after preprocessing; the audit's counters are inside the timed part).
+
 ``--before DIR`` runs every setting with the ``tuning`` package of ``DIR`` too (e.g. ``git archive
 main | tar -x -C DIR``), alternating before/after ``--reps`` times; medians are reported. Prints a
 markdown table and writes JSON. Not run by the tests.
