@@ -20,6 +20,9 @@ Settings (each in its own process with a fresh ``datasets`` cache; ``--settings`
   row) and Qwen3 (every turn its own sample) tokenizers; ``20-turn, qwen3, render budget 50000``
   with ``--chat_render_budget 50000`` (about half of each conversation's turns).
 
+Each result also has ``cpu_seconds`` and, for code with the data audit, ``audit_report_seconds`` (its
+document, log table and page, after preprocessing; the audit's counters are inside the timed part).
+
 ``--before DIR`` runs every setting with the ``tuning`` package of ``DIR`` too (e.g. ``git archive
 main | tar -x -C DIR``), alternating before/after ``--reps`` times; medians are reported. Prints a
 markdown table and writes JSON. Not run by the tests.
@@ -151,6 +154,7 @@ def worker(opts: argparse.Namespace) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
         prepared = load()
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        report = _audit_report_seconds(prepared, args, tokenizer)
     except Exception as e:  # the old code refuses some templates: report it as the result
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", "code": tuning.__file__}
     return {
@@ -162,7 +166,24 @@ def worker(opts: argparse.Namespace) -> dict:
         "rows_per_cpu_s": round(prepared.stats.rows / cpu, 1),
         "tokens": prepared.stats.total_tokens,
         "trained_tokens": prepared.stats.trained_tokens,
+        "cpu_seconds": round(cpu, 3),
+        "audit_report_seconds": report,
     }
+
+
+def _audit_report_seconds(prepared, args, tokenizer) -> float | None:
+    """What the audit adds after preprocessing (code with an audit): the document, its table and the
+    page. The counters themselves are part of the timed preprocessing (compare with ``--before``)."""
+    try:
+        from tuning.data import audit_table, data_audit
+        from tuning.outputs.audit_report import render_page
+    except ImportError:
+        return None
+    start = time.process_time()
+    audit = data_audit(prepared, args, 4096, 1.0)
+    audit_table(audit)
+    render_page(audit, {s.name: s.stats.examples for s in prepared.sources}, tokenizer)
+    return round(time.process_time() - start, 4)
 
 
 def _stop_ids(folder: Path, tokenizer) -> tuple[int, ...]:

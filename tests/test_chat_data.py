@@ -356,6 +356,6 @@ def test_preview_shows_the_samples_a_conversation_becomes(tmp_path, tiny_model_d
     ]  # fmt: skip
     assert preview.main(argv) == 0
     out = capsys.readouterr().out
-    assert "2 samples (of 1 rows, 1 conversations split into 2 samples)" in out
+    assert "2 samples from 1 of 1 rows kept; 1 conversations split into 2 samples" in out
     assert "-- sample 0: 3 tokens, 2 trained (part 1 of 2 of one conversation)\na[[b</s>]]" in out
     assert "-- sample 1: 9 tokens, 2 trained (part 2 of 2 of one conversation)\na[old]a[[b</s>]]" in out

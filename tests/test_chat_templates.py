@@ -543,7 +543,9 @@ def test_qwen3_multi_turn_reasoning_trains_end_to_end(tmp_path):
     ]  # fmt: skip
     result = run_cli(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(chat): 18 samples from 10 rows (8 conversations split into 16 samples)" in result.stderr
+    assert (
+        "(chat): 18 samples from 10 of 10 rows kept (8 conversations split into 16 samples)" in result.stderr
+    )
     losses = [r["value"] for r in read_training_logs(out)]
     assert len(losses) == 4 and losses[-1] < losses[0]
     saved = AutoTokenizer.from_pretrained(out / "final")

@@ -309,7 +309,10 @@ def test_preview_marks_trained_tokens_and_counts(tmp_path, chat_file, tiny_model
     argv = ["--data_config_path", str(config), "--model_name_or_path", str(tiny_model_dir), "--preview", "1"]
     assert preview.main(argv) == 0
     out = capsys.readouterr().out
-    assert "== dataset_1: 8 samples (of 8 rows), 248 tokens, 24 trained, 0 truncated, 0 dropped" in out
+    assert (
+        "== dataset_1: 8 samples from 8 of 8 rows kept; 248 tokens, 24 trained, 0 truncated, 0 samples dropped"
+        in out
+    )
     assert "-- sample 0: 31 tokens, 3 trained\n<s><|user|>\nhi</s>\n<|assistant|>\n[[yo</s>]]\n" in out
     assert "-- sample 1" not in out
 

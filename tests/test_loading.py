@@ -66,6 +66,17 @@ def test_unknown_name_is_a_hub_id():
         (b'[\n {"input": "a",\n  "output": }\n]', "bad_array.json", r"bad_array.json is malformed: line 3"),
         (b'{"input": "caf\xe9", "output": "b"}\n', "latin1.jsonl", r"not UTF-8 text \(byte 14, line 1\)"),
         (b"x", "data.txt", r"unsupported extension"),
+        (  # valid JSON and valid UTF-8, but a lone UTF-16 surrogate no text column can hold
+            b'{"input": "a", "output": "b"}\n{"input": "x", "output": "bad \\ud800 here"}\n',
+            "surrogate.jsonl",
+            r"surrogate.jsonl is malformed: line 2 holds a lone UTF-16 surrogate \(\\ud800\) in column 'output'",
+        ),
+        (
+            b'[{"messages": [{"role": "user", "content": "hi"}]},\n'
+            b' {"messages": [{"role": "user", "content": "\\udc01"}]}]',
+            "surrogate.json",
+            r"item 1 of the array holds a lone UTF-16 surrogate \(\\udc01\) in column 'messages'",
+        ),
     ],
 )
 def test_bad_data_files(tmp_path, content, name, message):

@@ -110,7 +110,7 @@ def test_plot_command_errors(tmp_path, capsys, monkeypatch):
 SUMMARY_FIELDS = {
     "finished_at", "steps", "epochs", "train_seconds", "trained_tokens", "trained_tokens_per_second",
     "peak_memory_bytes", "final_loss", "best_loss", "mean_train_loss", "final_validation_loss",
-    "best_validation_loss", "rows", "rows_kept", "output_dir", "checkpoints", "best_model_checkpoint",
+    "best_validation_loss", "rows", "rows_kept", "samples", "samples_kept", "data_audit", "output_dir", "checkpoints", "best_model_checkpoint",
     "save_model_dir", "loss_plot", "trackers",
 }  # fmt: skip
 

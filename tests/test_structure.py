@@ -34,6 +34,7 @@ LAYERS = {
     "outputs": 5,
     "sft_trainer": 6,
     "preview": 6,
+    "audit": 6,
     "merge": 6,
     "launch": 6,
     "plot": 6,

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from tuning.config import build_parser, output_dir_hint, parse_command_line
-from tuning.data import IGNORE_INDEX, SAMPLE_INFO, DataStats, check_data_config, preview_parts
+from tuning.data import (
+    IGNORE_INDEX,
+    SAMPLE_INFO,
+    DataStats,
+    check_data_config,
+    preview_parts,
+    trained_pieces,
+)
 from tuning.errors import UserError, run_command
 from tuning.logs import setup_logging
 from tuning.model import context_length, generation_stop_ids, load_model_config, load_tokenizer
@@ -71,24 +78,17 @@ def counts_line(stats: DataStats | None) -> str:
         return "streaming: counts are not computed"
     split = ""
     if stats.conversations_split:
-        split = f", {stats.conversations_split} conversations split into {stats.split_samples} samples"
+        split = f"; {stats.conversations_split} conversations split into {stats.split_samples} samples"
     return (
-        f"{stats.kept} samples (of {stats.rows} rows{split}), {stats.total_tokens} tokens, "
-        f"{stats.trained_tokens} trained, {stats.truncated} truncated, {sum(stats.dropped.values())} dropped "
-        "with no trained token"
+        f"{stats.kept} samples from {stats.rows_kept} of {stats.rows} rows kept{split}; {stats.total_tokens} "
+        f"tokens, {stats.trained_tokens} trained, {stats.truncated} truncated, "
+        f"{sum(stats.dropped.values())} samples dropped with no trained token"
     )
 
 
 def mark_trained(ids: list[int], labels: list[int], tokenizer: Any, *, color: bool) -> str:
-    """The sample's text with each run of trained tokens marked. Runs are cut out of the decoded
-    prefixes, not decoded alone, so spaces that a tokenizer attaches to a token's start survive."""
-    out, start, previous = [], 0, ""
-    for trained, group in itertools.groupby(range(len(ids)), key=lambda k: labels[k] != IGNORE_INDEX):
-        end = start + len(list(group))
-        text = tokenizer.decode(ids[:end], skip_special_tokens=False)
-        piece = text[len(previous) :] if text.startswith(previous) else tokenizer.decode(ids[start:end])
-        if trained:
-            piece = f"{_GREEN}{piece}{_RESET}" if color else f"[[{piece}]]"
-        out.append(piece)
-        start, previous = end, text
-    return "".join(out)
+    """The sample's text with each run of trained tokens marked."""
+    return "".join(
+        (f"{_GREEN}{piece}{_RESET}" if color else f"[[{piece}]]") if trained else piece
+        for piece, trained in trained_pieces(ids, labels, tokenizer)
+    )

@@ -34,6 +34,7 @@ from tuning.model import (
 )
 from tuning.outputs import (
     build_summary,
+    run_audit,
     save_final_model,
     summary_line,
     write_loss_plot,
@@ -87,6 +88,16 @@ def _train(config: SFTConfig) -> dict:
     # one rank per machine (or per job, on a shared cache) tokenizes; the others then read its cache
     with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
         data = build_datasets(config.data, tokenizer, max_len, stop_ids)
+    epochs = args.num_train_epochs if args.max_steps <= 0 else None  # the audit's effective epochs
+    run_audit(
+        data,
+        config.data,
+        tokenizer,
+        max_len,
+        epochs,
+        args.output_dir if args.should_save else None,
+        gates_first=True,
+    )
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job

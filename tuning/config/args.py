@@ -245,6 +245,45 @@ class DataArgs:
             "turn's context (quadratic in turns); later turns beyond it are left untrained and counted."
         },
     )
+    max_dropped_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Data audit gate: stop before training (exit 1) when a source drops more than this "
+            "fraction of its rows. Unset: warn above 0.1 (docs/data.md, Audit)."
+        },
+    )
+    max_truncated_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Data audit gate: stop when more than this fraction of a source's samples are truncated "
+            "at max_seq_length. Unset: warn above 0.1."
+        },
+    )
+    min_trained_tokens_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Data audit gate: stop when a source's trained tokens are less than this fraction of "
+            "its tokens. Unset: warn below 0.02."
+        },
+    )
+    max_duplicate_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Data audit gate: stop when more than this fraction of a source's samples repeat an "
+            "earlier one exactly. Unset: warn above 0.1."
+        },
+    )
+    max_empty_trained_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Data audit gate: stop when more than this fraction of a source's samples train an "
+            "empty or whitespace text. Unset: warn above 0.05, and stop when every sample of a source is "
+            "empty (pass 1 to train anyway)."
+        },
+    )
+    audit_samples: int = field(
+        default=3, metadata={"help": "Samples per source shown on the data audit page (data_audit.html)."}
+    )
     dataset_conversation_field: str | None = field(
         default=None, metadata={"help": "Column with a list of chat messages (default: messages)."}
     )

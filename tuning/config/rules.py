@@ -67,6 +67,12 @@ BOUNDS: dict[str, Bounds] = {
     "num_eval_dataset_shards": POSITIVE,
     "max_seq_length": Bounds(1, example="4096"),
     "chat_render_budget": Bounds(1, example="4000000"),
+    "max_dropped_fraction": Bounds(0, 1, example="0.1"),
+    "max_truncated_fraction": Bounds(0, 1, example="0.1"),
+    "min_trained_tokens_fraction": Bounds(0, 1, example="0.02"),
+    "max_duplicate_fraction": Bounds(0, 1, example="0.1"),
+    "max_empty_trained_fraction": Bounds(0, 1, example="0.05"),
+    "audit_samples": Bounds(0, example="3"),
     # schedule and optimizer
     "per_device_train_batch_size": Bounds(1, example="8"),
     "per_device_eval_batch_size": Bounds(1, example="8"),

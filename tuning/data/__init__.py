@@ -3,27 +3,33 @@
 The surface the later stages and the commands use; everything else is this package's own.
 """
 
+from tuning.data.audit import audit_table, check_gates
 from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
-from tuning.data.chat import SAMPLE_INFO
+from tuning.data.chat import SAMPLE_INFO, TOKEN_ROLES
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
-from tuning.data.pipeline import build_datasets, check_data_config, data_sources, preview_parts
+from tuning.data.pipeline import build_datasets, check_data_config, data_audit, data_sources, preview_parts
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
-from tuning.data.tokenize import IGNORE_INDEX
+from tuning.data.tokenize import IGNORE_INDEX, trained_pieces
 
 __all__ = [
     "IGNORE_INDEX",
     "SAMPLE_INFO",
+    "TOKEN_ROLES",
     "DataStats",
     "PaddingCollator",
     "PaddingFreeCollator",
     "PreparedData",
     "TokenBudgetBatchSampler",
+    "audit_table",
     "build_datasets",
     "check_data_config",
+    "check_gates",
+    "data_audit",
     "data_sources",
     "pad_token_id",
     "preview_parts",
     "sample_lengths",
+    "trained_pieces",
     "write_processed",
 ]

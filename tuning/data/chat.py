@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from operator import itemgetter
 from typing import Any, Literal
 
 from tuning.compat import transformers as hf
@@ -52,6 +54,12 @@ NO_ASSISTANT = "no_assistant_turn"
 # Column next to input_ids/labels: [part, parts, turns over the render budget] of the sample's
 # conversation; counted into DataStats and dropped before training (kept for ``tuning preview``).
 SAMPLE_INFO = "chat_sample"
+# Column next to input_ids/labels: one byte per token saying what the token is (the data audit's role and
+# turn-position breakdown, tuning/data/audit.py); truncated with the sample, dropped before training.
+TOKEN_ROLES = "token_roles"
+ROLE_CODES = {"template": 0, "system": 1, "user": 2, "tool": 3, "assistant": 4}
+POSITION_CODES = {"first": 1 << 3, "middle": 2 << 3, "last": 3 << 3, "only": 4 << 3}
+REASONING_BIT, TOOL_CALL_BIT = 1 << 6, 1 << 7
 # A message's reasoning goes by these names; transformers (5.24) gives a template all of them, since
 # Qwen3 reads reasoning_content and gpt-oss reads thinking. We do the same, whatever its version.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -299,6 +307,8 @@ class ChatSample:
     text: str
     turns: list[Span]
     checked: bool = True
+    # (start, end, code) character regions painted in order onto the tokens: TOKEN_ROLES
+    regions: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def turn_completion(
@@ -359,7 +369,7 @@ def conversation_samples(
     messages = conversation.messages
     if settings.train_on == "all":
         text = template.render(messages, conversation)
-        return [ChatSample(text, [(0, len(text))], checked=False)], 0
+        return [ChatSample(text, [(0, len(text))], False, _content_regions(text, messages))], 0
     trainable = [
         i
         for i, m in enumerate(messages)
@@ -370,12 +380,15 @@ def conversation_samples(
     if not trainable:
         return [], 0
     if template.marks_generation(conversation.tools):
-        return [_generation_sample(conversation, template, settings)], 0
+        sample = _generation_sample(conversation, template, settings)
+        sample.regions = _content_regions(sample.text, messages)
+        return [sample], 0
     samples: list[ChatSample] = []
+    last: list[int] = []  # each sample's last trained message
     rendered = 0
     for n, k in enumerate(trainable):
         if rendered > settings.render_budget:
-            return samples, len(trainable) - n
+            break
         context = template.render(messages[:k], conversation, True)
         full = template.render(messages[: k + 1], conversation)
         rendered += len(context) + len(full)
@@ -388,11 +401,58 @@ def conversation_samples(
             )
         text = context + completion
         turn = (len(context), len(text))
+        regions = _turn_regions(turn, text, messages[k], _position(n, len(trainable)))
         if samples and text.startswith(samples[-1].text):
-            samples[-1] = ChatSample(text, [*samples[-1].turns, turn])
+            samples[-1] = ChatSample(text, [*samples[-1].turns, turn], True, [*samples[-1].regions, *regions])
+            last[-1] = k
         else:
-            samples.append(ChatSample(text, [turn]))
-    return samples, 0
+            samples.append(ChatSample(text, [turn], True, regions))
+            last.append(k)
+    for sample, k in zip(samples, last, strict=True):  # the context's messages, under the trained turns
+        sample.regions = _content_regions(sample.text[: sample.turns[-1][0]], messages[:k]) + sample.regions
+    return samples, len(trainable) - len([t for s in samples for t in s.turns])
+
+
+def _position(n: int, turns: int) -> int:
+    if turns == 1:
+        return POSITION_CODES["only"]
+    return POSITION_CODES["first" if n == 0 else "last" if n == turns - 1 else "middle"]
+
+
+def _content_regions(text: str, messages: Sequence[Mapping[str, Any]]) -> list[tuple[int, int, int]]:
+    """Where each message's text content sits in a rendering, with its role's code: found in order (a
+    template that moves a message, as Mistral does with the system prompt, is searched from the start)."""
+    out, cursor = [], 0
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, str) or not content:
+            continue
+        code = ROLE_CODES.get(m.get("role"), 0)
+        at = text.find(content, cursor)
+        if at >= 0:
+            cursor = at + len(content)
+        else:
+            at = text.find(content)
+        if at >= 0:
+            out.append((at, at + len(content), code))
+    return out
+
+
+def _turn_regions(
+    turn: Span, text: str, message: Mapping[str, Any], position: int
+) -> list[tuple[int, int, int]]:
+    """A trained turn's completion: assistant at its position; its reasoning marked; the rest of a turn
+    that calls tools (outside its content and reasoning) marked as the tool call."""
+    start, end = turn
+    assistant = ROLE_CODES["assistant"] | position
+    calls = TOOL_CALL_BIT if message.get("tool_calls") else 0
+    out = [(start, end, assistant | calls)]
+    for value, bit in ((message.get("content"), 0), (message.get("reasoning_content"), REASONING_BIT)):
+        value = value.strip() if isinstance(value, str) else ""
+        at = text.find(value, start, end) if value else -1
+        if at >= 0:
+            out.append((at, at + len(value), assistant | bit))
+    return out
 
 
 def _generation_sample(
@@ -416,6 +476,22 @@ class _Encoded:
     ids: list[int]
     labels: list[int]
     order: int  # the sample's last trained character: samples of a conversation in turn order
+    roles: bytes = b""  # TOKEN_ROLES
+
+
+_start = itemgetter(0)
+
+
+def token_roles(offsets: Sequence[Sequence[int]], regions: Sequence[tuple[int, int, int]]) -> bytes:
+    """One code per token (:data:`TOKEN_ROLES`): each region painted, in order, onto the tokens that start
+    inside it; a token outside every region is template text (0). Bisection over the regions, not a pass
+    in Python over the tokens: the audit must cost little next to tokenizing."""
+    codes = bytearray(len(offsets))
+    for a, b, code in regions:
+        i, j = bisect_left(offsets, a, key=_start), bisect_left(offsets, b, key=_start)
+        if j > i:
+            codes[i:j] = bytes((code,)) * (j - i)
+    return bytes(codes)
 
 
 def _mask_and_check(offsets: Sequence[Sequence[int]], turns: Sequence[Span]) -> tuple[list[bool], set[int]]:
@@ -466,10 +542,16 @@ def encode_samples(tokenizer: Any, samples: list[ChatSample]) -> list[list[_Enco
                 mask, broken = _mask_and_check(offsets, sample.turns)
             if sample.checked and broken:  # an earlier turn merged across a seam: a sample of its own
                 again += [
-                    (index, ChatSample(sample.text[: sample.turns[j][1]], [sample.turns[j]])) for j in broken
+                    (
+                        index,
+                        ChatSample(
+                            sample.text[: sample.turns[j][1]], [sample.turns[j]], True, sample.regions
+                        ),
+                    )
+                    for j in broken
                 ]
                 mask = _mask_and_check(offsets, [t for j, t in enumerate(sample.turns) if j not in broken])[0]
-            out[index].append(_labelled(ids, mask, sample))
+            out[index].append(_labelled(ids, mask, sample, token_roles(offsets, sample.regions)))
         pending = again
     for encoded in out:
         encoded.sort(key=lambda e: e.order)
@@ -486,9 +568,9 @@ def _split_at_context(tokenizer: Any, sample: ChatSample) -> tuple[list[int], li
     return ids, list(context["offset_mapping"]) + [(start, end)] * len(completion)
 
 
-def _labelled(ids: list[int], mask: list[bool], sample: ChatSample) -> _Encoded:
+def _labelled(ids: list[int], mask: list[bool], sample: ChatSample, roles: bytes) -> _Encoded:
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-    return _Encoded(list(ids), labels, sample.turns[-1][1] if sample.turns else 0)
+    return _Encoded(list(ids), labels, sample.turns[-1][1] if sample.turns else 0, roles)
 
 
 # --- a batch of rows --------------------------------------------------------------------------------
@@ -501,8 +583,8 @@ def encode_conversations(
     settings: ChatSettings,
     max_len: int,
 ) -> tuple[dict[str, list], list[int]]:
-    """Conversations → ``input_ids``, ``labels``, ``status``, ``truncated`` and :data:`SAMPLE_INFO`
-    columns, one row per sample, and the index of the conversation each sample came from. A conversation
+    """Conversations → ``input_ids``, ``labels``, ``status``, ``truncated``, ``trained_lost`` (trained
+    tokens cut by truncation), :data:`SAMPLE_INFO` and :data:`TOKEN_ROLES` columns, one row per sample, and the index of the conversation each sample came from. A conversation
     without a trained assistant turn gives one empty row with status ``no_assistant_turn``."""
     require_offsets(tokenizer)
     template = ChatTemplate(tokenizer, chat_template)
@@ -510,27 +592,29 @@ def encode_conversations(
     per_conversation = [conversation_samples(c, template, settings, stops) for c in conversations]
     flat = [s for samples, _ in per_conversation for s in samples]
     encoded = iter(encode_samples(tokenizer, flat))
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "truncated": [], SAMPLE_INFO: []}
+    out: dict[str, list] = {k: [] for k in (*_COLUMNS, SAMPLE_INFO, TOKEN_ROLES)}
     rows: list[int] = []
     for row, (samples, over_budget) in enumerate(per_conversation):
         parts = [e for _ in samples for e in next(encoded)]
         if not parts:
-            _append(out, [], [], NO_ASSISTANT, False, [0, 1, over_budget])
+            _append(out, ([], [], NO_ASSISTANT, False, 0, [0, 1, over_budget], b""))
             rows.append(row)
             continue
         for i, part in enumerate(parts):
             truncated = len(part.ids) > max_len
             ids, labels = part.ids[:max_len], part.labels[:max_len]
+            lost = len(part.labels) - max_len - part.labels[max_len:].count(IGNORE_INDEX) if truncated else 0
             check_invariants(ids, labels, eos_id=None, complete=False)
-            status = OK if any(t != IGNORE_INDEX for t in labels) else NOTHING_TRAINED
-            _append(out, ids, labels, status, truncated, [i, len(parts), over_budget if i == 0 else 0])
+            status = OK if len(labels) > labels.count(IGNORE_INDEX) else NOTHING_TRAINED
+            info = [i, len(parts), over_budget if i == 0 else 0]
+            _append(out, (ids, labels, status, truncated, lost, info, part.roles[:max_len]))
             rows.append(row)
     return out, rows
 
 
-def _append(out: dict[str, list], ids: list, labels: list, status: str, truncated: bool, info: list) -> None:
-    out["input_ids"].append(ids)
-    out["labels"].append(labels)
-    out["status"].append(status)
-    out["truncated"].append(truncated)
-    out[SAMPLE_INFO].append(info)
+_COLUMNS = ("input_ids", "labels", "status", "truncated", "trained_lost")
+
+
+def _append(out: dict[str, list], values: tuple) -> None:
+    for key, value in zip((*_COLUMNS, SAMPLE_INFO, TOKEN_ROLES), values, strict=True):
+        out[key].append(value)

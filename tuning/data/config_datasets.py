@@ -14,7 +14,7 @@ from typing import Any
 import datasets
 
 from tuning.config import DataArgs
-from tuning.data import chat, formats, loading
+from tuning.data import audit, chat, formats, loading
 from tuning.data.data_config import (
     OWN_KEYWORDS,
     DataConfig,
@@ -40,6 +40,7 @@ class ProcessedDataset:
     dataset: Any  # datasets.Dataset, or IterableDataset when streaming
     stats: DataStats
     config: DatasetConfig
+    data_format: str = "streamed"
 
 
 def load_dataset_paths(ds: DatasetConfig, config: DataConfig) -> Any:
@@ -128,6 +129,7 @@ def process_dataset(
     """Load one dataset, run its handlers, then tokenize/truncate/drop as the CLI path does."""
     settings = settings or chat.settings_from_args(args)
     data = load_dataset_paths(ds, config)
+    rows_read = len(data) if isinstance(data, datasets.Dataset) else 0
     context = {"tokenizer": tokenizer, "chat_template": config.chat_template, "chat_settings": settings}
     for i, step in enumerate(ds.steps):
         where = f"data config {config.path}: dataset '{ds.name}': data_handlers[{i}] ({step.name})"
@@ -145,7 +147,8 @@ def process_dataset(
     processed, stats = prepare(
         data, fmt, fmt_args, tokenizer, max_len, name=f"dataset '{ds.name}'", settings=settings
     )
-    return ProcessedDataset(ds.name, processed, stats, ds)
+    stats.rows_read = rows_read
+    return ProcessedDataset(ds.name, processed, stats, ds, fmt)
 
 
 def column_names(data: Any) -> list[str]:
@@ -184,11 +187,12 @@ def _finalize_stream(
         out = process_batch(
             batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings
         )
-        out.pop(chat.SAMPLE_INFO, None)  # counts are not computed when streaming
+        for column in (chat.SAMPLE_INFO, *audit.COLUMNS[1:]):  # counts are not computed when streaming
+            out.pop(column, None)
         return out
 
     data = data.map(process, batched=True, remove_columns=column_names(data))
-    return data.filter(lambda s: s == OK, input_columns="status").remove_columns(["status", "truncated"])
+    return data.filter(lambda s: s == OK, input_columns="status").remove_columns(["status"])
 
 
 def process_all(

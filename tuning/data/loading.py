@@ -165,15 +165,20 @@ def _binary_problem(path: Path, builder: str) -> str | None:
 
 
 def _json_problem(text: str) -> str | None:
-    """Where a JSON array or JSON-lines text fails to parse, or None if it parses."""
+    """Where a JSON array or JSON-lines text fails to parse or to load as a table (a lone UTF-16
+    surrogate, a column whose type changes between rows), or None if it loads."""
     stripped = text.lstrip()
+    shape = _RowShape()
     if stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             return f"line {e.lineno} column {e.colno}: {e.msg}"
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-        return None if bad is None else f"item {bad} of the array is not an object"
+        for i, row in enumerate(rows):
+            problem = "is not an object" if not isinstance(row, dict) else shape.problem(row, f"item {i}")
+            if problem:
+                return f"item {i} of the array {problem}"
+        return None
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -181,6 +186,62 @@ def _json_problem(text: str) -> str | None:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"line {lineno} column {e.colno}: {e.msg}"
-        if not isinstance(row, dict):
-            return f"line {lineno} is not a JSON object"
+        problem = (
+            "is not a JSON object" if not isinstance(row, dict) else shape.problem(row, f"line {lineno}")
+        )
+        if problem:
+            return f"line {lineno} {problem}"
     return None
+
+
+_KINDS = (
+    (bool, "true/false"),
+    ((int, float), "a number"),
+    (str, "text"),
+    (list, "a list"),
+    (dict, "an object"),
+)
+
+
+class _RowShape:
+    """What a table loader needs of JSON rows beyond parsing: text that is valid Unicode, and each
+    column of one kind (Arrow types a column by its values)."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, tuple[str, str]] = {}
+
+    def problem(self, row: dict, where: str) -> str | None:
+        bad = _lone_surrogate(row)
+        if bad is not None:
+            return (
+                f"holds a lone UTF-16 surrogate (\\u{ord(bad):04x}) in column '{_column_of(row, bad)}', which "
+                "is not valid Unicode; remove or replace it"
+            )
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = next(name for types, name in _KINDS if isinstance(value, types))
+            seen = self.kinds.setdefault(key, (kind, where))
+            if seen[0] != kind:
+                return f"has {kind} in column '{key}' where {seen[1]} has {seen[0]}; use one kind per column"
+        return None
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """The first lone surrogate in a parsed JSON value (``json`` accepts ``\\ud800``; UTF-8 cannot hold it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return value[e.start]
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        found = _lone_surrogate(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _column_of(row: dict, char: str) -> str:
+    return next((k for k, v in row.items() if _lone_surrogate(v) == char), "?")

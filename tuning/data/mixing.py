@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any
 
 import datasets
+import numpy as np
 
 from tuning.config import DataArgs
+from tuning.data.audit import AuditSource
 from tuning.data.chat import ChatSettings
 from tuning.data.config_datasets import ProcessedDataset, process_all
 from tuning.data.data_config import DataConfig
-from tuning.data.prepare import DataStats, PreparedData
+from tuning.data.prepare import PreparedData, total_stats
 from tuning.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -64,15 +65,23 @@ def align_features(parts: list[Any]) -> list[Any]:
     return [p if p.features is None or p.features == first else p.cast(first) for p in parts]
 
 
-def _total_stats(parts: list[ProcessedDataset]) -> DataStats:
-    total = DataStats()
-    counters = [f.name for f in dataclasses.fields(DataStats) if f.type in ("int", int)]
-    for p in parts:
-        for name in counters:
-            setattr(total, name, getattr(total, name) + getattr(p.stats, name))
-        for reason, count in p.stats.dropped.items():
-            total.dropped[reason] = total.dropped.get(reason, 0) + count
-    return total
+SOURCE_COLUMN = "_audit_source"
+
+
+def _mix_counted(parts: list[tuple[Any, float | None]], config: DataConfig) -> tuple[Any, list[int | None]]:
+    """The mixed training set, and how many of each part's samples one pass over it draws (interleaving
+    with ratios repeats or skips samples: the effective epochs the audit reports)."""
+    sized = all(isinstance(d, datasets.Dataset) for d, _ in parts)
+    if not sized:
+        return mix(parts, config), [None] * len(parts)
+    if all(r is None for _, r in parts) or len(parts) == 1:
+        return mix(parts, config), [len(d) if r is None or r > 0 else 0 for d, r in parts]
+    tagged = [
+        (d.add_column(SOURCE_COLUMN, np.full(len(d), i, dtype=np.int32)), r) for i, (d, r) in enumerate(parts)
+    ]
+    mixed = mix(tagged, config)
+    drawn = np.bincount(np.asarray(mixed.with_format("numpy")[SOURCE_COLUMN]), minlength=len(parts))
+    return mixed.remove_columns(SOURCE_COLUMN), [int(n) for n in drawn]
 
 
 def build_from_data_config(
@@ -80,11 +89,16 @@ def build_from_data_config(
 ) -> PreparedData:
     """The data stage for ``--data_config_path``: every dataset processed, split, mixed."""
     config, processed = process_all(args, tokenizer, max_len, settings)
-    train_parts, validation_parts = [], []
+    train_parts, validation_parts, sources, trained_sources = [], [], [], []
     for part in processed:
         train, validation = split_dataset(part, config.dataprocessor.seed)
+        split = "+".join(n for n, d in (("train", train), ("validation", validation)) if d is not None)
+        source = AuditSource(part.name, part.data_format, part.stats, split=split or "none")
+        sources.append(source)
         if train is not None and (not isinstance(train, datasets.Dataset) or len(train)):
             train_parts.append((train, part.config.sampling))
+            trained_sources.append(source)
+            source.train_samples = len(train) if isinstance(train, datasets.Dataset) else None
         if validation is not None:
             validation_parts.append(validation)
     if not train_parts or all(r == 0 for _, r in train_parts):
@@ -93,5 +107,8 @@ def build_from_data_config(
             "dataset a positive train fraction (or no split)"
         )
     validation = datasets.concatenate_datasets(align_features(validation_parts)) if validation_parts else None
-    train = mix(train_parts, config)
-    return PreparedData(train, validation, "data_config", _total_stats(processed))
+    train, drawn = _mix_counted(train_parts, config)
+    for source, n in zip(trained_sources, drawn, strict=True):
+        source.drawn_per_pass = n
+    stats = total_stats([p.stats for p in processed])
+    return PreparedData(train, validation, "data_config", stats, sources)

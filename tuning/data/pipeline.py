@@ -10,13 +10,14 @@ from typing import Any
 import datasets
 
 from tuning.config import DataArgs
+from tuning.data.audit import AuditSource, build_audit
 from tuning.data.batching import pack, sample_lengths
 from tuning.data.chat import settings_from_args
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
 from tuning.data.loading import resolve_files
 from tuning.data.mixing import build_from_data_config
-from tuning.data.prepare import DataStats, PreparedData, prepare_path
+from tuning.data.prepare import DataStats, PreparedData, prepare_path, total_stats
 from tuning.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,14 @@ def build_datasets(
         data = build_from_data_config(args, tokenizer, max_len, settings)
     else:
         train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
+        sources = [AuditSource(args.training_data_path, fmt, stats, "train", stats.kept, stats.kept)]
         validation = None
         if args.validation_data_path:
-            validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len, settings)
-        data = PreparedData(train, validation, fmt, stats)
+            validation, vfmt, vstats = prepare_path(
+                args.validation_data_path, args, tokenizer, max_len, settings
+            )
+            sources.append(AuditSource(args.validation_data_path, vfmt, vstats, "validation"))
+        data = PreparedData(train, validation, fmt, stats, sources)
     if args.packing:  # one place for both paths: packing cuts the final (mixed) training set
         if not isinstance(data.train, datasets.Dataset):
             raise UserError("--packing needs row counts, and streamed data has none; set streaming: false")
@@ -95,3 +100,10 @@ def preview_parts(
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
     ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
     return [(args.training_data_path, ds, stats)]
+
+
+def data_audit(data: PreparedData, args: DataArgs, max_len: int, epochs: float | None) -> dict:
+    """The audit of prepared data, from its sources' counts (no data is read again); ``epochs`` is the
+    run's ``num_train_epochs`` when it trains by epochs, else None (docs/data.md, "Audit")."""
+    sources = list(data.sources)
+    return build_audit(sources, total_stats([s.stats for s in sources]), args, max_len, epochs)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,11 +11,11 @@ from functools import partial
 from typing import Any
 
 import datasets
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
 
 from tuning.config import DataArgs
-from tuning.data import chat, formats
+from tuning.data import audit, chat, formats
+from tuning.data.audit import AuditSource
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
 from tuning.errors import UserError, excerpt
@@ -24,25 +25,40 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataStats:
-    rows: int = 0
-    kept: int = 0
+    """A source's counts. Rows are what the data holds, samples what training sees: a chat row can become
+    several samples (its template rewrites earlier turns), and a row or sample can be dropped."""
+
+    rows: int = 0  # rows the last step read (conversations, for chat)
+    kept: int = 0  # samples kept (they carry at least one trained token)
+    rows_kept: int = 0  # rows with at least one sample kept
+    samples: int = 0  # samples made, kept or dropped
+    rows_read: int = 0  # rows loaded, before a data config's handlers (0: same as rows)
     trained_tokens: int = 0
     total_tokens: int = 0
-    truncated: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # kept samples cut at max_seq_length
+    trained_lost: int = 0  # trained tokens cut off by truncation (dropped samples' too)
+    duplicate_samples: int = 0  # kept samples equal (ids and labels) to an earlier one
+    empty_trained_text: int = 0  # kept samples whose trained text is empty or whitespace
+    dropped: dict[str, int] = field(default_factory=dict)  # samples, by reason
     # chat rows whose template rewrites earlier turns become several samples (docs/data.md)
     conversations_split: int = 0
     split_samples: int = 0
     conversations_over_budget: int = 0
     turns_over_budget: int = 0
+    token_roles: dict[str, int] = field(default_factory=dict)  # chat: tokens by role and turn position
+    # per kept sample (the audit's length quantiles and duplicates), and a few samples for its page
+    lengths: Any = field(default=None, repr=False, compare=False)
+    hashes: Any = field(default=None, repr=False, compare=False)
+    examples: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
 
     def sample_counts(self) -> str:
-        """``N rows kept of M`` or, when conversations were split, ``N samples from M rows (...)``."""
+        """``N rows kept of M`` or, when rows became several samples, ``S samples from N of M rows kept
+        (...)``: rows and samples are counted apart."""
         if not self.conversations_split:
-            return f"{self.kept} rows kept of {self.rows}"
+            return f"{self.rows_kept} rows kept of {self.rows}"
         return (
-            f"{self.kept} samples from {self.rows} rows ({self.conversations_split} conversations split "
-            f"into {self.split_samples} samples)"
+            f"{self.kept} samples from {self.rows_kept} of {self.rows} rows kept ({self.conversations_split} "
+            f"conversations split into {self.split_samples} samples)"
         )
 
 
@@ -52,6 +68,30 @@ class PreparedData:
     validation: datasets.Dataset | None
     data_format: str
     stats: DataStats
+    # every source the audit reports (a data config's datasets, or the training and validation files)
+    sources: list[AuditSource] = field(default_factory=list)
+    audit: dict[str, Any] | None = None
+
+
+def total_stats(stats: list[DataStats]) -> DataStats:
+    """The sum of several sources' counts (their per-sample figures concatenated: duplicates across
+    sources count in the total)."""
+    total = DataStats()
+    for counter in dataclasses.fields(DataStats):
+        if counter.type in ("int", int):
+            setattr(total, counter.name, sum(getattr(s, counter.name) for s in stats))
+        elif str(counter.type).startswith("dict"):
+            merged: dict[str, int] = {}
+            for s in stats:
+                for key, count in getattr(s, counter.name).items():
+                    merged[key] = merged.get(key, 0) + count
+            setattr(total, counter.name, merged)
+    lengths = [s.lengths for s in stats if s.lengths is not None]
+    hashes = [s.hashes for s in stats if s.hashes is not None]
+    total.lengths = np.concatenate(lengths) if lengths else None
+    total.hashes = np.concatenate(hashes) if hashes else None
+    total.duplicate_samples = audit.duplicates(total.hashes) if total.hashes is not None else 0
+    return total
 
 
 def prepare_path(
@@ -78,45 +118,50 @@ def prepare(
     settings = settings or chat.settings_from_args(args)
     fn = partial(process_batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings)
     ds = raw.map(fn, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
-    status = Counter(ds.data.column("status").to_pylist())  # the mapped table, before any filter
-    stats = DataStats(rows=len(raw), kept=status.pop(OK, 0), dropped=dict(status))
-    if chat.SAMPLE_INFO in ds.column_names:
-        _count_splits(stats, ds[chat.SAMPLE_INFO], name)
+    stats = count(
+        ds, tokenizer, examples=args.audit_samples
+    )  # the mapped table, before any filter: one read of its counters
     if stats.kept == 0:
-        raise UserError(_nothing_to_train_message(raw, fmt, args, tokenizer, status))
-    for reason, count in status.items():
-        logger.warning("%s: dropped %d of %d rows (%s)", name, count, len(raw), reason.replace("_", " "))
-    if status:
+        raise UserError(_nothing_to_train_message(raw, fmt, args, tokenizer, Counter(stats.dropped)))
+    unit = "rows" if stats.samples == stats.rows else "samples"  # a chat row can become several samples
+    for reason, n in stats.dropped.items():
+        logger.warning("%s: dropped %d of %d %s (%s)", name, n, stats.samples, unit, reason.replace("_", " "))
+    _log_splits(stats, name)
+    if stats.dropped:
         ds = ds.filter(lambda s: s == OK, input_columns="status")
-    kept = ds.select_columns(["labels", "truncated"]).with_format("arrow")[:]  # one columnar read
-    stats.truncated = pc.sum(kept.column("truncated")).as_py() or 0
-    stats.total_tokens, stats.trained_tokens = token_counts(kept.column("labels"))
     if stats.truncated:
         logger.warning(
-            "%s: %d rows were longer than max_seq_length=%d and were truncated (no EOS trained for them)",
+            "%s: %d samples were longer than max_seq_length=%d and were truncated (no EOS trained for them; "
+            "%d trained tokens cut)",
             name,
             stats.truncated,
             max_len,
+            stats.trained_lost,
         )
-    extra = [] if settings.keep_sample_info or chat.SAMPLE_INFO not in ds.column_names else [chat.SAMPLE_INFO]
-    return ds.remove_columns(["status", "truncated", *extra]), stats
+    drop = [c for c in audit.COLUMNS if c in ds.column_names]
+    if chat.SAMPLE_INFO in ds.column_names and not settings.keep_sample_info:
+        drop.append(chat.SAMPLE_INFO)
+    return ds.remove_columns(drop), stats
 
 
-def token_counts(labels: pa.ChunkedArray) -> tuple[int, int]:
-    """(all tokens, trained tokens) of a column of label lists, computed by arrow (no Python loop)."""
-    flat = pc.list_flatten(labels)
-    total = len(flat)
-    return total, total - (pc.sum(pc.equal(flat, IGNORE_INDEX)).as_py() or 0)
+def count(
+    ds: datasets.Dataset, tokenizer: Any = None, batch_rows: int = 8192, examples: int = audit.EXAMPLES
+) -> DataStats:
+    """A mapped dataset's counts and the audit's per-sample figures, read batch by batch from its table
+    (memory bounded)."""
+    counter = audit.SourceCounter(tokenizer, examples=examples)
+    for batch in ds.data.to_batches(max_chunksize=batch_rows):
+        counter.update(batch)
+    stats = DataStats(dropped=dict(counter.status), token_roles=dict(counter.roles))
+    for key, value in counter.ints.items():
+        setattr(stats, key, value)
+    stats.lengths, stats.hashes = counter.lengths_array(), counter.hashes_array()
+    stats.duplicate_samples = audit.duplicates(stats.hashes)
+    stats.examples = counter.samples
+    return stats
 
 
-def _count_splits(stats: DataStats, info: list[list[int]], name: str) -> None:
-    for part, parts, over_budget in info:
-        if part == 0 and parts > 1:
-            stats.conversations_split += 1
-            stats.split_samples += parts
-        if over_budget:
-            stats.conversations_over_budget += 1
-            stats.turns_over_budget += over_budget
+def _log_splits(stats: DataStats, name: str) -> None:
     if stats.conversations_split:
         logger.info(
             "%s: %d conversations split into %d samples: the chat template renders earlier turns "
@@ -144,8 +189,9 @@ def process_batch(
     max_len: int,
     settings: chat.ChatSettings | None = None,
 ) -> dict[str, list]:
-    """One ``datasets.map`` batch → ``input_ids``, ``labels``, ``status``, ``truncated`` (and, for chat
-    rows, :data:`chat.SAMPLE_INFO`): one row per sample, so a chat row can become several."""
+    """One ``datasets.map`` batch → ``input_ids``, ``labels``, ``status``, ``truncated``, the audit's
+    columns (and, for chat rows, :data:`chat.SAMPLE_INFO` and :data:`chat.TOKEN_ROLES`): one row per
+    sample, so a chat row can become several."""
     if fmt == "pretokenized":
         return _pretokenized_batch(batch, max_len)
     settings = settings or chat.settings_from_args(args)
@@ -230,9 +276,14 @@ def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]
         labels = [list(x) for x in ids]
     status = [OK if any(t != IGNORE_INDEX for t in lab) else "no_trained_token" for lab in labels]
     truncated = [len(x) > max_len for x in batch["input_ids"]]
-    out = {"input_ids": ids, "labels": labels, "status": status, "truncated": truncated}
-    if chat.SAMPLE_INFO in batch:
-        out[chat.SAMPLE_INFO] = batch[chat.SAMPLE_INFO]
+    full = batch["labels"] if "labels" in batch else batch["input_ids"]
+    lost = [len(x) - max_len - list(x[max_len:]).count(IGNORE_INDEX) if len(x) > max_len else 0 for x in full]
+    out = {"input_ids": ids, "labels": labels, "status": status, "truncated": truncated, "trained_lost": lost}
+    for column in (chat.SAMPLE_INFO, chat.TOKEN_ROLES):
+        if column in batch:
+            out[column] = (
+                batch[column] if column == chat.SAMPLE_INFO else [r[:max_len] for r in batch[column]]
+            )
     return out
 
 

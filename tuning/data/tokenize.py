@@ -38,8 +38,8 @@ def build_labeled_ids(
     eos_id: int | None,
     max_len: int,
     append_eos: bool,
-) -> tuple[list[int], list[int], str, bool]:
-    """Tokens, labels, a status and whether it was truncated, for one sample: EOS appended (and trained) unless present, then
+) -> tuple[list[int], list[int], str, bool, int]:
+    """Tokens, labels, a status, whether it was truncated and how many trained tokens that cut, for one sample: EOS appended (and trained) unless present, then
     truncated to ``max_len``. A truncated sample keeps no EOS: it did not end there."""
     mask = trained_mask(offsets, spans)
     ids = list(ids)
@@ -50,10 +50,11 @@ def build_labeled_ids(
             ids.append(eos_id)
             mask.append(True)
     truncated = len(ids) > max_len
+    lost = sum(mask[max_len:])
     ids, mask = ids[:max_len], mask[:max_len]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
     status = OK if any(mask) else NOTHING_TRAINED
-    return ids, labels, status, truncated
+    return ids, labels, status, truncated, lost
 
 
 def check_invariants(ids: list[int], labels: list[int], *, eos_id: int | None, complete: bool) -> None:
@@ -101,13 +102,13 @@ def tokenize_batch(
     append_eos: bool = True,
 ) -> dict[str, list]:
     """Batched fast tokenization with offsets; returns ``input_ids``, ``labels``, ``status`` and
-    ``truncated`` lists (one entry per text)."""
+    ``truncated`` and ``trained_lost`` lists (one entry per text)."""
     require_offsets(tokenizer)
     enc = encode(tokenizer, texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     eos_id = tokenizer.eos_token_id
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "truncated": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "truncated": [], "trained_lost": []}
     for ids, offsets, sample_spans in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
-        new_ids, labels, status, truncated = build_labeled_ids(
+        new_ids, labels, status, truncated, lost = build_labeled_ids(
             ids, offsets, sample_spans, eos_id=eos_id, max_len=max_len, append_eos=append_eos
         )
         check_invariants(new_ids, labels, eos_id=eos_id, complete=append_eos and not truncated)
@@ -115,4 +116,21 @@ def tokenize_batch(
         out["labels"].append(labels)
         out["status"].append(status)
         out["truncated"].append(truncated)
+        out["trained_lost"].append(lost)
+    return out
+
+
+def trained_pieces(ids: Sequence[int], labels: Sequence[int], tokenizer: Any) -> list[tuple[str, bool]]:
+    """A sample's text as (piece, trained) runs, for showing it with the trained tokens marked (``tuning
+    preview``, the audit page). Runs are cut out of the decoded prefixes, not decoded alone, so spaces
+    that a tokenizer attaches to a token's start survive."""
+    import itertools
+
+    out, start, previous = [], 0, ""
+    for trained, group in itertools.groupby(range(len(ids)), key=lambda k: labels[k] != IGNORE_INDEX):
+        end = start + len(list(group))
+        text = tokenizer.decode(list(ids[:end]), skip_special_tokens=False)
+        piece = text[len(previous) :] if text.startswith(previous) else tokenizer.decode(list(ids[start:end]))
+        out.append((piece, trained))
+        start, previous = end, text
     return out

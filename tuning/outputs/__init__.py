@@ -1,5 +1,7 @@
-"""Outputs stage: the final model folder and its model card, the run summary, the loss plot."""
+"""Outputs stage: the final model folder and its model card, the run summary, the loss plot, the data
+audit's files."""
 
+from tuning.outputs.audit_report import AUDIT_HTML_NAME, AUDIT_JSON_NAME, key_numbers, run_audit
 from tuning.outputs.final_model import save_final_model
 from tuning.outputs.model_card import MODEL_CARD_NAME, write_model_card
 from tuning.outputs.plot import LOSS_PLOT_NAME, render_loss_plot, write_loss_plot
@@ -12,12 +14,16 @@ from tuning.outputs.summary import (
 )
 
 __all__ = [
+    "AUDIT_HTML_NAME",
+    "AUDIT_JSON_NAME",
     "LOSS_PLOT_NAME",
     "MODEL_CARD_NAME",
     "RUN_SUMMARY_NAME",
     "build_summary",
+    "key_numbers",
     "peak_memory_bytes",
     "render_loss_plot",
+    "run_audit",
     "save_final_model",
     "summary_line",
     "write_loss_plot",

@@ -23,6 +23,7 @@ from tuning import __version__
 from tuning.config import SFTConfig
 from tuning.data import PreparedData, data_sources
 from tuning.files import write_text_atomic
+from tuning.outputs.audit_report import AUDIT_HTML_NAME, AUDIT_JSON_NAME, key_numbers
 from tuning.outputs.plot import LOSS_PLOT_NAME
 from tuning.train import read_training_logs
 
@@ -231,11 +232,18 @@ def _training(config: SFTConfig, data: PreparedData, max_len: int) -> str:
         )
         lines.append(f"- {name}: {shown}")
     stats = data.stats
+    samples = ""
+    if stats.kept != stats.rows_kept:  # a chat template that rewrites history splits conversations
+        samples = (
+            f", made into {stats.kept} samples ({stats.conversations_split} conversations split into "
+            f"{stats.split_samples} samples)"
+        )
     lines += [
         "",
-        f"{stats.kept} of {stats.rows} training rows kept ({data.data_format} format), {stats.total_tokens} "
-        f"tokens of which {stats.trained_tokens} carry loss.",
+        f"{stats.rows_kept} of {stats.rows} training rows kept{samples} ({data.data_format} format), "
+        f"{stats.total_tokens} tokens of which {stats.trained_tokens} carry loss.",
         "",
+        *_audit_lines(data, config.train.output_dir),
         "## Training procedure",
         "",
         "| setting | value |",
@@ -243,6 +251,17 @@ def _training(config: SFTConfig, data: PreparedData, max_len: int) -> str:
     ]
     lines += [f"| {key} | {value} |" for key, value in _settings(config, max_len)]
     return "\n".join(lines)
+
+
+def _audit_lines(data: PreparedData, output_dir: str) -> list[str]:
+    """The data audit's key numbers, and where its files are (the run's output folder)."""
+    if not data.audit:
+        return []
+    return [
+        f"Data audit (`{AUDIT_HTML_NAME}` and `{AUDIT_JSON_NAME}` in the run's output folder "
+        f"`{Path(output_dir).name}`): {key_numbers(data.audit)}.",
+        "",
+    ]
 
 
 def _settings(config: SFTConfig, max_len: int) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ import torch
 
 from tuning.data import PreparedData
 from tuning.files import write_text_atomic
+from tuning.outputs.audit_report import AUDIT_JSON_NAME
 from tuning.outputs.plot import LOSS_PLOT_NAME
 from tuning.trackers import TrackerCallback
 from tuning.train import is_complete, list_checkpoints, per_rank
@@ -46,7 +47,10 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
         "final_validation_loss": evals[-1] if evals else None,
         "best_validation_loss": min(evals) if evals else None,
         "rows": data.stats.rows,
-        "rows_kept": data.stats.kept,
+        "rows_kept": data.stats.rows_kept,
+        "samples": data.stats.samples,
+        "samples_kept": data.stats.kept,
+        "data_audit": str(out / AUDIT_JSON_NAME) if (out / AUDIT_JSON_NAME).is_file() else None,
         "output_dir": str(out),
         "checkpoints": [str(p) for p in list_checkpoints(out) if is_complete(p)],
         "best_model_checkpoint": trainer.state.best_model_checkpoint,

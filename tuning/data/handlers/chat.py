@@ -43,5 +43,6 @@ def tokenize_and_apply_chat_template_with_masking(
         "input_ids": out["input_ids"],
         "labels": out["labels"],
         chat.SAMPLE_INFO: out[chat.SAMPLE_INFO],
+        chat.TOKEN_ROLES: out[chat.TOKEN_ROLES],
         SOURCE_ROWS: rows,
     }
