@@ -16,11 +16,10 @@ from typing import Any
 
 from tuning.data import IGNORE_INDEX, audit_table, check_gates, data_audit, trained_pieces
 from tuning.files import write_text_atomic
+from tuning.train import AUDIT_HTML_NAME, AUDIT_JSON_NAME, new_record_path
 
 logger = logging.getLogger("tuning")
 
-AUDIT_JSON_NAME = "data_audit.json"
-AUDIT_HTML_NAME = "data_audit.html"
 _SAMPLE_CHARS = 4000  # of each shown sample: a page people open, not a dump
 
 _CSS = """
@@ -41,13 +40,16 @@ mark{background:#c8f0d0;color:#0a5a1e;border-radius:2px}
 def write_audit(
     audit: dict[str, Any], data: Any, tokenizer: Any, output_dir: str | Path
 ) -> tuple[Path, Path]:
-    """Write ``data_audit.json`` and ``data_audit.html`` into ``output_dir``; returns both paths.
+    """Write ``data_audit.json`` and ``data_audit.html`` into ``output_dir`` (a training run's pending
+    records until its first commit: ``tuning/train/records.py``); returns both paths.
     ``data`` is the PreparedData whose sources hold the samples shown."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path = write_text_atomic(out / AUDIT_JSON_NAME, json.dumps(audit, indent=2) + "\n")
+    json_path = write_text_atomic(new_record_path(out, AUDIT_JSON_NAME), json.dumps(audit, indent=2) + "\n")
     examples = {s.name: s.stats.examples for s in data.sources}
-    html_path = write_text_atomic(out / AUDIT_HTML_NAME, render_page(audit, examples, tokenizer))
+    html_path = write_text_atomic(
+        new_record_path(out, AUDIT_HTML_NAME), render_page(audit, examples, tokenizer)
+    )
     return json_path, html_path
 
 

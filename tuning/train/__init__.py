@@ -18,7 +18,7 @@ from tuning.train.distributed import (
 )
 from tuning.train.fingerprint import run_fingerprint
 from tuning.train.progress import TokenRate, log_run_start
-from tuning.train.records import new_record_path
+from tuning.train.records import AUDIT_HTML_NAME, AUDIT_JSON_NAME, new_record_path
 from tuning.train.resume import resume_checkpoint
 from tuning.train.run_folder import RunFolder, out_of_space
 from tuning.train.trainer import SFTTrainer, build_trainer
@@ -41,6 +41,8 @@ __all__ = [
     "list_checkpoints",
     "log_run_start",
     "new_record_path",
+    "AUDIT_HTML_NAME",
+    "AUDIT_JSON_NAME",
     "out_of_space",
     "per_rank",
     "read_training_logs",

@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 
 PENDING_DIR = ".pending"
 RUN_ID_NAME = "run_id"
+# the data audit a run writes before it trains: pending like the other records (a rerun that fails keeps
+# the last run's audit beside the last run's checkpoints), but no sign that the run got anywhere, so a
+# run that fails before training still leaves the folder as found (RunFolder.has_run)
+AUDIT_JSON_NAME = "data_audit.json"
+AUDIT_HTML_NAME = "data_audit.html"
+START_RECORDS = (AUDIT_JSON_NAME, AUDIT_HTML_NAME)
 
 
 def pending_dir(output_dir: str | Path) -> Path:

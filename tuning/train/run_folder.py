@@ -49,6 +49,7 @@ from tuning.train.checkpoint_format import (
 )
 from tuning.train.records import (
     RUN_ID_NAME,
+    START_RECORDS,
     pending_dir,
     pending_run_id,
     promote_pending,
@@ -70,7 +71,7 @@ class RunFolder:
         self.path = Path(config.train.output_dir)
         self._lock: OutputDirLock | None = None
         self.run_id: str | None = None
-        self._records_at_start = {RUN_ID_NAME}
+        self._records_at_start = {RUN_ID_NAME, *START_RECORDS}
 
     def __enter__(self) -> RunFolder:
         args = self.config.train
