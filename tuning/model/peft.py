@@ -134,6 +134,7 @@ def _lora_config(args: PeftArgs, model: Any, tokenizer: Any, added: AddedTokens 
         alora_invocation_tokens=invocation,
         trainable_token_indices=_trainable_token_indices(model, added),
         ensure_weight_tying=bool(added and model.config.get_text_config().tie_word_embeddings),
+        **(args.lora_config_kwargs or {}),
     )
 
 

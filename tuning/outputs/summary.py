@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tuning.data import PreparedData
+from tuning.data import PaddingFreeCollator, PreparedData
 from tuning.files import write_text_atomic
 from tuning.outputs.plot import LOSS_PLOT_NAME
 from tuning.trackers import TrackerCallback
@@ -47,6 +47,8 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
         "best_validation_loss": min(evals) if evals else None,
         "rows": data.stats.rows,
         "rows_kept": data.stats.kept,
+        # padding-free (the default where exact) or padded batches: what --padding_free got
+        "padding_free": isinstance(trainer.data_collator, PaddingFreeCollator),
         "output_dir": str(out),
         "checkpoints": [str(p) for p in list_checkpoints(out) if is_complete(p)],
         "best_model_checkpoint": trainer.state.best_model_checkpoint,

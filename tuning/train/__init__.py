@@ -12,6 +12,7 @@ from tuning.train.checkpoints import (
     list_checkpoints,
     out_of_space,
 )
+from tuning.train.controller import build_controller
 from tuning.train.distributed import (
     DEEPSPEED_MISSING,
     barrier,
@@ -38,6 +39,7 @@ __all__ = [
     "TokenRate",
     "TrainingLogCallback",
     "barrier",
+    "build_controller",
     "build_trainer",
     "check_resumable",
     "checkpoint_layout",

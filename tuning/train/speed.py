@@ -100,6 +100,7 @@ def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any, pa
     if requested_padding_free:
         blocker = padding_free_blocker(model)
         if blocker is None:
+            logger.info("padding-free batches: each batch is one row, position_ids restart per sample")
             return PaddingFreeCollator()
         logger.warning("padding-free batching is off: %s; padding each batch instead", blocker)
     return PaddingCollator(pad_id=pad_token_id(tokenizer))
