@@ -106,7 +106,7 @@ def _train(config: SFTConfig) -> dict:
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)
     fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
-    callbacks = [tracking, *([controller] if controller else [])]
+    callbacks = [tracking, *tracking.trainer_callbacks, *([controller] if controller else [])]
     trainer = build_trainer(args, model, tokenizer, data, plan, callbacks, fingerprint=fingerprint)
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()

@@ -30,6 +30,14 @@ REGISTRY: dict[str, tuple[str | None, str | None, str]] = {
     "aim": ("aim", "aim", "tuning.trackers.aim_tracker:AimTracker"),
     "tensorboard": ("tensorboard", "tensorboard", "tuning.trackers.tensorboard_tracker:TensorBoardTracker"),
     "mlflow": ("mlflow", "mlflow", "tuning.trackers.mlflow_tracker:MlflowTracker"),
+    "wandb": ("wandb", "wandb", "tuning.trackers.wandb_tracker:WandbTracker"),
+    "clearml": ("clearml", "clearml", "tuning.trackers.clearml_tracker:ClearMLTracker"),
+    "trackio": ("trackio", "trackio", "tuning.trackers.trackio_tracker:TrackioTracker"),
+    "hf_resource_scanner": (
+        "HFResourceScanner",
+        "hf_resource_scanner",
+        "tuning.trackers.resource_scanner_tracker:ResourceScannerTracker",
+    ),
 }
 
 
@@ -41,6 +49,7 @@ class RunInfo:
     run_name: str
     output_dir: str
     params: dict[str, Any] = field(default_factory=dict)
+    export_dir: str | None = None  # --run_uri_export_path: a copy of each <tracker>_tracker.json
 
 
 class Tracker(Protocol):
@@ -107,7 +116,11 @@ def run_info(config: SFTConfig) -> RunInfo:
     }
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return RunInfo(
-        experiment=experiment, run_name=f"{experiment}-{stamp}", output_dir=output_dir, params=params
+        experiment=experiment,
+        run_name=f"{experiment}-{stamp}",
+        output_dir=output_dir,
+        params=params,
+        export_dir=targs.run_uri_export_path,
     )
 
 
@@ -129,6 +142,11 @@ class TrackerCallback(TrainerCallback):
         self.run_ids: dict[str, Any] = {}
         self.rate = TokenRate()
         self._started = False
+
+    @property
+    def trainer_callbacks(self) -> list[TrainerCallback]:
+        """Trackers that are Trainer callbacks of their own (hf_resource_scanner's scanner)."""
+        return [t.callback for t in self.trackers if getattr(t, "callback", None) is not None]
 
     def _guard(self, tracker: Any, action: str, call: Any) -> Any:
         try:
@@ -165,7 +183,12 @@ class TrackerCallback(TrainerCallback):
             link = self._guard(tracker, "start", lambda t=tracker: t.start(self.info))
             if link:
                 self.run_ids[tracker.name] = link.get("run_id")
-                write_tracker_json(self.info.output_dir, tracker.name, link)
+                path = write_tracker_json(self.info.output_dir, tracker.name, link)
+                if self.info.export_dir:  # fms-hf-tuning's run_uri_export_path
+                    Path(self.info.export_dir).mkdir(parents=True, exist_ok=True)
+                    (Path(self.info.export_dir) / path.name).write_text(
+                        path.read_text(encoding="utf-8"), encoding="utf-8"
+                    )
 
     def on_log(
         self,
