@@ -520,6 +520,11 @@ class PeftArgs:
         self.lora_config_kwargs = json_object(
             self.lora_config_kwargs, "lora_config_kwargs", '{"fan_in_fan_out": true}'
         )
+        own = sorted(
+            set(self.lora_config_kwargs or {}) & {"r", "lora_alpha", "lora_dropout", "target_modules"}
+        )
+        if own:
+            raise ValueError(f"--lora_config_kwargs sets {', '.join(own)}: pass them as flags (--lora_r ...)")
         check_group(self)
         if self.peft_method == "alora" and not self.alora_invocation_string:
             raise ValueError(

@@ -144,6 +144,9 @@ LORA_PASSTHROUGH = (
     "use_bdlora",
     "arrow_config",
     "kasa_config",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "ensure_weight_tying",
 )
 
 
