@@ -365,7 +365,7 @@ def _kernel_plugins(fms: FmsArgs, peft_method: str) -> None:
         if importlib.util.find_spec("gptqmodel") is None:
             raise UserError(
                 "--auto_gptq trains LoRA on a GPTQ checkpoint, which transformers loads through gptqmodel "
-                "(auto-gptq does not build for torch 2.13): pip install gptqmodel (it pins its own torch; "
+                "(transformers 5 no longer uses auto-gptq): pip install gptqmodel optimum (gptqmodel pins its own torch; "
                 "use a separate environment), or train this model with --quantization_method bnb_4bit"
             )
         if peft_method not in ("lora", "alora"):
