@@ -225,8 +225,10 @@ def translate_file(values: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     merged: dict[str, dict] = {}
     for key, value in values.items():
-        if not is_translated(key):
-            out[key] = value
+        if not is_translated(key) or (value is None and key in LEGACY and LEGACY[key].new == key):
+            out[key] = value  # null: the flag's default (a resolved_config.yaml holds every flag)
+            continue
+        if value is None:
             continue
         if isinstance(value, dict):
             tokens = [json.dumps(value)]

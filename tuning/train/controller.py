@@ -352,7 +352,7 @@ class TrainerController(TrainerCallback):
         if event == "on_save":  # what fms-hf-tuning's LogControl examples print as {path}
             kwargs.setdefault("path", f"{args.output_dir}/checkpoint-{state.global_step}")
         for rule in self.rules.get(event, []):
-            held = self._evaluate(rule)
+            held = self._outcome(rule)
             if held is None:
                 continue
             if rule.patience is not None and rule.patience.tolerate(held):
@@ -371,7 +371,7 @@ class TrainerController(TrainerCallback):
                     **self.values,
                 )
 
-    def _evaluate(self, rule: Rule) -> bool | None:
+    def _outcome(self, rule: Rule) -> bool | None:
         """The rule's outcome, or None when a metric it reads has no value yet."""
         names = {k: (_Unavailable() if v is None else v) for k, v in self.values.items()}
         evaluator = self._evaluator_class(
