@@ -113,6 +113,9 @@ LEGACY: dict[str, Spelling] = {
     "tracker": Spelling("trackers", "", _split_commas),
     "trackers": Spelling("trackers", "", _split_commas),
     "fast_moe": Spelling("fast_moe", "", lambda tokens: tokens or ["true"]),
+    # fms-hf-tuning lowercases these (its docs write "peft_method": "None")
+    "peft_method": Spelling("peft_method", "", lambda tokens: [t.lower() for t in tokens]),
+    "quantization_method": Spelling("quantization_method", "", lambda tokens: [t.lower() for t in tokens]),
     "bitsandbytes": Spelling("bnb_qlora", "fms-hf-tuning's documented name for --bnb_qlora"),
     "task_type": Spelling(None, "", lambda t: _only("task_type", t, "CAUSAL_LM")),
     "peft_type": Spelling(None, "", lambda t: _only("peft_type", t, "LORA")),

@@ -5,6 +5,7 @@ Framework auto-logging and resource monitoring stay off: the metrics are the one
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from clearml import Task
@@ -25,6 +26,9 @@ class ClearMLTracker:
         offline = os.environ.get("CLEARML_OFFLINE_MODE", "").lower() in ("1", "true", "yes")
         if offline:
             Task.set_offline(offline_mode=True)
+        # Task.init installs ClearML's own SIGTERM/SIGINT hooks over ours (checkpoint, then exit 143/130;
+        # tuning/train/signals.py); ours stay, and finish() closes the task on every way out
+        kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         self.task = Task.init(
             project_name=self.project or info.experiment,
             task_name=self.task_name or info.run_name,
@@ -33,6 +37,9 @@ class ClearMLTracker:
             auto_resource_monitoring=False,
             reuse_last_task_id=False,
         )
+        for number, handler in kept.items():
+            if handler is not None:  # None: a handler set outside Python, which Python can't reinstate
+                signal.signal(number, handler)
         self.task.connect(
             {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in info.params.items()}
         )
@@ -49,4 +56,7 @@ class ClearMLTracker:
 
     def finish(self) -> None:
         if self.task is not None:
+            kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
             self.task.close()
+            for number, handler in kept.items():  # close() resets them to the default
+                signal.signal(number, handler)
