@@ -206,3 +206,13 @@ def test_every_flag_in_the_fms_table_is_accepted():
     missing = [name for name, what in rows if name not in known and not is_translated(name)]
     assert missing == ["dataset_image_field"]
     assert not [name for name, what in rows if "unknown" in what.lower()]
+
+
+def test_fms_case_of_peft_method_and_quantization_method(tmp_path, monkeypatch):
+    # fms-hf-tuning lowercases both; its docs write "peft_method": "None"
+    job = {"peft_method": "None", "quantization_method": "None"}
+    for config in parse_both(
+        tmp_path, monkeypatch, job, ["--peft_method", "LORA", "--quantization_method", "NONE"]
+    ):
+        assert config.quant.quantization_method == "none"
+        assert config.peft.peft_method in ("none", "lora")
