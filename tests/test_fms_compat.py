@@ -211,8 +211,7 @@ def test_every_flag_in_the_fms_table_is_accepted():
 def test_fms_case_of_peft_method_and_quantization_method(tmp_path, monkeypatch):
     # fms-hf-tuning lowercases both; its docs write "peft_method": "None"
     job = {"peft_method": "None", "quantization_method": "None"}
-    for config in parse_both(
-        tmp_path, monkeypatch, job, ["--peft_method", "LORA", "--quantization_method", "NONE"]
-    ):
-        assert config.quant.quantization_method == "none"
-        assert config.peft.peft_method in ("none", "lora")
+    argv = ["--peft_method", "LORA", "--quantization_method", "NONE"]
+    from_job, from_cli = parse_both(tmp_path, monkeypatch, job, argv)
+    assert (from_job.peft.peft_method, from_job.quant.quantization_method) == ("none", "none")
+    assert (from_cli.peft.peft_method, from_cli.quant.quantization_method) == ("lora", "none")
