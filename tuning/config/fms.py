@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -343,8 +344,6 @@ def resolve_fms(config: Any) -> None:
             config.trackers.training_logs_filename,
         )
     if fms.cache_dir:
-        import os  # noqa: PLC0415 - only this flag touches the environment
-
         os.environ["HF_HUB_CACHE"] = fms.cache_dir
         logger.info("--cache_dir: hub downloads go to %s ($HF_HUB_CACHE)", fms.cache_dir)
 
