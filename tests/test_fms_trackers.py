@@ -138,3 +138,36 @@ def test_tracker_values_comma_separated_or_repeated(tmp_path):
     one = parse_config([*base, "--tracker", "aim,mlflow"]).trackers.trackers
     two = parse_config([*base, "--tracker", "aim", "mlflow"]).trackers.trackers
     assert one == two == ["file_logger", "aim", "mlflow"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("trackio") is None,
+    reason="trackio not installed (it upgrades pillow; not in the dev extra): pip install 'tuning[trackio]'",
+)
+def test_trackio_records_each_logged_step(tmp_path, monkeypatch):
+    import sqlite3
+
+    import trackio.sqlite_storage
+    import trackio.utils
+
+    from tuning.config import TrackerArgs
+    from tuning.trackers import RunInfo
+    from tuning.trackers.trackio_tracker import TrackioTracker
+
+    # trackio reads $TRACKIO_DIR once, at import: point its modules at this test's folder
+    for module in (trackio.utils, trackio.sqlite_storage):
+        monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
+    tracker = TrackioTracker(TrackerArgs(experiment="tiny"), str(tmp_path / "out"))
+    info = RunInfo(
+        experiment="tiny", run_name="tiny-1", output_dir=str(tmp_path / "out"), params={"lr": 1e-3}
+    )
+    assert tracker.start(info) == {"run_id": "tiny-1", "project": "tiny"}
+    tracker.log({"loss": 5.5, "grad_norm": 2.0}, step=1, epoch=0.25)
+    tracker.log({"loss": 5.25}, step=2, epoch=0.5)
+    tracker.finish()
+    with sqlite3.connect(trackio.sqlite_storage.SQLiteStorage.get_project_db_path("tiny")) as db:
+        rows = db.execute("select run_name, step, metrics from metrics order by step").fetchall()
+    assert [(name, step, json.loads(metrics)) for name, step, metrics in rows] == [
+        ("tiny-1", 1, {"loss": 5.5, "grad_norm": 2.0, "epoch": 0.25}),
+        ("tiny-1", 2, {"loss": 5.25, "epoch": 0.5}),
+    ]

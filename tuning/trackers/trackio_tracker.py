@@ -20,7 +20,10 @@ class TrackioTracker:
 
     def start(self, info: RunInfo) -> dict[str, Any]:
         project = self.project or info.experiment
-        self.run = trackio.init(project=project, name=info.run_name, config=info.params)
+        # system metrics threads off, as for aim: the metrics are the ones we log
+        self.run = trackio.init(
+            project=project, name=info.run_name, config=info.params, auto_log_cpu=False, auto_log_gpu=False
+        )
         return {"run_id": getattr(self.run, "name", info.run_name), "project": project}
 
     def log(self, metrics: dict[str, float], step: int, epoch: float) -> None:
