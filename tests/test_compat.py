@@ -129,6 +129,11 @@ def test_argparse_lists_actions_and_converts_like_the_command_line():
         argparse_private.convert(parser, n, "3")
     with pytest.raises(argparse.ArgumentError, match="invalid int value"):
         argparse_private.convert(parser, n, "x")
+    parser.add_argument("--no_n", dest="n", action="store_false")
+    assert argparse_private.is_store_false(argparse_private.actions(parser)[-1]), changed(
+        "argparse", "_StoreFalseAction"
+    )
+    assert not argparse_private.is_store_false(n)
 
 
 def test_argparse_hooks_our_parser_overrides_are_still_called():

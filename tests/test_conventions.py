@@ -229,10 +229,12 @@ def test_all_extra_holds_every_optional_part():
     (everything,) = [Requirement(r) for r in extras["all"]]
     assert everything.name == "tuning"  # the project's own extras, so every pin lives in one place
     trackers = {extra for _, extra, _ in REGISTRY.values() if extra}
-    assert trackers == {"aim", "tensorboard", "mlflow"} and trackers <= everything.extras
+    assert trackers == {"aim", "tensorboard", "mlflow", "wandb", "clearml", "trackio", "hf_resource_scanner"}
+    assert trackers <= everything.extras
     # every extra is in all, except the developer tools, what compiles against CUDA, and kernels (the
-    # 0.18.x transformers 5.24 accepts is not on the registry yet: pyproject.toml says so)
-    assert set(extras) - {"all", "dev", "flash-attn", "kernels"} == everything.extras
+    # 0.18.x transformers 5.24 accepts is not on the registry yet: pyproject.toml says so), and liger
+    # (Triton: a CUDA GPU's kernels, pointless elsewhere)
+    assert set(extras) - {"all", "dev", "flash-attn", "kernels", "liger"} == everything.extras
     assert "matplotlib" not in " ".join(
         tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     )

@@ -44,6 +44,7 @@ from tuning.outputs import (
 from tuning.trackers import build_trackers
 from tuning.train import (
     RunFolder,
+    build_controller,
     build_trainer,
     exit_process,
     launch_defaults,
@@ -73,6 +74,7 @@ def run(config: SFTConfig) -> dict:
 def _train(config: SFTConfig) -> dict:
     args = config.train
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
+    controller = build_controller(config.fms.trainer_controller_config_file)  # its rules checked here too
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
     plan = precision_plan(config.model, model_config, config.peft.peft_method, args.optim_name)
@@ -104,7 +106,8 @@ def _train(config: SFTConfig) -> dict:
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)
     fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
-    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking], fingerprint=fingerprint)
+    callbacks = [tracking, *tracking.trainer_callbacks, *([controller] if controller else [])]
+    trainer = build_trainer(args, model, tokenizer, data, plan, callbacks, fingerprint=fingerprint)
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
     try:

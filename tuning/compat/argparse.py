@@ -20,3 +20,8 @@ def convert(parser: argparse.ArgumentParser, action: argparse.Action, text: str)
     value = parser._get_value(action, text)
     parser._check_value(action, value)
     return value
+
+
+def is_store_false(action: argparse.Action) -> bool:
+    """Whether ``action`` stores False when given (``--no_X``: ``argparse._StoreFalseAction``)."""
+    return isinstance(action, argparse._StoreFalseAction)

@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 from transformers.training_args import OptimizerNames
 
+from tuning.config.fms import FmsArgs
 from tuning.config.rules import check_values
 from tuning.dtypes import DTYPE_NAMES
 from tuning.errors import UserError
@@ -482,6 +483,7 @@ class SFTConfig:
     peft: PeftArgs = field(default_factory=lambda: PeftArgs())  # defined below; the lambda defers the lookup
     trackers: TrackerArgs = field(default_factory=lambda: TrackerArgs())
     quant: QuantArgs = field(default_factory=lambda: QuantArgs())
+    fms: FmsArgs = field(default_factory=FmsArgs)
 
 
 PeftMethod = Literal["none", "lora", "alora", "pt"]
@@ -553,6 +555,13 @@ class PeftArgs:
             "multiple of this (64 suits tensor cores)."
         },
     )
+    lora_config_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON object of further peft.LoraConfig keywords, e.g. {"fan_in_fan_out": true} (fms-hf-tuning '
+            "job files' other LoraConfig keys land here)."
+        },
+    )
     save_new_embeddings_separately: bool = field(
         default=False,
         metadata={
@@ -564,6 +573,14 @@ class PeftArgs:
 
     def __post_init__(self) -> None:
         self.alora_invocation_string = unescape(self.alora_invocation_string)
+        self.lora_config_kwargs = json_object(
+            self.lora_config_kwargs, "lora_config_kwargs", '{"fan_in_fan_out": true}'
+        )
+        own = sorted(
+            set(self.lora_config_kwargs or {}) & {"r", "lora_alpha", "lora_dropout", "target_modules"}
+        )
+        if own:
+            raise ValueError(f"--lora_config_kwargs sets {', '.join(own)}: pass them as flags (--lora_r ...)")
         check_group(self)
         if self.peft_method == "alora" and not self.alora_invocation_string:
             raise ValueError(
@@ -577,7 +594,16 @@ class PeftArgs:
             raise ValueError("--prompt_tuning_init TEXT needs --prompt_tuning_init_text")
 
 
-TRACKERS = ("file_logger", "aim", "tensorboard", "mlflow")
+TRACKERS = (
+    "file_logger",
+    "aim",
+    "tensorboard",
+    "mlflow",
+    "wandb",
+    "clearml",
+    "trackio",
+    "hf_resource_scanner",
+)
 
 
 @dataclass
@@ -586,7 +612,11 @@ class TrackerArgs:
 
     trackers: list[str] = field(
         default_factory=lambda: ["file_logger"],
-        metadata={"help": "file_logger (always on), aim, tensorboard, mlflow.", "choices": TRACKERS},
+        metadata={
+            "help": "file_logger (always on), aim, tensorboard, mlflow, wandb, clearml, trackio, "
+            "hf_resource_scanner; several as separate values or comma-separated (--tracker aim,wandb).",
+            "choices": TRACKERS,
+        },
     )
     experiment: str | None = field(
         default=None, metadata={"help": "Experiment name in the trackers (default: the output_dir name)."}
@@ -608,6 +638,48 @@ class TrackerArgs:
     )
     exp_metadata: dict | str | None = field(
         default=None, metadata={"help": 'JSON object recorded as run parameters, e.g. {"team": "nlp"}.'}
+    )
+    # fms-hf-tuning's tracker keys (its TrackerConfigs)
+    aim_experiment: str | None = field(
+        default=None, metadata={"help": "aim experiment name (default: --experiment)."}
+    )
+    aim_url: str | None = field(
+        default=None, metadata={"help": "aim remote repository URL, aim://HOST:PORT (instead of --aim_repo)."}
+    )
+    clearml_project: str | None = field(
+        default=None, metadata={"help": "ClearML project (default: --experiment)."}
+    )
+    clearml_task: str | None = field(
+        default=None, metadata={"help": "ClearML task name (default: the run name)."}
+    )
+    wandb_project: str | None = field(
+        default=None, metadata={"help": "W&B project (default: $WANDB_PROJECT, else --experiment)."}
+    )
+    trackio_project: str | None = field(
+        default=None, metadata={"help": "trackio project (default: --experiment)."}
+    )
+    scanner_output_filename: str = field(
+        default="scanner_output.json",
+        metadata={"help": "hf_resource_scanner: its report file, in output_dir (fms-hf-tuning's default)."},
+    )
+    training_logs_filename: str = field(
+        default="training_logs.jsonl",
+        metadata={
+            "help": "file_logger's file name in output_dir (fms-hf-tuning's key; default training_logs.jsonl)."
+        },
+    )
+    run_uri_export_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder for a copy of each <tracker>_tracker.json (fms-hf-tuning's key; always in output_dir)."
+        },
+    )
+    tensorboard_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "TensorBoard event folder (default: $TENSORBOARD_LOGGING_DIR, else output_dir/tensorboard); "
+            "transformers 4's --logging_dir means this."
+        },
     )
 
     def __post_init__(self) -> None:

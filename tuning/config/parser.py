@@ -42,6 +42,7 @@ from tuning.config.args import (
     float_fields,
     text_fields,
 )
+from tuning.config.fms import FmsArgs, resolve_fms, translate_argv, translate_file
 from tuning.config.rules import check_values
 from tuning.errors import ArgumentParser, UserError, did_you_mean
 from tuning.files import LAUNCH_ARGS_KEY, check_writable_folder, job_from_environment, read_mapping_file
@@ -54,6 +55,7 @@ ARG_GROUPS: dict[str, type] = {
     "peft": PeftArgs,
     "trackers": TrackerArgs,
     "quant": QuantArgs,
+    "fms": FmsArgs,
 }
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 # A step count given without its strategy means "every N steps": the fms-hf-tuning commands rely on it.
@@ -208,6 +210,7 @@ def parse_command_line(
     own: returns them too, as a namespace. ``needs_data=False``: a command that reads no data (``tuning
     plan``) may leave the data flags out."""
     parser = parser or build_parser()
+    argv = translate_argv(argv)  # fms-hf-tuning's and transformers 4's names → ours (tuning/config/fms.py)
     on_cli = _command_line_values(parser, argv)
     config_file = on_cli.pop("config", None)
     source, from_file = file_values(config_file, parser)
@@ -228,6 +231,7 @@ def parse_command_line(
     check_values(values, text, where, floats)
     check_combinations(values, where)
     config = SFTConfig(**{name: _build_group(cls, values) for name, cls in ARG_GROUPS.items()})
+    resolve_fms(config)
     grouped = {f.name for cls in ARG_GROUPS.values() for f in dataclasses.fields(cls)} | {"config"}
     extras = argparse.Namespace(**{k: v for k, v in values.items() if k not in grouped})
     validate(config, needs_data)
@@ -276,12 +280,18 @@ def convert_config_values(values: dict[str, Any], where: str, parser: HfArgument
     like the flags: unknown keys rejected, the launcher's own key set aside (a ``tuning launch`` job file
     is also a ``--config`` file)."""
     actions: dict[str, argparse.Action] = {}
-    for action in argparse_private.actions(
-        parser
-    ):  # the first action of a dest is the flag's; --no_X shares the dest
+    # the first action of a dest is the flag's; --no_X shares the dest
+    for action in argparse_private.actions(parser):
         actions.setdefault(action.dest, action)
     valid = [d for d in actions if d not in ("help", "config")]
-    values = dict(values)
+    # a flag's other spellings (--r for lora_r, --max_length) are keys too
+    spelled = {
+        o[2:]: a.dest
+        for a in actions.values()
+        for o in a.option_strings
+        if o.startswith("--") and not argparse_private.is_store_false(a)  # not --no_X: inverted
+    }
+    values = {spelled.get(k, k) if k not in valid else k: v for k, v in translate_file(values).items()}
     if values.pop(LAUNCH_ARGS_KEY, None) is not None:
         logger.info("%s: %s is read by tuning launch only; ignored here", where, LAUNCH_ARGS_KEY)
     out = {}

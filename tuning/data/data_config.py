@@ -97,8 +97,9 @@ def _load_cached(resolved: str, _mtime: int, _size: int, shown: str) -> DataConf
     proc_raw = raw.get("dataprocessor") or {}
     if isinstance(proc_raw, dict) and proc_raw.get("type", "default") != "default":
         raise UserError(
-            f"{where}: dataprocessor type '{proc_raw['type']}' is not supported (online data mixing is "
-            "not implemented); use type: default with per-dataset sampling ratios"
+            f"{where}: dataprocessor type '{proc_raw['type']}' is not supported: online data mixing is not "
+            "implemented here, and fms-acceleration-odm (fms-hf-tuning's) pins torch 2.8 and transformers 4.55; "
+            "use type: default with per-dataset sampling ratios (a fixed mix)"
         )
     proc = _build(DataProcessorConfig, proc_raw, f"{where}: dataprocessor")
     if not 0 <= proc.seed <= SEED_MAX:  # the range --seed has (numpy's)

@@ -175,7 +175,8 @@ class RowTemplate:
     def render(self, row: dict[str, Any]) -> str:
         with template_errors(self.what, row):
             try:
-                return self.template.render(**row, row=row)
+                # element: fms-hf-tuning's name for the row ({{ element["text"] }}); a column wins a clash
+                return self.template.render(**{"row": row, "element": row, **row})
             except UndefinedError as e:
                 raise UserError(
                     f"{self.what} refers to a missing column ({e.message}); available columns: {list(row)}"

@@ -116,7 +116,7 @@ def _lora_config(args: PeftArgs, model: Any, tokenizer: Any, added: AddedTokens 
     if args.peft_method == "alora":
         invocation = tokenizer.encode(args.alora_invocation_string, add_special_tokens=False)
         logger.info("alora: invocation %r is tokens %s", args.alora_invocation_string, invocation)
-    return LoraConfig(
+    ours = dict(
         task_type=TaskType.CAUSAL_LM,
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -135,6 +135,9 @@ def _lora_config(args: PeftArgs, model: Any, tokenizer: Any, added: AddedTokens 
         trainable_token_indices=_trainable_token_indices(model, added),
         ensure_weight_tying=bool(added and model.config.get_text_config().tie_word_embeddings),
     )
+    # --lora_config_kwargs (fms-hf-tuning job files' further LoraConfig keys) may also set what we derive
+    # (trainable_token_indices, alora_invocation_tokens, ensure_weight_tying): the user's value wins
+    return LoraConfig(**{**ours, **(args.lora_config_kwargs or {})})
 
 
 def _prompt_tuning_config(args: PeftArgs, tokenizer: Any) -> PromptTuningConfig:

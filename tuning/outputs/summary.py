@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tuning.data import PreparedData
+from tuning.data import PaddingFreeCollator, PreparedData
 from tuning.files import write_text_atomic
 from tuning.outputs.audit_report import AUDIT_JSON_NAME
 from tuning.outputs.plot import LOSS_PLOT_NAME
@@ -51,6 +51,8 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
         "samples": data.stats.samples,
         "samples_kept": data.stats.kept,
         "data_audit": str(out / AUDIT_JSON_NAME) if (out / AUDIT_JSON_NAME).is_file() else None,
+        # padding-free (the default where exact) or padded batches: what --padding_free got
+        "padding_free": isinstance(trainer.data_collator, PaddingFreeCollator),
         "output_dir": str(out),
         "checkpoints": [str(p) for p in list_checkpoints(out) if is_complete(p)],
         "best_model_checkpoint": trainer.state.best_model_checkpoint,

@@ -50,6 +50,30 @@ def _mlflow() -> type:
     return MlflowTracker
 
 
+def _wandb() -> type:
+    from tuning.trackers.wandb_tracker import WandbTracker
+
+    return WandbTracker
+
+
+def _clearml() -> type:
+    from tuning.trackers.clearml_tracker import ClearMLTracker
+
+    return ClearMLTracker
+
+
+def _trackio() -> type:
+    from tuning.trackers.trackio_tracker import TrackioTracker
+
+    return TrackioTracker
+
+
+def _resource_scanner() -> type:
+    from tuning.trackers.resource_scanner_tracker import ResourceScannerTracker
+
+    return ResourceScannerTracker
+
+
 # tracker name → (package that must import, pip extra, our implementation). Each implementation is a plain
 # import inside a function (not importlib), so the import-direction test sees it and it loads only when asked.
 REGISTRY: dict[str, tuple[str | None, str | None, Callable[[], type]]] = {
@@ -57,6 +81,10 @@ REGISTRY: dict[str, tuple[str | None, str | None, Callable[[], type]]] = {
     "aim": ("aim", "aim", _aim),
     "tensorboard": ("tensorboard", "tensorboard", _tensorboard),
     "mlflow": ("mlflow", "mlflow", _mlflow),
+    "wandb": ("wandb", "wandb", _wandb),
+    "clearml": ("clearml", "clearml", _clearml),
+    "trackio": ("trackio", "trackio", _trackio),
+    "hf_resource_scanner": ("HFResourceScanner", "hf_resource_scanner", _resource_scanner),
 }
 
 
@@ -112,7 +140,11 @@ def run_info(config: SFTConfig) -> RunInfo:
     }
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return RunInfo(
-        experiment=experiment, run_name=f"{experiment}-{stamp}", output_dir=output_dir, params=params
+        experiment=experiment,
+        run_name=f"{experiment}-{stamp}",
+        output_dir=output_dir,
+        params=params,
+        export_dir=targs.run_uri_export_path,
     )
 
 
@@ -134,6 +166,11 @@ class TrackerCallback(TrainerCallback):
         self.run_ids: dict[str, Any] = {}
         self.rate = TokenRate()
         self._started = False
+
+    @property
+    def trainer_callbacks(self) -> list[TrainerCallback]:
+        """Trackers that are Trainer callbacks of their own (hf_resource_scanner's scanner)."""
+        return [t.callback for t in self.trackers if getattr(t, "callback", None) is not None]
 
     def _guard(self, tracker: Any, action: str, call: Any) -> Any:
         try:
@@ -170,7 +207,12 @@ class TrackerCallback(TrainerCallback):
             link = self._guard(tracker, "start", lambda t=tracker: t.start(self.info))
             if link:
                 self.run_ids[tracker.name] = link.get("run_id")
-                write_tracker_json(self.info.output_dir, tracker.name, link)
+                path = write_tracker_json(self.info.output_dir, tracker.name, link)
+                if self.info.export_dir:  # fms-hf-tuning's run_uri_export_path
+                    Path(self.info.export_dir).mkdir(parents=True, exist_ok=True)
+                    (Path(self.info.export_dir) / path.name).write_text(
+                        path.read_text(encoding="utf-8"), encoding="utf-8"
+                    )
 
     def on_log(
         self,

@@ -17,7 +17,10 @@ class AimTracker:
     name = "aim"
 
     def __init__(self, args: TrackerArgs, output_dir: str) -> None:
-        if args.aim_remote_server_ip:
+        self.experiment = args.aim_experiment  # fms-hf-tuning's key; default the run's --experiment
+        if args.aim_url:  # fms-hf-tuning's aim://HOST:PORT
+            self.repo = args.aim_url
+        elif args.aim_remote_server_ip:
             self.repo = f"aim://{args.aim_remote_server_ip}:{args.aim_remote_server_port or AIM_DEFAULT_PORT}"
         else:
             self.repo = str(Path(args.aim_repo or output_dir).resolve())
@@ -28,14 +31,14 @@ class AimTracker:
         # system-stats threads outlive failures: all off
         self.run = Run(
             repo=self.repo,
-            experiment=info.experiment,
+            experiment=self.experiment or info.experiment,
             log_system_params=False,
             system_tracking_interval=None,
             capture_terminal_logs=False,
         )
         self.run.name = info.run_name
         self.run["hparams"] = info.params
-        return {"run_id": self.run.hash, "repo": self.repo, "experiment": info.experiment}
+        return {"run_id": self.run.hash, "repo": self.repo, "experiment": self.experiment or info.experiment}
 
     def log(self, metrics: dict[str, float], step: int, epoch: float) -> None:
         for key, value in metrics.items():

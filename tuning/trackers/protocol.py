@@ -15,6 +15,7 @@ class RunInfo:
     run_name: str
     output_dir: str
     params: dict[str, Any] = field(default_factory=dict)
+    export_dir: str | None = None  # --run_uri_export_path: a copy of each <tracker>_tracker.json
 
 
 class Tracker(Protocol):

@@ -18,7 +18,8 @@ class TensorBoardTracker:
     name = "tensorboard"
 
     def __init__(self, args: TrackerArgs, output_dir: str) -> None:
-        self.root = Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(output_dir) / "tensorboard")
+        default = os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(output_dir) / "tensorboard"
+        self.root = Path(args.tensorboard_dir or default)
         self.writer: SummaryWriter | None = None
 
     def start(self, info: RunInfo) -> dict[str, Any]:

@@ -3,6 +3,7 @@ resume decision, signals, distributed helpers, progress."""
 
 from tuning.train.callbacks import TRAINING_LOGS_NAME, TrainingLogCallback, read_training_logs
 from tuning.train.checkpoint_format import is_complete, list_checkpoints
+from tuning.train.controller import build_controller
 from tuning.train.distributed import (
     DEEPSPEED_MISSING,
     barrier,
@@ -31,6 +32,7 @@ __all__ = [
     "TokenRate",
     "TrainingLogCallback",
     "barrier",
+    "build_controller",
     "build_trainer",
     "deepspeed_installed",
     "exit_process",

@@ -34,6 +34,7 @@ def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any, pa
     """
     blocker = padding_free_blocker(model)
     if padding_free_decision(requested_padding_free, blocker, packed):
+        logger.info("padding-free batches: each batch is one row, position_ids restart per sample")
         return PaddingFreeCollator()
     if requested_padding_free:
         logger.warning("padding-free batching is off: %s; padding each batch instead", blocker)
