@@ -84,6 +84,10 @@ class ChatSettings:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     render_budget: int = DEFAULT_RENDER_BUDGET
     keep_sample_info: bool = False  # ``tuning preview`` shows which samples one conversation became
+    # Where a template writes no end-of-turn after an assistant message (LLaVA-1.5), the stop token the
+    # model emits at inference (this text) is appended to the turn and trained; the separator whitespace
+    # the template writes instead is not. Set by the image-text path (docs/vision.md).
+    append_stop: str | None = None
 
 
 def settings_from_args(
@@ -370,7 +374,8 @@ def conversation_samples(
         trainable = trainable[-1:]
     if not trainable:
         return [], 0
-    if template.marks_generation(conversation.tools):
+    # {% generation %} marks (LLaVA-1.5's) leave the stop token out: the turn rule below appends it
+    if template.marks_generation(conversation.tools) and settings.append_stop is None:
         return [_generation_sample(conversation, template, settings)], 0
     samples: list[ChatSample] = []
     rendered = 0
@@ -382,6 +387,8 @@ def conversation_samples(
         rendered += len(context) + len(full)
         probe = partial(template.render, [*messages[:k], {**messages[k], "content": _PROBE}], conversation)
         completion = turn_completion(context, full, stops, probe)
+        if settings.append_stop and not completion.endswith(tuple(stops)):
+            completion = completion.rstrip() + settings.append_stop
         if not completion:
             raise UserError(
                 f"the chat template renders nothing for assistant message {k} of a conversation "

@@ -22,18 +22,32 @@ logger = logging.getLogger(__name__)
 
 
 def build_datasets(
-    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    stop_token_ids: Sequence[int] = (),
+    processor: Any = None,
 ) -> PreparedData:
     """Load, format, tokenize and mask the training (and validation) data. ``stop_token_ids`` end a
-    generated turn (the model's generation config); chat turns are trained through the first of them."""
+    generated turn (the model's generation config); chat turns are trained through the first of them.
+    ``processor``: an image-text model's, for chat rows with images (docs/vision.md)."""
     settings = settings_from_args(args, stop_token_ids)
     if args.data_config_path:
+        if processor is not None:
+            raise UserError(
+                "image-text models read --training_data_path (and --validation_data_path) here, not a data "
+                "config yet; pass the data file directly (docs/vision.md)"
+            )
         data = build_from_data_config(args, tokenizer, max_len, settings)
     else:
-        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
+        train, fmt, stats = prepare_path(
+            args.training_data_path, args, tokenizer, max_len, settings, processor
+        )
         validation = None
         if args.validation_data_path:
-            validation, _, _ = prepare_path(args.validation_data_path, args, tokenizer, max_len, settings)
+            validation, _, _ = prepare_path(
+                args.validation_data_path, args, tokenizer, max_len, settings, processor
+            )
         data = PreparedData(train, validation, fmt, stats)
     if args.packing:  # one place for both paths: packing cuts the final (mixed) training set
         if not isinstance(data.train, datasets.Dataset):
@@ -76,7 +90,11 @@ def data_sources(args: DataArgs) -> list[tuple[str, list[str]]]:
 
 
 def preview_parts(
-    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    stop_token_ids: Sequence[int] = (),
+    processor: Any = None,
 ) -> list[tuple[str, Any, DataStats | None]]:
     """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data.
     Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
@@ -84,5 +102,5 @@ def preview_parts(
     if args.data_config_path:
         _, processed = process_all(args, tokenizer, max_len, settings)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
-    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
+    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings, processor)
     return [(args.training_data_path, ds, stats)]

@@ -1,0 +1,227 @@
+"""Image+text chat SFT (docs/vision.md) on the real processors of ``../shared/real-processors``.
+
+Expected ids and labels are computed here from ``apply_chat_template`` + the processor alone: turn k's
+context is the template on ``messages[:k]`` with the generation prompt, processed with the images it
+holds; its trained tokens are what the processor gives after the context for the completion (through
+the stop token: ``<|im_end|>`` for Qwen2.5-VL; LLaVA-1.5's template writes none, so ``</s>`` from its
+generation_config is appended and its separator space dropped)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from tuning.config import DataArgs, ModelArgs
+from tuning.data.chat import settings_from_args
+from tuning.data.prepare import prepare_path
+from tuning.data.tokenize import IGNORE_INDEX
+from tuning.errors import UserError
+
+REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "real-processors"
+FAMILIES = ("llava-1.5", "qwen2.5-vl")
+STOPS = {"llava-1.5": (2,), "qwen2.5-vl": (151645, 151643)}  # their generation_config.json
+
+
+def processor_of(family: str):
+    if not (REAL / family).is_dir():
+        pytest.skip(f"{REAL / family} is absent: real VLM processor tests need ../shared/real-processors")
+    from tuning.model.vision import load_processor
+
+    return load_processor(ModelArgs(model_name_or_path=str(REAL / family)), DataArgs(training_data_path="x"))
+
+
+_PROCESSORS: dict = {}
+
+
+def proc(family: str):
+    if family not in _PROCESSORS:
+        _PROCESSORS[family] = processor_of(family)
+    return _PROCESSORS[family]
+
+
+def image(color: tuple[int, int, int], size: tuple[int, int] = (84, 56)):
+    from PIL import Image
+
+    return Image.new("RGB", size, color)
+
+
+def write_png(path: Path, color, size=(84, 56)) -> str:
+    image(color, size).save(path)
+    return path.name
+
+
+def user(text: str, images: int = 0) -> dict:
+    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def expected(family: str, messages: list[dict], images: list) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per sample, from the template and the processor only."""
+    p = proc(family)
+    stop = p.tokenizer.convert_ids_to_tokens(STOPS[family][0])
+
+    def ids(text: str) -> list[int]:
+        n = text.count(p.image_token)
+        return list(p(text=[text], images=images[:n] or None)["input_ids"][0])
+
+    turns = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        context = p.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=False)
+        full = p.apply_chat_template(messages[: k + 1], tokenize=False)
+        assert full.startswith(context)
+        completion = full[len(context) :]
+        completion = (
+            completion[: completion.index(stop) + len(stop)]
+            if stop in completion
+            else completion.rstrip() + stop
+        )
+        turns.append((context, completion))
+    samples: list[tuple[str, list[tuple[str, str]]]] = []
+    for context, completion in turns:  # a turn joins the previous sample when it extends it
+        text = context + completion
+        if samples and text.startswith(samples[-1][0]):
+            samples[-1] = (text, [*samples[-1][1], (context, completion)])
+        else:
+            samples.append((text, [(context, completion)]))
+    out = []
+    for text, parts in samples:
+        full_ids = ids(text)
+        labels = [IGNORE_INDEX] * len(full_ids)
+        for context, completion in parts:
+            start, end = len(ids(context)), len(ids(context + completion))
+            assert full_ids[:start] == ids(context)  # the context's tokens are the sample's
+            labels[start:end] = full_ids[start:end]
+        out.append((full_ids, labels))
+    return out
+
+
+def run_prepare(tmp_path: Path, family: str, rows: list[dict], **data_args):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = DataArgs(training_data_path=str(data), **data_args)
+    p = proc(family)
+    settings = settings_from_args(args, STOPS[family])
+    ds, fmt, stats = prepare_path(str(data), args, p.tokenizer, 4096, settings, p)
+    return ds, stats
+
+
+def check_rows(ds, want: list[tuple[list[int], list[int]]]) -> None:
+    assert len(ds) == len(want)
+    for row, (ids, labels) in zip(ds, want, strict=True):
+        assert row["input_ids"] == ids
+        assert row["labels"] == labels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_turn(family, tmp_path):
+    messages = [user("What color is this?", 1), assistant("Red.")]
+    name = write_png(tmp_path / "red.png", (200, 10, 10))
+    ds, stats = run_prepare(tmp_path, family, [{"messages": messages, "images": [name]}])
+    want = expected(family, messages, [image((200, 10, 10))])
+    check_rows(ds, want)
+    trained = [t for t in want[0][1] if t != IGNORE_INDEX]
+    assert trained[-1] == STOPS[family][0]  # the stop token is trained
+    assert ds[0]["images"][0]["path"] == str(tmp_path / name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multi_turn_with_system_prompt(family, tmp_path):
+    system = {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]}
+    messages = [system, user("Color?", 1), assistant("Red."), user("And the shape?"), assistant("Square.")]
+    name = write_png(tmp_path / "a.png", (200, 10, 10), (56, 112))
+    ds, stats = run_prepare(tmp_path, family, [{"messages": messages, "images": name}])  # a single image
+    want = expected(family, messages, [image((200, 10, 10), (56, 112))])
+    check_rows(ds, want)
+    # Qwen's ChatML ends every turn with <|im_end|>: one sample; LLaVA's template writes no stop token,
+    # so the first turn (trained with </s>) is not a prefix of the second's context: two samples
+    assert len(ds) == (2 if family == "llava-1.5" else 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multi_image_rows(family, tmp_path):
+    messages = [
+        user("Compare these.", 2),
+        assistant("Both red."),
+        user("And this one?", 1),
+        assistant("Blue."),
+    ]
+    colors = [((200, 10, 10), (84, 56)), ((190, 0, 0), (112, 56)), ((0, 0, 200), (56, 56))]
+    buffers = []
+    for color, size in colors:
+        b = io.BytesIO()
+        image(color, size).save(b, format="PNG")
+        buffers.append({"bytes": list(b.getvalue())})  # JSON has no bytes: a list of ints, as Arrow reads it
+    ds, stats = run_prepare(tmp_path, family, [{"messages": messages, "images": buffers}])
+    want = expected(family, messages, [image(c, s) for c, s in colors])
+    check_rows(ds, want)
+    assert [len(r["images"]) for r in ds] == ([2, 3] if family == "llava-1.5" else [3])
+
+
+def test_llava_sharegpt_rows(tmp_path):
+    """LLaVA's own data shape: ShareGPT turns with <image> in the text and an ``image`` column."""
+    name = write_png(tmp_path / "x.png", (0, 200, 0))
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": "Green."},
+            ],
+            "image": name,
+        }
+    ]
+    ds, _ = run_prepare(tmp_path, "llava-1.5", rows)
+    check_rows(
+        ds, expected("llava-1.5", [user("What is this?", 1), assistant("Green.")], [image((0, 200, 0))])
+    )
+
+
+def test_fms_flags_name_the_columns(tmp_path):
+    """fms-hf-tuning's --dataset_text_field messages --dataset_image_field images."""
+    name = write_png(tmp_path / "r.png", (200, 10, 10))
+    messages = [user("Color?", 1), assistant("Red.")]
+    ds, _ = run_prepare(
+        tmp_path,
+        "qwen2.5-vl",
+        [{"msgs": messages, "pics": [name]}],
+        dataset_text_field="msgs",
+        dataset_image_field="pics",
+    )
+    check_rows(ds, expected("qwen2.5-vl", messages, [image((200, 10, 10))]))
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (["missing.png"], "row 0 of .*missing.png does not exist"),
+        ([], "row 0 of .*1 image items .* 0 images"),
+        (["a.png", "a.png"], "row 0 of .*1 image items .* 2 images"),
+        (["corrupt.png"], "row 0 of .*cannot be decoded"),
+        (["bomb.png"], "row 0 of .*over the limit .*without decoding"),
+    ],
+)
+def test_bad_images_name_the_row(tmp_path, images, message):
+    write_png(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    bomb = io.BytesIO()
+    from PIL import Image
+
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 400 MP, a few kB compressed
+    (tmp_path / "bomb.png").write_bytes(bomb.getvalue())
+    rows = [{"messages": [user("Color?", 1), assistant("Red.")], "images": images}]
+    with pytest.raises(UserError, match=message):
+        run_prepare(tmp_path, "qwen2.5-vl", rows)
+
+
+def test_image_column_without_image_model(tmp_path, tokenizer):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [user("hi", 1), assistant("yo")], "images": ["a.png"]}) + "\n")
+    with pytest.raises(UserError, match="takes no images"):
+        prepare_path(str(data), DataArgs(training_data_path=str(data)), tokenizer, 64)
