@@ -26,8 +26,10 @@ from tuning.model import (
     check_memory,
     context_length,
     generation_stop_ids,
+    is_image_text,
     load_model,
     load_model_config,
+    load_processor,
     load_tokenizer,
     precision_plan,
     quantization_config,
@@ -85,6 +87,9 @@ def _train(config: SFTConfig) -> dict:
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
+    # an image-text model reads its data through its processor (docs/vision.md), whose tokenizer is the text's
+    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     plan = precision_plan(config.model, model_config, config.peft.peft_method, args.optim_name)
     devices = topology(args)
     quant = quantization_config(
@@ -97,14 +102,16 @@ def _train(config: SFTConfig) -> dict:
         check_memory(setup, args.memory_check, show=args.should_save)
     # one rank per machine (or per job, on a shared cache) tokenizes; the others then read its cache
     with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
-        data = build_datasets(config.data, tokenizer, max_len, stop_ids)
+        data = build_datasets(config.data, tokenizer, max_len, stop_ids, processor)
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}
     set_seed(args.seed)  # new weights (adapters) start equal on every rank and in every run of a job
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)
     fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
-    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking], fingerprint=fingerprint)
+    trainer = build_trainer(
+        args, model, tokenizer, data, plan, [tracking], fingerprint=fingerprint, processor=processor
+    )
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
     try:
@@ -114,7 +121,11 @@ def _train(config: SFTConfig) -> dict:
         if args.should_save:
             write_loss_plot(args.output_dir)  # also for a failed run: the curve up to the failure
     seconds = time.perf_counter() - start
-    saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
+    saved = (
+        save_final_model(trainer, processor or tokenizer, args.save_model_dir, plan)
+        if args.save_model_dir
+        else None
+    )
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
         write_summary(args.output_dir, summary)

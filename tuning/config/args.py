@@ -263,7 +263,7 @@ class DataArgs:
         default=None,
         metadata={
             "help": "Column with each row's images (fms-hf-tuning's name; default: images, then image): one "
-            "image per {\"type\": \"image\"} item or <image> marker, in order, as paths (relative to the data "
+            'image per {"type": "image"} item or <image> marker, in order, as paths (relative to the data '
             "file's folder), {bytes} or a single image; needs an image-text model (docs/vision.md)."
         },
     )

@@ -10,6 +10,7 @@ from tuning.data.pipeline import build_datasets, check_data_config, data_sources
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
 from tuning.data.tokenize import IGNORE_INDEX
+from tuning.data.vision import VisionCollator
 
 __all__ = [
     "IGNORE_INDEX",
@@ -19,6 +20,7 @@ __all__ = [
     "PaddingFreeCollator",
     "PreparedData",
     "TokenBudgetBatchSampler",
+    "VisionCollator",
     "build_datasets",
     "check_data_config",
     "data_sources",

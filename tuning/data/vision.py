@@ -342,6 +342,10 @@ class VisionCollator:
         images = [load_image(r, "a training sample") for r in refs]
         pixels = self.processor(images=images, return_tensors="pt")
         batch.update({k: v for k, v in pixels.items() if k not in batch})
+        if "mm_token_type_ids" in getattr(self.processor, "model_input_names", ()):
+            # Qwen2.5-VL places its 3-D rope positions by these (which tokens are image tokens)
+            ids = batch["input_ids"].tolist()
+            batch["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(ids))
         return batch
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +41,14 @@ def load_processor(model_args: ModelArgs, data_args: DataArgs) -> Any:
     ``--chat_template_path`` applied as for text models."""
     from tuning.model.tokenizer import read_chat_template
 
-    name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    try:
-        try:
-            processor = AutoProcessor.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
-        except ImportError as e:
-            if "torchvision" not in str(e).lower():
-                raise
-            processor = image_only_processor(name, model_args.trust_remote_code)
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"cannot load an image-text processor from {name}: {first_line(e)}") from None
-    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+    if data_args.add_special_tokens:
         raise UserError(
-            f"{name} has no image processor ({type(processor).__name__}); image+text training needs a "
-            "processor with one (preprocessor_config.json)"
+            "--add_special_tokens is not supported for image-text models yet (the processor's tokenizer and "
+            "image tokens would drift apart); drop it"
         )
+    processor = processor_from(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
+    )
     if data_args.chat_template:
         processor.chat_template = data_args.chat_template
     elif data_args.chat_template_path:
@@ -62,6 +56,45 @@ def load_processor(model_args: ModelArgs, data_args: DataArgs) -> Any:
     if not getattr(processor, "chat_template", None):
         processor.chat_template = processor.tokenizer.chat_template
     return processor
+
+
+def processor_from(name: str, trust_remote_code: bool = False) -> Any:
+    """``AutoProcessor`` of ``name``, built without its video part when torchvision is missing; a
+    processor without an image processor is a user error."""
+    try:
+        try:
+            processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except ImportError as e:
+            if "torchvision" not in str(e).lower():
+                raise
+            processor = image_only_processor(name, trust_remote_code)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"cannot load an image-text processor from {name}: {first_line(e)}") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise UserError(
+            f"{name} has no image processor ({type(processor).__name__}); image+text training needs a "
+            "processor with one (preprocessor_config.json)"
+        )
+    return processor
+
+
+def model_auto_class(config: PretrainedConfig) -> Any:
+    """The Auto class that loads ``config``: ``AutoModelForImageTextToText`` for image-text models,
+    ``AutoModelForCausalLM`` otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_image_text(config) else AutoModelForCausalLM
+
+
+def lora_exclusions(model: Any, user: list[str] | None) -> str | list[str] | None:
+    """``exclude_modules`` for LoRA: the user's names, and every module of the frozen vision parts (a
+    regular expression over full module names, which is how peft takes prefixes)."""
+    frozen = getattr(model, "tuning_frozen_modules", None)
+    if not frozen:
+        return user
+    parts = [rf"{re.escape(name)}(\..*)?" for name in frozen]
+    parts += [rf"(.*\.)?{re.escape(name)}" for name in user or []]
+    return "|".join(parts)
 
 
 def image_only_processor(name: str, trust_remote_code: bool = False) -> Any:
@@ -129,6 +162,9 @@ def save_processor(processor: Any, folder: str | Path) -> None:
     processor.image_processor.save_pretrained(str(folder))
     if processor.chat_template:
         (Path(folder) / "chat_template.jinja").write_text(processor.chat_template, encoding="utf-8")
+    # what AutoProcessor reads to pick the processor class
+    config = {"processor_class": type(processor).__name__}
+    (Path(folder) / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 # --- what trains ----------------------------------------------------------------------------------

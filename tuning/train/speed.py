@@ -15,6 +15,7 @@ from tuning.data import (
     PaddingCollator,
     PaddingFreeCollator,
     TokenBudgetBatchSampler,
+    VisionCollator,
     pad_token_id,
     sample_lengths,
 )
@@ -81,13 +82,27 @@ def _bracketed(source: str, open_at: int) -> str:
     return source[open_at:]
 
 
-def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any, packed: bool = False) -> Any:
-    """Padding-free when asked for and exact for this model; otherwise right padding.
+def choose_collator(
+    requested_padding_free: bool, model: Any, tokenizer: Any, packed: bool = False, processor: Any = None
+) -> Any:
+    """Padding-free when asked for and exact for this model; otherwise right padding. Image-text models
+    (``processor``) always get padded batches with their images processed (:class:`VisionCollator`).
 
     ``packed``: the rows hold several samples each with ``position_ids`` restarting per sample
     (``--packing_strategy bfd``). Only a padding-free batch keeps those samples apart, so there is no
     padded fallback: where padding-free isn't exact, packing this way isn't either.
     """
+    if processor is not None:
+        if packed:
+            raise UserError(
+                "--packing is not supported for image-text models; drop --packing (docs/vision.md)"
+            )
+        if requested_padding_free:
+            logger.info(
+                "padding-free batching is off for image-text models: image features and position ids "
+                "(Qwen2.5-VL's 3-D rope, Mllama's cross-attention) are built per padded row; padding each batch"
+            )
+        return VisionCollator(processor, pad_token_id(tokenizer))
     if packed:
         blocker = padding_free_blocker(model)
         if blocker is not None:

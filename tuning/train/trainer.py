@@ -111,6 +111,7 @@ def build_trainer(
     plan: PrecisionPlan,
     callbacks: list[Any] | None = None,
     fingerprint: dict | None = None,
+    processor: Any = None,
 ) -> SFTTrainer:
     configure_precision(args, plan)
     if not torch.cuda.is_available():
@@ -127,13 +128,15 @@ def build_trainer(
     if data.validation is None and args.eval_strategy != "no":
         logger.warning("eval_strategy=%s but no --validation_data_path; not evaluating", args.eval_strategy)
         args.eval_strategy = "no"
+    if processor is not None:  # the rows' image references reach the collator (no forward argument)
+        args.remove_unused_columns = False
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
         data_collator=choose_collator(
-            args.padding_free, model, tokenizer, packed=_packed_samples(data.train)
+            args.padding_free, model, tokenizer, packed=_packed_samples(data.train), processor=processor
         ),
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
