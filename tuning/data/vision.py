@@ -117,7 +117,10 @@ def load_image(ref: Mapping[str, Any], where: str) -> Any:
     error naming ``where``. The size is checked from the header, before any pixel is decoded."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise UserError("image+text data needs Pillow: pip install 'tuning[vision]'") from None
 
     name = ref.get("path") or "its bytes"
     source = io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref.get("path")
