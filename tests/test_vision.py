@@ -63,8 +63,11 @@ def assistant(text: str) -> dict:
 
 def expected(family: str, messages: list[dict], images: list) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) per sample, from the template and the processor only."""
-    p = proc(family)
-    stop = p.tokenizer.convert_ids_to_tokens(STOPS[family][0])
+    return expected_with(proc(family), STOPS[family][0], messages, images)
+
+
+def expected_with(p, stop_id: int, messages: list[dict], images: list) -> list[tuple[list[int], list[int]]]:
+    stop = p.tokenizer.convert_ids_to_tokens(stop_id)
 
     def ids(text: str) -> list[int]:
         n = text.count(p.image_token)
@@ -103,12 +106,12 @@ def expected(family: str, messages: list[dict], images: list) -> list[tuple[list
     return out
 
 
-def run_prepare(tmp_path: Path, family: str, rows: list[dict], **data_args):
+def run_prepare(tmp_path: Path, family: str, rows: list[dict], processor=None, stops=(), **data_args):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = DataArgs(training_data_path=str(data), **data_args)
-    p = proc(family)
-    settings = settings_from_args(args, STOPS[family])
+    p = processor or proc(family)
+    settings = settings_from_args(args, stops or STOPS[family])
     ds, fmt, stats = prepare_path(str(data), args, p.tokenizer, 4096, settings, p)
     return ds, stats
 
@@ -163,6 +166,64 @@ def test_multi_image_rows(family, tmp_path):
     want = expected(family, messages, [image(c, s) for c, s in colors])
     check_rows(ds, want)
     assert [len(r["images"]) for r in ds] == ([2, 3] if family == "llava-1.5" else [3])
+
+
+def gemma3_processor():
+    """Gemma 3's processor class, image processor (PIL) and real chat template
+    (tests/vision_templates/gemma3.jinja) over a real BPE tokenizer given Gemma's control tokens: the
+    Gemma tokenizer itself is not in ../shared. Its placeholder expands into text around the image tokens
+    ("\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n"), which the turn spans must follow."""
+    from transformers import AutoTokenizer, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    if not (REAL / "qwen2.5-vl").is_dir():
+        pytest.skip(f"{REAL} is absent: the Gemma 3 check borrows the Qwen2.5 tokenizer from it")
+    names = {
+        "image_token": "<image_soft_token>",
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+    }
+    tokenizer = AutoTokenizer.from_pretrained(REAL / "qwen2.5-vl", extra_special_tokens=names)
+    controls = ["<start_of_turn>", "<end_of_turn>", *names.values()]
+    tokenizer.add_special_tokens(
+        {"bos_token": "<bos>", "additional_special_tokens": controls}, replace_extra_special_tokens=False
+    )
+    template = (Path(__file__).parent / "vision_templates" / "gemma3.jinja").read_text()
+    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    return Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template, image_seq_length=4
+    )
+
+
+def test_gemma3_template_multi_turn_with_system_and_two_images(tmp_path):
+    from tuning.data import VisionCollator
+
+    p = gemma3_processor()
+    stop = p.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    system = {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    messages = [system, user("Compare.", 2), assistant("Both red."), user("Sure?"), assistant("Yes.")]
+    names = [write_png(tmp_path / f"{i}.png", (200, i, 0)) for i in range(2)]
+    ds, _ = run_prepare(
+        tmp_path, "gemma3", [{"messages": messages, "images": names}], processor=p, stops=(stop,)
+    )
+    want = expected_with(p, stop, messages, [image((200, i, 0)) for i in range(2)])
+    check_rows(ds, want)
+    assert len(ds) == 1  # <end_of_turn> closes every turn: one sample trains both
+    soft = p.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert ds[0]["token_type_ids"] == [int(t == soft) for t in ds[0]["input_ids"]]  # the processor's own
+    batch = VisionCollator(p, pad_id=0)(
+        [
+            ds[0],
+            {
+                **ds[0],
+                "input_ids": ds[0]["input_ids"][:5],
+                "labels": [IGNORE_INDEX] * 5,
+                "token_type_ids": [0] * 5,
+                "images": [],
+            },
+        ]
+    )
+    assert batch["pixel_values"].shape[0] == 2 and batch["token_type_ids"].shape == batch["input_ids"].shape
 
 
 def test_llava_sharegpt_rows(tmp_path):

@@ -10,10 +10,11 @@ from tuning.data.pipeline import build_datasets, check_data_config, data_sources
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
 from tuning.data.tokenize import IGNORE_INDEX
-from tuning.data.vision import VisionCollator
+from tuning.data.vision import IMAGES, VisionCollator, collapse_image_runs, image_markers
 
 __all__ = [
     "IGNORE_INDEX",
+    "IMAGES",
     "SAMPLE_INFO",
     "DataStats",
     "PaddingCollator",
@@ -23,6 +24,8 @@ __all__ = [
     "VisionCollator",
     "build_datasets",
     "check_data_config",
+    "collapse_image_runs",
+    "image_markers",
     "data_sources",
     "pad_token_id",
     "preview_parts",

@@ -67,7 +67,7 @@ def prepare_path(
     image-text model's ``processor``, chat rows and their images take the image-text path."""
     raw = load_data(path)
     fmt = formats.resolve_format(args, raw.column_names)
-    local = Path(path).expanduser()
+    local = Path(path).expanduser().resolve()  # references stay valid from any folder (shards, workers)
     base_dir = str(local if local.is_dir() else local.parent)  # relative image paths start here
     vision_data = vision.VisionData(processor, args.dataset_image_field, base_dir) if processor else None
     ds, stats = prepare(
@@ -94,6 +94,11 @@ def prepare(
         raise UserError(
             f"{name} has an image column '{images}', and the model takes no images; use an image-text model "
             "(AutoModelForImageTextToText: LLaVA, Qwen2.5-VL, ...) or drop the column (docs/vision.md)"
+        )
+    if fmt == "pretokenized" and images and images != vision.IMAGES:
+        raise UserError(
+            f"{name}: tokenized image-text rows keep their image references in a column named "
+            f"'{vision.IMAGES}'; rename column '{images}'"
         )
     if vision_data is not None and fmt == "chat":
         if images and isinstance(raw.features.get(images), (datasets.Image, datasets.Sequence, list)):
@@ -302,6 +307,8 @@ def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]
     out = {"input_ids": ids, "labels": labels, "status": status, "truncated": truncated}
     if chat.SAMPLE_INFO in batch:
         out[chat.SAMPLE_INFO] = batch[chat.SAMPLE_INFO]
+    if vision.IMAGES in batch:  # image-text rows written by --do_dataprocessing_only: their references
+        out[vision.IMAGES] = batch[vision.IMAGES]
     return out
 
 

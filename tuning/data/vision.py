@@ -19,8 +19,9 @@ decompression bomb is refused without being decoded.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +188,18 @@ def image_items(messages: Sequence[Mapping[str, Any]]) -> int:
 # --- samples → tokens -------------------------------------------------------------------------------
 
 
+# Per-token columns a processor returns beside input_ids and the model reads (which tokens are image
+# tokens): Qwen2.5-VL's rope positions, Gemma 3's bidirectional image attention. Kept from the
+# processor's own output and padded with 0 (text) by the collator.
+TOKEN_TYPE_COLUMNS = ("mm_token_type_ids", "token_type_ids")
+
+
 @dataclass
 class _Sample:
     ids: list[int]
     labels: list[int]
     images: int  # the first n images of the row
+    token_types: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _shift(position: int, replacements: Sequence[Mapping[str, Any]]) -> int:
@@ -209,9 +217,10 @@ def _shift(position: int, replacements: Sequence[Mapping[str, Any]]) -> int:
     return moved
 
 
-def _processed(processor: Any, text: str, images: list[Any]) -> tuple[list[int], list, list]:
-    """The processor's ids, token offsets (in the expanded text) and placeholder replacements of ``text``
-    with its images; BOS added as the processor adds it at inference (when the template writes none)."""
+def _processed(processor: Any, text: str, images: list[Any]) -> tuple[list[int], list, list, dict]:
+    """The processor's ids, token offsets (in the expanded text), placeholder replacements and per-token
+    type columns of ``text`` with its images; BOS added as the processor adds it at inference (when the
+    template writes none)."""
     bos = processor.tokenizer.bos_token
     enc = processor(
         text=[text],
@@ -221,7 +230,8 @@ def _processed(processor: Any, text: str, images: list[Any]) -> tuple[list[int],
         add_special_tokens=not (bos and text.startswith(bos)),
     )
     replacements = (enc.get("text_replacement_offsets") or [[]])[0]
-    return list(enc["input_ids"][0]), [tuple(o) for o in enc["offset_mapping"][0]], replacements
+    types = {k: list(enc[k][0]) for k in TOKEN_TYPE_COLUMNS if k in enc}
+    return list(enc["input_ids"][0]), [tuple(o) for o in enc["offset_mapping"][0]], replacements, types
 
 
 def encode_sample(
@@ -230,7 +240,7 @@ def encode_sample(
     """One chat sample → token ids and labels (several samples when a turn's boundary falls inside a
     token: as the text path, each such turn gets a sample of its own, context tokens then completion)."""
     n = sample.text.count(image_token) if image_token else 0
-    ids, offsets, replacements = _processed(processor, sample.text, images[:n])
+    ids, offsets, replacements, types = _processed(processor, sample.text, images[:n])
     turns = [(_shift(a, replacements), _shift(b, replacements)) for a, b in sample.turns]
     mask, broken = chat._mask_and_check(offsets, turns)
     if broken and len(sample.turns) > 1:
@@ -244,11 +254,14 @@ def encode_sample(
     if broken:  # the context ends inside a token: its tokens, then the completion's as generated
         start, end = sample.turns[0]
         context = sample.text[:start]
-        ids = _processed(processor, context, images[: context.count(image_token) if image_token else 0])[0]
+        ids, _, _, types = _processed(
+            processor, context, images[: context.count(image_token) if image_token else 0]
+        )
         completion = chat._continuation_ids(processor.tokenizer, sample.text[start:end])
-        return [_Sample(ids + completion, [IGNORE_INDEX] * len(ids) + completion, n)]
+        types = {k: v + [0] * len(completion) for k, v in types.items()}  # the completion is text
+        return [_Sample(ids + completion, [IGNORE_INDEX] * len(ids) + completion, n, types)]
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-    return [_Sample(ids, labels, n)]
+    return [_Sample(ids, labels, n, types)]
 
 
 def image_token_ids(processor: Any) -> set[int]:
@@ -310,6 +323,8 @@ def encode_vision_conversations(
                 status = OK if any(t != IGNORE_INDEX for t in labels) else NOTHING_TRAINED
             info = [i, len(parts), over_budget if i == 0 else 0]
             _append(out, ids, labels, row_refs[: part.images], status, truncated, info)
+            for name, values in part.token_types.items():
+                out.setdefault(name, []).append(values[:max_len])
     return out
 
 
@@ -339,28 +354,42 @@ class VisionCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = PaddingCollator(self.pad_id)(features)
+        for name in TOKEN_TYPE_COLUMNS:
+            if features and name in features[0]:
+                types = torch.zeros_like(batch["input_ids"])
+                for row, f in enumerate(features):
+                    types[row, : len(f[name])] = torch.as_tensor(f[name], dtype=torch.long)
+                batch[name] = types
         refs = [r for f in features for r in (f.get(IMAGES) or [])]
         if not refs:
             return batch
         images = [load_image(r, "a training sample") for r in refs]
         pixels = self.processor(images=images, return_tensors="pt")
-        batch.update({k: v for k, v in pixels.items() if k not in batch})
-        if "mm_token_type_ids" in getattr(self.processor, "model_input_names", ()):
-            # Qwen2.5-VL places its 3-D rope positions by these (which tokens are image tokens)
-            ids = batch["input_ids"].tolist()
-            batch["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(ids))
+        batch.update({k: v for k, v in pixels.items() if k not in batch and k not in TOKEN_TYPE_COLUMNS})
         return batch
 
 
-def image_marker_counts(input_ids: Sequence[int], processor: Any) -> list[int]:
-    """The lengths of the runs of image tokens in ``input_ids`` (``tuning preview`` shows each image as
-    one marker with its token count)."""
-    ids = image_token_ids(processor)
-    runs, n = [], 0
-    for t in input_ids:
-        if t in ids:
-            n += 1
-        elif n:
-            runs.append(n)
-            n = 0
-    return runs + ([n] if n else [])
+def collapse_image_runs(
+    input_ids: Sequence[int], labels: Sequence[int], processor: Any
+) -> tuple[list[int], list[int], list[int]]:
+    """``input_ids``/``labels`` with each run of image tokens cut to its first token, and the runs'
+    lengths (``tuning preview`` shows an image as one marker with its token count)."""
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    ids: list[int] = []
+    kept: list[int] = []
+    runs: list[int] = []
+    for t, lab in zip(input_ids, labels, strict=True):
+        if t == image_id and ids and ids[-1] == image_id:
+            runs[-1] += 1
+            continue
+        if t == image_id:
+            runs.append(1)
+        ids.append(t)
+        kept.append(lab)
+    return ids, kept, runs
+
+
+def image_markers(text: str, processor: Any, runs: Sequence[int]) -> str:
+    """``text`` with the i-th image token replaced by ``[image: runs[i] tokens]``."""
+    counts = iter(runs)
+    return re.sub(re.escape(processor.image_token), lambda _: f"[image: {next(counts, 0)} tokens]", text)
