@@ -226,6 +226,40 @@ def test_gemma3_template_multi_turn_with_system_and_two_images(tmp_path):
     assert batch["pixel_values"].shape[0] == 2 and batch["token_type_ids"].shape == batch["input_ids"].shape
 
 
+def smolvlm_processor():
+    """SmolVLM (Idefics3 architecture): ``Idefics3Processor`` with its PIL image processor (no image
+    splitting, 28 px) and SmolVLM's chat template (tests/vision_templates/smolvlm.jinja, transformers'
+    ``DEFAULT_CHAT_TEMPLATE``), over a real BPE tokenizer given Idefics3's control tokens. An image
+    expands to ``<fake_token_around_image><global-img>`` + image tokens + ``<fake_token_around_image>``."""
+    from transformers import AutoTokenizer, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    if not (REAL / "qwen2.5-vl").is_dir():
+        pytest.skip(f"{REAL} is absent: the SmolVLM check borrows the Qwen2.5 tokenizer from it")
+    tokenizer = AutoTokenizer.from_pretrained(REAL / "qwen2.5-vl")
+    controls = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": controls}, replace_extra_special_tokens=False)
+    template = (Path(__file__).parent / "vision_templates" / "smolvlm.jinja").read_text()
+    size = {"longest_edge": 28}
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size=size, max_image_size=size)
+    return Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template, image_seq_len=4
+    )
+
+
+def test_smolvlm_template_multi_turn_with_system_and_images(tmp_path):
+    p = smolvlm_processor()
+    stop = p.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    system = {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}  # a content list
+    messages = [system, user("Color?", 1), assistant("Red."), user("And this?", 1), assistant("Blue.")]
+    names = [write_png(tmp_path / f"{i}.png", (0, i, 200)) for i in range(2)]
+    ds, _ = run_prepare(
+        tmp_path, "smolvlm", [{"messages": messages, "images": names}], processor=p, stops=(stop,)
+    )
+    check_rows(ds, expected_with(p, stop, messages, [image((0, i, 200)) for i in range(2)]))
+    assert len(ds) == 1
+
+
 def test_llava_sharegpt_rows(tmp_path):
     """LLaVA's own data shape: ShareGPT turns with <image> in the text and an ``image`` column."""
     name = write_png(tmp_path / "x.png", (0, 200, 0))
