@@ -21,7 +21,7 @@ from tuning.dtypes import torch_dtype
 from tuning.errors import UserError, first_line
 from tuning.files import refused_pickle
 from tuning.model.quantization import is_bnb, keep_training_layout, quantized_load_kwargs
-from tuning.model.vision import freeze_vision, is_image_text, model_auto_class
+from tuning.model.vision import freeze_vision, is_image_text, model_auto_class, present_layer_classes
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ def load_model(
     _resize_for_added_tokens(model, tokenizer)
     if is_image_text(config):
         freeze_vision(model, args)
+        present_layer_classes(model)  # FSDP wraps the tower's and the decoder's layers by these
     return model
 
 

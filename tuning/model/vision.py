@@ -196,6 +196,19 @@ def vision_prefixes(model: Any) -> dict[str, list[str]]:
     return parts
 
 
+def present_layer_classes(model: Any) -> list[str]:
+    """Keep only the ``_no_split_modules`` class names this model has. accelerate's FSDP wraps by them
+    when no class is named (fixtures/accelerate_fsdp_defaults.yaml) and stops on a name it can't find:
+    LLaVA lists CLIPTextEmbeddings, absent from its vision-only CLIP tower. ``_no_split_modules`` is a
+    transformers attribute accelerate reads; we set it on this instance only."""
+    names = {type(m).__name__ for m in model.modules()}
+    listed = getattr(model, "_no_split_modules", None) or []
+    kept = [n for n in listed if n in names]
+    if len(kept) != len(listed):
+        model._no_split_modules = kept
+    return kept
+
+
 def freeze_vision(model: Any, args: ModelArgs) -> list[str]:
     """Freeze the vision tower and projector unless ``--freeze_vision_tower false`` /
     ``--freeze_multi_modal_projector false``; returns the frozen module names (recorded on the model as
