@@ -470,3 +470,32 @@ def test_lora_on_llava_merges_into_a_reloadable_model(tmp_path, tmp_path_factory
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     reload_and_generate(merged)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one(tmp_path, tmp_path_factory):
+    """FSDP over 2 CPU processes (the shipped fixture, no layer class named) trains the tiny LLaVA exactly
+    as one process does: same losses, same saved weights."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import REPO, run_cli
+    from tests.test_distributed import accelerate_launch, final_losses
+
+    model = tiny_vlm("llava-1.5", tmp_path_factory)
+    data = color_rows(tmp_path)
+
+    def args(out: Path, per_device: int) -> list[str]:
+        return [
+            "--model_name_or_path", str(model), "--training_data_path", str(data), "--output_dir", str(out),
+            "--save_model_dir", str(out / "final"), "--torch_dtype", "float32", "--num_train_epochs", "2",
+            "--learning_rate", "1e-3", "--per_device_train_batch_size", str(per_device), "--memory_check", "warn",
+        ]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(args(one, 4)).returncode == 0
+    result = accelerate_launch([str(REPO / "tuning" / "sft_trainer.py")], args(two, 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP: parameters held per rank" in result.stderr
+    assert final_losses(two) == pytest.approx(final_losses(one), abs=1e-5)
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
