@@ -499,3 +499,28 @@ def test_fsdp_two_processes_equal_one(tmp_path, tmp_path_factory):
     assert final_losses(two) == pytest.approx(final_losses(one), abs=1e-5)
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_resume_loads_the_image_text_checkpoint(tmp_path, tmp_path_factory):
+    """A run resumed from its step-1 checkpoint logs the step-2 loss of the uninterrupted run: the
+    checkpoint (saved in Qwen2.5-VL's hub layout) is really loaded, not skipped key by key."""
+    import shutil
+
+    from tests.conftest import run_cli
+    from tests.test_distributed import final_losses
+
+    model = tiny_vlm("qwen2.5-vl", tmp_path_factory)
+    data, out = color_rows(tmp_path), tmp_path / "out"
+    args = [
+        "--model_name_or_path", str(model), "--training_data_path", str(data), "--output_dir", str(out),
+        "--torch_dtype", "float32", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+        "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1",
+    ]  # fmt: skip
+    assert run_cli(args).returncode == 0
+    uninterrupted = final_losses(out)
+    shutil.rmtree(out / "checkpoint-2")  # as if killed before the second save
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    assert final_losses(out) == pytest.approx(uninterrupted, abs=1e-6)

@@ -6,6 +6,7 @@ The training loop is Hugging Face's; we add only what it lacks, through its exte
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config import TrainArgs
 from tuning.data import IGNORE_INDEX, PreparedData
-from tuning.model import PrecisionPlan, generation_use_cache
+from tuning.model import PrecisionPlan, generation_use_cache, is_image_text, model_auto_class
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
@@ -54,6 +55,21 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         if route_cpu_fsdp(self.accelerator):  # CPU + FSDP config: accelerate alone would pick DDP
             self.is_fsdp_enabled = True
         check_checkpoint_storage(self.args, self.accelerator, self.is_fsdp_enabled)
+
+    def after_checkpoint_load(self, folder: Path, model: Any) -> None:
+        # an image-text checkpoint holds the hub layout (saved through the model's own conversion): load
+        # it as from_pretrained does, then into the model being trained, every key checked
+        model = model if model is not None else self.model
+        weights = folder / "model.safetensors"
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not weights.is_file():
+            return  # adapters load through peft; sharded engines through accelerate
+        if not is_image_text(model.config):
+            return
+        reloaded = model_auto_class(model.config).from_pretrained(str(folder), dtype=model.dtype)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+        logger.info(
+            "resumed weights of %s loaded through from_pretrained (image-text checkpoint layout)", folder
+        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # checkpoints and the final model alike: config.json carries the base's use_cache, not training's
