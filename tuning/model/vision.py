@@ -49,6 +49,13 @@ def load_processor(model_args: ModelArgs, data_args: DataArgs) -> Any:
     processor = processor_from(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
     )
+    if "mllama" in type(processor).__name__.lower():
+        # Mllama reads images through cross-attention; its per-token cross_attention_mask is not built
+        # by our collator yet, and training without it would teach the model to ignore the images
+        raise UserError(
+            "Llama 3.2 Vision (Mllama) is not supported for image+text training yet (its cross-attention "
+            "mask is not built); see docs/vision.md for the supported families"
+        )
     if data_args.chat_template:
         processor.chat_template = data_args.chat_template
     elif data_args.chat_template_path:
