@@ -524,3 +524,20 @@ def test_resume_loads_the_image_text_checkpoint(tmp_path, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
     assert final_losses(out) == pytest.approx(uninterrupted, abs=1e-6)
+
+
+def test_data_config_with_images(tmp_path):
+    """A data config's dataset of image+text rows: the images resolved from the data file's folder."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    name = write_png(folder / "r.png", (200, 10, 10))
+    messages = [user("Color?", 1), assistant("Red.")]
+    (folder / "rows.jsonl").write_text(json.dumps({"messages": messages, "images": [name]}) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text("datasets:\n  - name: pictures\n    data_paths: [data/rows.jsonl]\n")
+    from tuning.data import build_datasets
+
+    p = proc("qwen2.5-vl")
+    data = build_datasets(DataArgs(data_config_path=str(config)), p.tokenizer, 4096, STOPS["qwen2.5-vl"], p)
+    check_rows(data.train, expected("qwen2.5-vl", messages, [image((200, 10, 10))]))
+    assert data.train[0]["images"][0]["path"] == str((folder / name).resolve())

@@ -33,12 +33,7 @@ def build_datasets(
     ``processor``: an image-text model's, for chat rows with images (docs/vision.md)."""
     settings = settings_from_args(args, stop_token_ids)
     if args.data_config_path:
-        if processor is not None:
-            raise UserError(
-                "image-text models read --training_data_path (and --validation_data_path) here, not a data "
-                "config yet; pass the data file directly (docs/vision.md)"
-            )
-        data = build_from_data_config(args, tokenizer, max_len, settings)
+        data = build_from_data_config(args, tokenizer, max_len, settings, processor)
     else:
         train, fmt, stats = prepare_path(
             args.training_data_path, args, tokenizer, max_len, settings, processor
@@ -100,7 +95,7 @@ def preview_parts(
     Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
     settings = settings_from_args(args, stop_token_ids, keep_sample_info=True)
     if args.data_config_path:
-        _, processed = process_all(args, tokenizer, max_len, settings)
+        _, processed = process_all(args, tokenizer, max_len, settings, processor)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
     ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings, processor)
     return [(args.training_data_path, ds, stats)]
