@@ -526,6 +526,7 @@ def test_resume_loads_the_image_text_checkpoint(tmp_path, tmp_path_factory):
     assert final_losses(out) == pytest.approx(uninterrupted, abs=1e-6)
 
 
+@pytest.mark.slow  # ~15 s: datasets hashes the processor for its cache fingerprint
 def test_data_config_with_images(tmp_path):
     """A data config's dataset of image+text rows: the images resolved from the data file's folder."""
     folder = tmp_path / "data"
