@@ -542,3 +542,44 @@ def test_data_config_with_images(tmp_path):
     data = build_datasets(DataArgs(data_config_path=str(config)), p.tokenizer, 4096, STOPS["qwen2.5-vl"], p)
     check_rows(data.train, expected("qwen2.5-vl", messages, [image((200, 10, 10))]))
     assert data.train[0]["images"][0]["path"] == str((folder / name).resolve())
+
+
+@pytest.mark.parametrize("how", ["flags", "config file"])
+def test_vision_flags_from_the_command_line_or_a_config_file(tmp_path, how):
+    from tuning.config import parse_config
+
+    values = {
+        "dataset_image_field": "pics",
+        "freeze_vision_tower": False,
+        "freeze_multi_modal_projector": False,
+    }
+    base = [
+        "--model_name_or_path",
+        "m",
+        "--training_data_path",
+        "d.jsonl",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    if how == "flags":
+        argv = [*base, "--dataset_image_field", "pics", "--freeze_vision_tower", "false"]
+        argv += ["--freeze_multi_modal_projector", "false"]
+    else:
+        (tmp_path / "c.json").write_text(json.dumps(values))
+        argv = [*base, "--config", str(tmp_path / "c.json")]
+    config = parse_config(argv)
+    assert config.data.dataset_image_field == "pics"
+    assert config.model.freeze_vision_tower is False and config.model.freeze_multi_modal_projector is False
+
+
+def test_text_only_rows_on_an_image_text_model(tmp_path):
+    """An image-text model trained on chat rows without images: the same rule, no image tokens."""
+    system = {"role": "system", "content": "Answer in one word."}  # string content works too
+    messages = [
+        system,
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    ds, _ = run_prepare(tmp_path, "qwen2.5-vl", [{"messages": messages}])
+    check_rows(ds, expected("qwen2.5-vl", messages, []))
+    assert ds[0]["images"] == []
