@@ -64,6 +64,17 @@ def test_transformers_keep_in_fp32_modules_and_name_or_path(tmp_path):
     )
 
 
+def test_transformers_models_list_their_never_split_layer_classes():
+    from transformers import LlamaForCausalLM
+
+    assert hf.no_split_modules(LlamaForCausalLM) == ["LlamaDecoderLayer"], changed(
+        "transformers", "PreTrainedModel._no_split_modules"
+    )
+    holder = type("Holder", (), {})()
+    hf.set_no_split_modules(holder, ["A"])
+    assert hf.no_split_modules(holder) == ["A"]
+
+
 def test_transformers_decoders_hand_position_ids_to_the_mask_builders_or_not():
     """Llama's decoder builds its mask from position_ids (padding-free batches exact with sdpa); gpt-oss's
     does not (transformers 5.24-5.25): the padding-free choice depends on reading it right."""

@@ -25,8 +25,10 @@ from tuning.model import (
     check_memory,
     context_length,
     generation_stop_ids,
+    is_image_text,
     load_model,
     load_model_config,
+    load_processor,
     load_tokenizer,
     precision_plan,
     quantization_config,
@@ -77,6 +79,9 @@ def _train(config: SFTConfig) -> dict:
     controller = build_controller(config.fms.trainer_controller_config_file)  # its rules checked here too
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
+    # an image-text model reads its data through its processor (docs/vision.md), whose tokenizer is the text's
+    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     plan = precision_plan(config.model, model_config, config.peft.peft_method, args.optim_name)
     devices = topology(args)
     quant = quantization_config(
@@ -89,7 +94,7 @@ def _train(config: SFTConfig) -> dict:
         check_memory(setup, args.memory_check, show=args.should_save)
     # one rank per machine (or per job, on a shared cache) tokenizes; the others then read its cache
     with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
-        data = build_datasets(config.data, tokenizer, max_len, stop_ids)
+        data = build_datasets(config.data, tokenizer, max_len, stop_ids, processor)
     epochs = args.num_train_epochs if args.max_steps <= 0 else None  # the audit's effective epochs
     run_audit(
         data,
@@ -107,7 +112,9 @@ def _train(config: SFTConfig) -> dict:
     model = apply_peft(config.peft, model, tokenizer, plan)
     fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
     callbacks = [tracking, *tracking.trainer_callbacks, *([controller] if controller else [])]
-    trainer = build_trainer(args, model, tokenizer, data, plan, callbacks, fingerprint=fingerprint)
+    trainer = build_trainer(
+        args, model, tokenizer, data, plan, callbacks, fingerprint=fingerprint, processor=processor
+    )
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
     try:
@@ -117,7 +124,11 @@ def _train(config: SFTConfig) -> dict:
         if args.should_save and trainer.state.log_history:  # not an earlier run's curve redrawn
             write_loss_plot(args.output_dir)  # also for a failed run: the curve up to the failure
     seconds = time.perf_counter() - start
-    saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
+    saved = (
+        save_final_model(trainer, processor or tokenizer, args.save_model_dir, plan)
+        if args.save_model_dir
+        else None
+    )
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
         write_summary(args.output_dir, summary)

@@ -141,6 +141,17 @@ class ModelArgs:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repo's own code."})
+    freeze_vision_tower: bool = field(
+        default=True,
+        metadata={
+            "help": "Image-text models: keep the vision encoder's weights frozen (LLaMA-Factory's name; "
+            "false trains it too, in full or with LoRA). docs/vision.md."
+        },
+    )
+    freeze_multi_modal_projector: bool = field(
+        default=True,
+        metadata={"help": "Image-text models: keep the projector from image features to text frozen."},
+    )
 
     def __post_init__(self) -> None:
         check_group(self)
@@ -287,6 +298,14 @@ class DataArgs:
     )
     dataset_conversation_field: str | None = field(
         default=None, metadata={"help": "Column with a list of chat messages (default: messages)."}
+    )
+    dataset_image_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column with each row's images (fms-hf-tuning's name; default: images, then image): one "
+            'image per {"type": "image"} item or <image> marker, in order, as paths (relative to the data '
+            "file's folder), {bytes} or a single image; needs an image-text model (docs/vision.md)."
+        },
     )
     add_special_tokens: list[str] | None = field(
         default=None,

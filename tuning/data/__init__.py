@@ -11,9 +11,11 @@ from tuning.data.pipeline import build_datasets, check_data_config, data_audit, 
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
 from tuning.data.tokenize import IGNORE_INDEX, trained_pieces
+from tuning.data.vision import IMAGES, VisionCollator, collapse_image_runs, image_markers
 
 __all__ = [
     "IGNORE_INDEX",
+    "IMAGES",
     "SAMPLE_INFO",
     "TOKEN_ROLES",
     "DataStats",
@@ -21,11 +23,14 @@ __all__ = [
     "PaddingFreeCollator",
     "PreparedData",
     "TokenBudgetBatchSampler",
+    "VisionCollator",
     "audit_table",
     "build_datasets",
     "check_data_config",
     "check_gates",
     "data_audit",
+    "collapse_image_runs",
+    "image_markers",
     "data_sources",
     "pad_token_id",
     "preview_parts",

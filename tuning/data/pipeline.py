@@ -24,20 +24,27 @@ logger = logging.getLogger(__name__)
 
 
 def build_datasets(
-    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    stop_token_ids: Sequence[int] = (),
+    processor: Any = None,
 ) -> PreparedData:
     """Load, format, tokenize and mask the training (and validation) data. ``stop_token_ids`` end a
-    generated turn (the model's generation config); chat turns are trained through the first of them."""
+    generated turn (the model's generation config); chat turns are trained through the first of them.
+    ``processor``: an image-text model's, for chat rows with images (docs/vision.md)."""
     settings = settings_from_args(args, stop_token_ids)
     if args.data_config_path:
-        data = build_from_data_config(args, tokenizer, max_len, settings)
+        data = build_from_data_config(args, tokenizer, max_len, settings, processor)
     else:
-        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
+        train, fmt, stats = prepare_path(
+            args.training_data_path, args, tokenizer, max_len, settings, processor
+        )
         sources = [AuditSource(args.training_data_path, fmt, stats, "train", stats.kept, stats.kept)]
         validation = None
         if args.validation_data_path:
             validation, vfmt, vstats = prepare_path(
-                args.validation_data_path, args, tokenizer, max_len, settings
+                args.validation_data_path, args, tokenizer, max_len, settings, processor
             )
             sources.append(AuditSource(args.validation_data_path, vfmt, vstats, "validation"))
         data = PreparedData(train, validation, fmt, stats, sources)
@@ -90,15 +97,19 @@ def data_sources(args: DataArgs) -> list[tuple[str, list[str]]]:
 
 
 def preview_parts(
-    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    stop_token_ids: Sequence[int] = (),
+    processor: Any = None,
 ) -> list[tuple[str, Any, DataStats | None]]:
     """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data.
     Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
     settings = settings_from_args(args, stop_token_ids, keep_sample_info=True)
     if args.data_config_path:
-        _, processed = process_all(args, tokenizer, max_len, settings)
+        _, processed = process_all(args, tokenizer, max_len, settings, processor)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
-    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
+    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings, processor)
     return [(args.training_data_path, ds, stats)]
 
 

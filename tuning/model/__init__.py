@@ -40,6 +40,13 @@ from tuning.model.peft import (
 )
 from tuning.model.quantization import quantization_config
 from tuning.model.tokenizer import generation_stop_ids, load_tokenizer
+from tuning.model.vision import (
+    is_image_text,
+    load_processor,
+    model_auto_class,
+    processor_from,
+    save_processor,
+)
 
 __all__ = [
     "LABEL_ONLY_CHUNK_TOKENS",
@@ -76,4 +83,9 @@ __all__ = [
     "precision_plan",
     "quantization_config",
     "write_adapter_extras",
+    "is_image_text",
+    "load_processor",
+    "model_auto_class",
+    "processor_from",
+    "save_processor",
 ]

@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+)
 
 from tuning.compat import transformers as hf
 from tuning.config import KAHAN_OPTIMIZERS, ModelArgs
@@ -19,6 +22,7 @@ from tuning.dtypes import torch_dtype
 from tuning.errors import UserError, first_line
 from tuning.files import refused_pickle
 from tuning.model.quantization import is_bnb, keep_training_layout, quantized_load_kwargs
+from tuning.model.vision import freeze_vision, is_image_text, model_auto_class, present_layer_classes
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +162,10 @@ def why_unusable(impl: str, model_class: type | None = None) -> str | None:
 
 def causal_lm_class(config: PretrainedConfig) -> type | None:
     """The transformers class AutoModelForCausalLM picks (None for remote code: loading decides)."""
-    try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        return None
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING):
+        if type(config) in mapping:
+            return mapping[type(config)]
+    return None
 
 
 def load_model(
@@ -176,14 +180,15 @@ def load_model(
     ``quantization``: a transformers quantization config (tuning/model/quantization.py), or None.
     ``config``: the model config when the caller already loaded it (read again otherwise).
     """
-    model_class = causal_lm_class(config or load_model_config(args))
+    config = config or load_model_config(args)
+    model_class = causal_lm_class(config)
     candidates = attention_candidates(args, model_class)
     reasons: list[str] = []
     for impl in candidates:
         reason = why_unusable(impl, model_class)
         if reason is None:
             try:
-                model = AutoModelForCausalLM.from_pretrained(
+                model = model_auto_class(config).from_pretrained(
                     args.model_name_or_path,
                     dtype=plan.load_dtype,
                     attn_implementation=impl,
@@ -208,6 +213,9 @@ def load_model(
     model.tuning_base_use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     _resize_for_added_tokens(model, tokenizer)
+    if is_image_text(config):
+        freeze_vision(model, args)
+        present_layer_classes(model)  # FSDP wraps the tower's and the decoder's layers by these
     return model
 
 

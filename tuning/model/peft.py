@@ -25,6 +25,7 @@ from tuning.config import PeftArgs
 from tuning.errors import UserError, first_line
 from tuning.model.loading import PrecisionPlan
 from tuning.model.quantization import prepare_quantized_base
+from tuning.model.vision import lora_exclusions
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _lora_config(args: PeftArgs, model: Any, tokenizer: Any, added: AddedTokens 
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=resolve_target_modules(args.target_modules, model),
-        exclude_modules=args.exclude_modules,
+        exclude_modules=lora_exclusions(model, args.exclude_modules),
         target_parameters=args.target_parameters,
         modules_to_save=_check_names(args.modules_to_save, model, "--modules_to_save"),
         bias=args.bias,

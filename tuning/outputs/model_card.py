@@ -21,7 +21,7 @@ from typing import Any
 
 from tuning import __version__
 from tuning.config import SFTConfig
-from tuning.data import PreparedData, data_sources
+from tuning.data import IMAGES, PreparedData, data_sources
 from tuning.files import write_text_atomic
 from tuning.outputs.audit_report import AUDIT_HTML_NAME, AUDIT_JSON_NAME, key_numbers
 from tuning.outputs.plot import LOSS_PLOT_NAME
@@ -104,14 +104,14 @@ def render_model_card(
         license_link=license_fields.get("license_link"),
         datasets=dataset_ids or None,
         tags=tags,
-        pipeline_tag="text-generation",
+        pipeline_tag="image-text-to-text" if _image_text(data) else "text-generation",
     )
     sections = [
         f"---\n{card.to_yaml()}\n---\n",
         _overview(config, method, base, base_id, license_fields),
         _training(config, data, max_len or config.data.max_seq_length),
         _results(config, summary, has_plot),
-        _usage(config, summary, base),
+        _usage(config, summary, base, image_text=_image_text(data)),
         _framework_versions(adapter),
     ]
     return "\n".join(s.rstrip() + "\n" for s in sections)
@@ -355,8 +355,25 @@ def _loss_table(output_dir: str) -> list[str]:
     return rows
 
 
-def _usage(config: SFTConfig, summary: dict[str, Any], base: str) -> str:
+def _image_text(data: PreparedData) -> bool:
+    """Whether the run trained an image-text model on image+text rows (docs/vision.md)."""
+    return IMAGES in (getattr(data.train, "column_names", None) or [])
+
+
+def _usage(config: SFTConfig, summary: dict[str, Any], base: str, *, image_text: bool = False) -> str:
     where = summary.get("save_model_dir") or "PATH"
+    if image_text:
+        load = (
+            f'model = AutoModelForImageTextToText.from_pretrained("{where}")'
+            if config.peft.peft_method == "none"
+            else f'model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{base}"), "{where}")'
+        )
+        return (
+            "## Use\n\n```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+            + ("from peft import PeftModel\n" if config.peft.peft_method != "none" else "")
+            + f'\n{load}\nprocessor = AutoProcessor.from_pretrained("{where}")\n```\n\n'
+            "The processor (tokenizer, image processor, chat template) is saved with it (docs/vision.md)."
+        )
     if config.peft.peft_method == "none":
         return (
             "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

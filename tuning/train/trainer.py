@@ -6,6 +6,7 @@ The training loop is Hugging Face's; we add only what it lacks, through its exte
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,14 @@ from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config import TrainArgs
 from tuning.data import IGNORE_INDEX, PaddingFreeCollator, PreparedData
-from tuning.model import LABEL_ONLY_CHUNK_TOKENS, PrecisionPlan, causal_lm, generation_use_cache
+from tuning.model import (
+    LABEL_ONLY_CHUNK_TOKENS,
+    PrecisionPlan,
+    causal_lm,
+    generation_use_cache,
+    is_image_text,
+    model_auto_class,
+)
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
@@ -112,6 +120,21 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
             self.is_fsdp_enabled = True
         check_checkpoint_storage(self.args, self.accelerator, self.is_fsdp_enabled)
 
+    def after_checkpoint_load(self, folder: Path, model: Any) -> None:
+        # an image-text checkpoint holds the hub layout (saved through the model's own conversion): load
+        # it as from_pretrained does, then into the model being trained, every key checked
+        model = model if model is not None else self.model
+        weights = folder / "model.safetensors"
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not weights.is_file():
+            return  # adapters load through peft; sharded engines through accelerate
+        if not is_image_text(model.config):
+            return
+        reloaded = model_auto_class(model.config).from_pretrained(str(folder), dtype=model.dtype)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+        logger.info(
+            "resumed weights of %s loaded through from_pretrained (image-text checkpoint layout)", folder
+        )
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # checkpoints and the final model alike: config.json carries the base's use_cache, not training's
         with generation_use_cache(self.model):
@@ -182,6 +205,7 @@ def build_trainer(
     plan: PrecisionPlan,
     callbacks: list[Any] | None = None,
     fingerprint: dict | None = None,
+    processor: Any = None,
 ) -> SFTTrainer:
     configure_precision(args, plan)
     if not torch.cuda.is_available():
@@ -198,13 +222,15 @@ def build_trainer(
     if data.validation is None and args.eval_strategy != "no":
         logger.warning("eval_strategy=%s but no --validation_data_path; not evaluating", args.eval_strategy)
         args.eval_strategy = "no"
+    if processor is not None:  # the rows' image references reach the collator (no forward argument)
+        args.remove_unused_columns = False
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
         data_collator=choose_collator(
-            args.padding_free, model, tokenizer, packed=_packed_samples(data.train)
+            args.padding_free, model, tokenizer, packed=_packed_samples(data.train), processor=processor
         ),
         processing_class=tokenizer,
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
