@@ -21,6 +21,8 @@ from tuning.train.records import pending_dir, record_path
 TRAINING_LOGS_NAME = "training_logs.jsonl"
 # Hugging Face log key → the record name the fms-hf-tuning family writes.
 LOGGED_METRICS = {"loss": "training_loss", "eval_loss": "validation_loss"}
+# fields each record carries beside its value: Hugging Face log key prefix of the record's metric
+RECORD_FIELDS = ("mean_token_accuracy", "window_trained_tokens")
 
 
 class TrainingLogCallback(TrainerCallback):
@@ -50,21 +52,30 @@ class TrainingLogCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        lines = []
+        records = []
         for key, name in LOGGED_METRICS.items():
             if key in logs:
-                data = {
-                    "epoch": round(float(state.epoch or 0.0), 6),
-                    "step": state.global_step,
-                    "value": float(logs[key]),
-                    "timestamp": datetime.now(timezone.utc).isoformat(),
-                }
-                lines.append(json.dumps({"name": name, "data": data}))
-        if lines:
-            path = self.path  # pending or live: decided once per record
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+                prefix = key[: -len("loss")]  # "" or "eval_"
+                data = {"value": float(logs[key])}
+                data.update({f: logs[prefix + f] for f in RECORD_FIELDS if prefix + f in logs})
+                records.append((name, data))
+        self.append(state, records)
+
+    def append(self, state: TrainerState, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Append ``(name, data)`` records stamped with the step, epoch and time (rank 0 calls this)."""
+        if not records:
+            return
+        epoch, now = round(float(state.epoch or 0.0), 6), datetime.now(timezone.utc).isoformat()
+        lines = [
+            json.dumps(
+                {"name": name, "data": {"epoch": epoch, "step": state.global_step, **data, "timestamp": now}}
+            )
+            for name, data in records
+        ]
+        path = self.path  # pending or live: decided once per record
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def continue_training_logs(output_dir: Path, resumed_step: int) -> None:

@@ -139,10 +139,12 @@ def label_only_loss(
     inputs: dict[str, torch.Tensor],
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    correct: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Run ``model`` on ``inputs`` and return (loss, outputs) with logits only for labelled positions.
 
     ``outputs.logits`` holds only the last position (``logits_to_keep=1``): the head's work is ours.
+    ``correct``: where each chunk appends its count of argmax predictions equal to the label.
     """
     features = {k: v for k, v in inputs.items() if k != "labels"}
     with captured_hidden_states(model) as hidden:
@@ -158,6 +160,7 @@ def label_only_loss(
         num_items_in_batch=num_items_in_batch,
         chunk_tokens=chunk_tokens,
         logit_transform=_logit_transform(lm.config),
+        correct=correct,
     )
     return loss, outputs
 
@@ -170,6 +173,7 @@ def chunked_cross_entropy(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     logit_transform: Any = None,
+    correct: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy of ``head(hidden)`` against ``labels`` shifted by one, label positions only.
 
@@ -190,9 +194,12 @@ def chunked_cross_entropy(
             logit_transform,
         )
         # one chunk needs no recomputation: its logits are the only ones alive anyway
-        total = total + (
+        loss_sum, hits = (
             checkpoint(_chunk_loss, *args, use_reentrant=False) if n > chunk_tokens else _chunk_loss(*args)
         )
+        total = total + loss_sum
+        if correct is not None:
+            correct.append(hits)
     if num_items_in_batch is None:
         return total / max(n, 1)
     if torch.is_tensor(num_items_in_batch):
@@ -202,11 +209,25 @@ def chunked_cross_entropy(
 
 def _chunk_loss(
     head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, transform: Any
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, argmax hits) of one chunk: token accuracy from the logits the loss made."""
     logits = head(states)
     if transform is not None:
         logits = transform(logits)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    hits = (logits.detach().argmax(-1) == targets).sum()
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), hits
+
+
+def token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax hits, trained tokens) from full logits, for the standard loss: the positions the causal-LM
+    loss scores (labels shifted by one, -100 skipped), the same ones ``chunked_cross_entropy`` counts."""
+    with torch.no_grad():
+        if logits.shape[-2] > labels.shape[-1]:  # prompt tuning's virtual tokens come first, never trained
+            logits = logits[..., logits.shape[-2] - labels.shape[-1] :, :]
+        targets = labels[..., 1:].to(logits.device)
+        keep = targets != IGNORE_INDEX
+        predicted = logits[..., :-1, :].argmax(-1)
+        return (predicted[keep] == targets[keep]).sum(), keep.sum()
 
 
 def _logit_transform(config: Any) -> Any:

@@ -16,8 +16,8 @@ from tuning.data import IGNORE_INDEX, PreparedData
 from tuning.model import PrecisionPlan, generation_use_cache
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
-from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
-from tuning.train.loss import label_only_loss, resolve_loss_implementation
+from tuning.train.distributed import ShardingReport, check_checkpoint_storage, per_rank, route_cpu_fsdp
+from tuning.train.loss import label_only_loss, resolve_loss_implementation, token_accuracy_counts
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
 from tuning.train.sparse_rows import with_sparse_rows
@@ -33,6 +33,10 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trained_tokens = 0
+        # argmax hits and trained tokens since the last log line (train) / in this evaluation (eval), this
+        # rank's; summed over ranks when logged: accuracy = all hits / all trained tokens, the normalisation
+        # of the loss, so accumulation, padding-free rows and process count don't change it
+        self.accuracy_counts = {"train": [0, 0], "eval": [0, 0]}
         self.loss_implementation = resolve_loss_implementation(
             getattr(self.args, "loss_implementation", "standard"),
             self.model,
@@ -63,7 +67,48 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # trackers and the progress line read the token count from the log record
             logs["trained_tokens"] = self.trained_tokens
+            logs.update(self._accuracy_metrics("train", ""))  # collective: every rank logs this step
         super().log(logs, start_time)
+
+    def _accuracy_metrics(self, mode: str, prefix: str) -> dict[str, float | int]:
+        """``{prefix}mean_token_accuracy`` and ``{prefix}window_trained_tokens`` (the trained tokens the
+        record averages over, all ranks) for the counts since the last call; resets them."""
+        hits, tokens = (sum(per_rank(int(v))) for v in self.accuracy_counts[mode])
+        self.accuracy_counts[mode] = [0, 0]
+        metrics: dict[str, float | int] = {f"{prefix}window_trained_tokens": tokens}
+        if tokens:
+            metrics[f"{prefix}mean_token_accuracy"] = hits / tokens
+        return metrics
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        self.accuracy_counts["eval"] = [0, 0]
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        output.metrics.update(self._accuracy_metrics("eval", f"{metric_key_prefix}_"))
+        return output
+
+    def resume_record(self) -> dict[str, Any]:
+        record = super().resume_record()
+        # the accuracy window is part of the logging window: a resumed first log line averages as many steps
+        record["accuracy_window"] = [per_rank(int(v)) for v in self.accuracy_counts["train"]]
+        return record
+
+    def restore_from_record(self, record: dict[str, Any]) -> None:
+        super().restore_from_record(record)
+        window = record.get("accuracy_window") or []
+        rank, ranks = self.args.process_index, self.args.world_size
+        if len(window) == 2:
+            self.accuracy_counts["train"] = [
+                v[rank] if len(v) == ranks else (sum(v) if rank == 0 else 0) for v in window
+            ]
 
     def compute_loss(
         self,
@@ -72,18 +117,33 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        if model.training and "labels" in inputs:
-            # the model shifts labels by one: the first position never carries loss
-            self.trained_tokens += int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
-        if self.loss_implementation == "label_only" and "labels" in inputs:
-            loss, outputs = label_only_loss(model, inputs, num_items_in_batch)
+        if "labels" not in inputs:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        # the model shifts labels by one: the first position never carries loss
+        tokens = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        if model.training:
+            self.trained_tokens += tokens
+        counts = self.accuracy_counts["train" if model.training else "eval"]
+        if self.loss_implementation == "label_only":
+            hits: list[torch.Tensor] = []
+            loss, outputs = label_only_loss(model, inputs, num_items_in_batch, correct=hits)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # num_items_in_batch counts all ranks and DDP averages gradients: undo the average, as HF does
                 loss = loss * self.accelerator.num_processes
+            counts[0] += sum(int(h) for h in hits)
+            counts[1] += tokens
             return (loss, outputs) if return_outputs else loss
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if isinstance(logits, torch.Tensor) and logits.dim() == 3:  # a fused loss (liger) returns no logits
+            hit, counted = token_accuracy_counts(logits, inputs["labels"])
+            counts[0] += int(hit)
+            counts[1] += int(counted)
+        return (loss, outputs) if return_outputs else loss
 
 
 def configure_precision(args: TrainArgs, plan: PrecisionPlan) -> None:
