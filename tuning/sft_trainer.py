@@ -104,7 +104,9 @@ def _train(config: SFTConfig) -> dict:
     model = load_model(config.model, plan, tokenizer, quant, model_config)
     model = apply_peft(config.peft, model, tokenizer, plan)
     fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
-    trainer = build_trainer(args, model, tokenizer, data, plan, [tracking], fingerprint=fingerprint)
+    trainer = build_trainer(
+        args, model, tokenizer, data, plan, [tracking], fingerprint=fingerprint, stop_ids=stop_ids
+    )
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
     try:

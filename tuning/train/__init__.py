@@ -25,6 +25,14 @@ from tuning.train.distributed import (
     set_seed,
     topology,
 )
+from tuning.train.evaluation import (
+    EVAL_GENERATIONS_NAME,
+    EarlyStopping,
+    EvalGenerations,
+    generate_answers,
+    prompts_from_samples,
+    read_eval_generations,
+)
 from tuning.train.fingerprint import run_fingerprint
 from tuning.train.progress import TokenRate, log_run_start
 from tuning.train.records import new_record_path, pending_dir, promote_pending, start_pending
@@ -33,6 +41,9 @@ from tuning.train.trainer import SFTTrainer, build_trainer
 
 __all__ = [
     "DEEPSPEED_MISSING",
+    "EVAL_GENERATIONS_NAME",
+    "EarlyStopping",
+    "EvalGenerations",
     "TRAINING_LOGS_NAME",
     "SFTTrainer",
     "TokenRate",
@@ -47,6 +58,7 @@ __all__ = [
     "exit_process",
     "explicit_checkpoint",
     "full_state_dict",
+    "generate_answers",
     "is_complete",
     "launch_defaults",
     "latest_complete_checkpoint",
@@ -58,6 +70,8 @@ __all__ = [
     "pending_dir",
     "per_rank",
     "promote_pending",
+    "prompts_from_samples",
+    "read_eval_generations",
     "read_training_logs",
     "resume_checkpoint",
     "run_fingerprint",

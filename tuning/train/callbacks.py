@@ -78,8 +78,9 @@ class TrainingLogCallback(TrainerCallback):
             f.write("\n".join(lines) + "\n")
 
 
-def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
-    """Make the log this run appends to hold exactly the records up to ``resumed_step``.
+def continue_training_logs(output_dir: Path, resumed_step: int, name: str = TRAINING_LOGS_NAME) -> None:
+    """Make the log this run appends to (``name``: ``training_logs.jsonl`` or another per-step record
+    file) hold exactly the records up to ``resumed_step``.
 
     Records after it (all of them on a fresh start) are the steps this run logs again. When they are
     only a killed run's steps past the newest checkpoint, they are dropped in place. When they belong
@@ -87,7 +88,7 @@ def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
     damaged one) the file stays as it is and this run continues a pending copy, which replaces it at
     this run's first commit: a kill before that leaves the checkpoints and their history together.
     """
-    live = output_dir / TRAINING_LOGS_NAME
+    live = output_dir / name
     if not live.is_file():
         return
     lines = [line for line in live.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -98,15 +99,16 @@ def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
     newest = latest_complete_checkpoint(output_dir)
     newest_step = checkpoint_step(newest) if newest else None
     orphans = newest_step is not None and all(step > newest_step for step in steps if step > resumed_step)
-    target = live if orphans else pending_dir(output_dir) / TRAINING_LOGS_NAME
+    target = live if orphans else pending_dir(output_dir) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> int:
     try:
-        return int(json.loads(line)["data"]["step"])
-    except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write: drop it
+        record = json.loads(line)
+        return int(record.get("data", record)["step"])  # {"name", "data": {"step"...}} or {"step"...}
+    except (ValueError, KeyError, TypeError, AttributeError):  # a line cut by a kill mid-write: drop it
         return 1 << 62
 
 

@@ -13,10 +13,12 @@ from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config import TrainArgs
 from tuning.data import IGNORE_INDEX, PreparedData
+from tuning.errors import UserError
 from tuning.model import PrecisionPlan, generation_use_cache
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, check_checkpoint_storage, per_rank, route_cpu_fsdp
+from tuning.train.evaluation import EarlyStopping, EvalGenerations, prompts_from_samples
 from tuning.train.loss import label_only_loss, resolve_loss_implementation, token_accuracy_counts
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
@@ -171,6 +173,7 @@ def build_trainer(
     plan: PrecisionPlan,
     callbacks: list[Any] | None = None,
     fingerprint: dict | None = None,
+    stop_ids: tuple[int, ...] = (),
 ) -> SFTTrainer:
     configure_precision(args, plan)
     if not torch.cuda.is_available():
@@ -184,6 +187,11 @@ def build_trainer(
         # with a committed checkpoint; its own SIGTERM handler would only compete with ours
         logger.info("--enable_jit_checkpoint: SIGTERM always saves a checkpoint here; nothing to switch on")
         args.enable_jit_checkpoint = False
+    if data.validation is None and (args.early_stopping_patience or args.eval_generations):
+        flag = "--early_stopping_patience" if args.early_stopping_patience else "--eval_generations"
+        raise UserError(
+            f"{flag} needs a validation set: pass --validation_data_path (or a data config split)"
+        )
     if data.validation is None and args.eval_strategy != "no":
         logger.warning("eval_strategy=%s but no --validation_data_path; not evaluating", args.eval_strategy)
         args.eval_strategy = "no"
@@ -196,11 +204,33 @@ def build_trainer(
             args.padding_free, model, tokenizer, packed=_packed_samples(data.train)
         ),
         processing_class=tokenizer,
-        callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
+        callbacks=[log_file := TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, plan),
     )
     trainer.fingerprint = fingerprint  # recorded in every checkpoint, checked when a run resumes from it
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RunProgress())
+    if args.early_stopping_patience:
+        trainer.add_callback(
+            EarlyStopping(args.early_stopping_patience, args.early_stopping_threshold, log_file)
+        )
+    if args.eval_generations:
+        _add_eval_generations(trainer, args, data, stop_ids)
     return trainer
+
+
+def _add_eval_generations(trainer: SFTTrainer, args: TrainArgs, data: PreparedData, stop_ids: tuple) -> None:
+    rows = (row for _, row in zip(range(10_000), data.validation, strict=False))  # a bounded look
+    prompts = prompts_from_samples(rows, args.eval_generations)
+    if not prompts:
+        logger.warning(
+            "--eval_generations: no validation sample has a prompt before its trained tokens (all trained "
+            "from their first token: text without --response_template?); no generations"
+        )
+        return
+    if len(prompts) < args.eval_generations:
+        logger.info(
+            "--eval_generations %d: the validation set has %d prompts", args.eval_generations, len(prompts)
+        )
+    trainer.add_callback(EvalGenerations(trainer, prompts, stop_ids, args.eval_max_new_tokens))
