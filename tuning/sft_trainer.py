@@ -18,7 +18,7 @@ import time
 
 from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolved_config
 from tuning.data import build_datasets, check_data_config, write_processed
-from tuning.errors import run_command
+from tuning.errors import UserError, run_command
 from tuning.lock import output_dir_lock
 from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
@@ -35,6 +35,8 @@ from tuning.model import (
 )
 from tuning.outputs import (
     build_summary,
+    check_saved_model,
+    report_serve_check,
     save_final_model,
     summary_line,
     write_loss_plot,
@@ -119,10 +121,17 @@ def _train(config: SFTConfig) -> dict:
     saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
+        if saved and args.serve_check != "off":  # the saved files, reloaded as a server reads them
+            summary["serve_check"] = check_saved_model(saved, config.data, max_len, tokenizer, stop_ids)
         write_summary(args.output_dir, summary)
         if saved:
             write_model_card(saved, config, summary, data, quant, max_len)
         logger.info(summary_line(summary))
+        check = summary.get("serve_check") or {}
+        if args.serve_check == "error" and check.get("passed") is False:
+            raise UserError(
+                f"--serve_check error: {report_serve_check(check)} (every check: run_summary.json)"
+            )
     return summary
 
 
