@@ -26,6 +26,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from tuning.config import DataArgs
 from tuning.data import IGNORE_INDEX, serving_view
+from tuning.files import write_text_atomic
+from tuning.model import context_length
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +35,30 @@ SAMPLE_ROWS = 16  # training rows checked: a template or tokenizer difference sh
 ADAPTER_CONFIG = "adapter_config.json"
 NEW_EMBEDDINGS = "new_embeddings.safetensors"  # tuning/model/peft.py's name for vLLM's extra-vocab file
 MERGE_ADVICE = "run `tuning merge` before serving with vLLM"
+# the first samples the run trained on, kept beside the model: `tuning check` compares the files with them
+TRAINED_SAMPLES_NAME = "trained_samples.json"
 
 
 def serve_check(
     folder: str | Path,
     data_args: DataArgs,
-    max_len: int,
-    trained_tokenizer: Any = None,
-    trained_stop_ids: tuple[int, ...] | None = None,
+    max_len: int | None = None,
+    trained: list[dict[str, list[int]]] | None = None,
     limit: int = SAMPLE_ROWS,
 ) -> dict[str, Any]:
     """Check ``folder`` against the first ``limit`` training rows; returns the summary's ``serve_check``
     entry: ``passed``, ``samples``, ``checks`` (``name``, ``result`` pass/FAIL/n/a, ``detail``), ``advice``.
 
-    ``trained_tokenizer``/``trained_stop_ids``: what the run tokenized with (in memory), when known: the
-    saved files must reproduce its samples token for token."""
+    ``trained``: the samples the run trained on for these rows (input_ids + labels), else those the run
+    recorded in ``trained_samples.json`` beside the model: the saved files must reproduce them token for
+    token (a template or tokenizer changed after saving shows here)."""
     folder = Path(folder)
     adapter = _read_json(folder / ADAPTER_CONFIG)
     base = (adapter or {}).get("base_model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config_source = base if adapter else folder
     model_config = AutoConfig.from_pretrained(config_source)
+    max_len = max_len or context_length(model_config, data_args.max_seq_length)
     has_generation_config = (folder / "generation_config.json").is_file()
     eos = _eos_ids(folder if has_generation_config or not adapter else base, model_config)
     server_stops = tuple(
@@ -66,13 +71,14 @@ def serve_check(
         result = "n/a" if not applies else ("FAIL" if problem else "pass")
         checks.append({"name": name, "result": result, "detail": problem or detail})
 
-    if trained_tokenizer is not None:
-        trained = serving_view(data_args, trained_tokenizer, max_len, trained_stop_ids or (), limit)
-        add(
-            "saved tokenizer + template give the trained tokens",
-            _compare_samples(trained.samples, view.samples, tokenizer),
-            f"{len(view.samples)} samples identical",
-        )
+    if trained is None:
+        trained = (_read_json(folder / TRAINED_SAMPLES_NAME) or {}).get("samples")
+    add(
+        "saved tokenizer + template give the trained tokens",
+        _compare_samples(trained[: len(view.samples)], view.samples, tokenizer) if trained else None,
+        f"{len(view.samples)} samples identical" if trained else f"no {TRAINED_SAMPLES_NAME} to compare with",
+        applies=bool(trained),
+    )
     add(
         "server-rendered prompts equal the trained contexts",
         _check_prompts(view.server_prompts, view.samples, tokenizer),
@@ -128,7 +134,10 @@ def check_saved_model(
             "skipped": "a data config: run `tuning check`",
         }
     try:
-        result = serve_check(folder, data_args, max_len, tokenizer, stop_ids)
+        trained = serving_view(data_args, tokenizer, max_len, stop_ids, SAMPLE_ROWS).samples
+        record = {"training_data_path": data_args.training_data_path, "samples": trained}
+        write_text_atomic(folder / TRAINED_SAMPLES_NAME, json.dumps(record, separators=(",", ":")) + "\n")
+        result = serve_check(folder, data_args, max_len, trained)
     except Exception as e:  # noqa: BLE001 (the model is saved; a check that could not run is a warning)
         logger.warning(
             "serve check not run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else ""
