@@ -260,8 +260,8 @@ class EarlyStopping(EarlyStoppingCallback):
         self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kwargs: Any
     ) -> None:
         super().on_evaluate(args, state, control, metrics, **kwargs)
-        if not control.should_training_stop or self.stopped_at is not None:
-            return
+        if self.early_stopping_patience_counter < self.early_stopping_patience or self.stopped_at is not None:
+            return  # (should_training_stop is also set at the last step)
         self.stopped_at = state.global_step
         key = _metric_key(args)
         logger.info(
