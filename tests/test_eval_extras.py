@@ -85,7 +85,9 @@ def test_chat_generations_use_the_models_own_template(tmp_path):
 
     # Mistral's real template and 32k vocabulary (a 150k one makes every step of the run slower on CPU)
     if not (REAL / "mistral-v0.3").is_dir():
-        pytest.skip(f"real tokenizer folder {REAL / 'mistral-v0.3'} is absent (see ../shared/real-tokenizers)")
+        pytest.skip(
+            f"real tokenizer folder {REAL / 'mistral-v0.3'} is absent (see ../shared/real-tokenizers)"
+        )
     model = write_tiny_qwen3(REAL / "mistral-v0.3", tmp_path / "tiny-mistral")
     conversations = [
         [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import REPO, write_jsonl
 from tuning.check import main as check_main
 from tuning.config.args import DataArgs
-from tuning.outputs.serve_check import TRAINED_SAMPLES_NAME, check_saved_model, serve_check
+from tuning.outputs.serve_check import TRAINED_SAMPLES_NAME, check_saved_model, run_serve_check
 
 REAL = REPO.parent / "shared" / "real-tokenizers"
 FAMILIES = ["qwen3", "llama3.2", "mistral-v0.3", "gpt-oss"]
@@ -48,13 +48,17 @@ def _saved_folder(family: str, tmp_path: Path) -> tuple[Path, object, tuple[int,
     tokenizer.save_pretrained(folder)
     for name in ("config.json", "generation_config.json"):
         shutil.copyfile(source / name, folder / name)
-    stops = generation_stop_ids(ModelArgs(model_name_or_path=str(source)), AutoConfig.from_pretrained(source), tokenizer)
+    stops = generation_stop_ids(
+        ModelArgs(model_name_or_path=str(source)), AutoConfig.from_pretrained(source), tokenizer
+    )
     return folder, tokenizer, stops
 
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    return write_jsonl(
+        tmp_path_factory.mktemp("chat") / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS]
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,12 +76,14 @@ def test_passes_on_every_real_tokenizer_and_fails_once_altered(family, tmp_path,
     # the chat template edited after saving: the files no longer give the trained tokens
     template_file = folder / "chat_template.jinja"
     if template_file.is_file():
-        template_file.write_text("{{- 'Chat:' }}" + template_file.read_text(encoding="utf-8"), encoding="utf-8")
+        template_file.write_text(
+            "{{- 'Chat:' }}" + template_file.read_text(encoding="utf-8"), encoding="utf-8"
+        )
     else:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         config["chat_template"] = "{{- 'Chat:' }}" + config["chat_template"]
         (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    altered = serve_check(folder, data, 1024)
+    altered = run_serve_check(folder, data, 1024)
     assert not altered["passed"]
     failed = [c for c in altered["checks"] if c["result"] == "FAIL"]
     assert [c["name"] for c in failed] == ["saved tokenizer + template give the trained tokens"]

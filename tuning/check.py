@@ -15,7 +15,7 @@ from pathlib import Path
 from tuning.config import build_parser, parse_command_line
 from tuning.errors import UserError, run_command
 from tuning.logs import setup_logging
-from tuning.outputs import report_serve_check, serve_check
+from tuning.outputs import report_serve_check, run_serve_check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,9 @@ def _check(argv: list[str]) -> int:
             "tuning check needs --training_data_path: the rows to check against (a data config's "
             "first dataset file works)"
         )
-    result = serve_check(folder, config.data)  # max_seq_length capped by the model's context, as in training
+    result = run_serve_check(
+        folder, config.data
+    )  # max_seq_length capped by the model's context, as in training
     print(render_checks(result))
     failure = report_serve_check(result)
     if failure:

@@ -3,7 +3,7 @@
 from tuning.outputs.final_model import save_final_model
 from tuning.outputs.model_card import MODEL_CARD_NAME, write_model_card
 from tuning.outputs.plot import LOSS_PLOT_NAME, render_loss_plot, write_loss_plot
-from tuning.outputs.serve_check import check_saved_model, report_serve_check, serve_check
+from tuning.outputs.serve_check import check_saved_model, report_serve_check, run_serve_check
 from tuning.outputs.summary import (
     RUN_SUMMARY_NAME,
     build_summary,
@@ -22,7 +22,7 @@ __all__ = [
     "render_loss_plot",
     "report_serve_check",
     "save_final_model",
-    "serve_check",
+    "run_serve_check",
     "summary_line",
     "write_loss_plot",
     "write_model_card",

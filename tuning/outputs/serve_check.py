@@ -39,7 +39,7 @@ MERGE_ADVICE = "run `tuning merge` before serving with vLLM"
 TRAINED_SAMPLES_NAME = "trained_samples.json"
 
 
-def serve_check(
+def run_serve_check(
     folder: str | Path,
     data_args: DataArgs,
     max_len: int | None = None,
@@ -137,7 +137,7 @@ def check_saved_model(
         trained = serving_view(data_args, tokenizer, max_len, stop_ids, SAMPLE_ROWS).samples
         record = {"training_data_path": data_args.training_data_path, "samples": trained}
         write_text_atomic(folder / TRAINED_SAMPLES_NAME, json.dumps(record, separators=(",", ":")) + "\n")
-        result = serve_check(folder, data_args, max_len, trained)
+        result = run_serve_check(folder, data_args, max_len, trained)
     except Exception as e:  # noqa: BLE001 (the model is saved; a check that could not run is a warning)
         logger.warning(
             "serve check not run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else ""
