@@ -61,6 +61,7 @@ def chat_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_passes_on_every_real_tokenizer_and_fails_once_altered(family, tmp_path, chat_data):
     folder, tokenizer, stops = _saved_folder(family, tmp_path)
@@ -90,6 +91,7 @@ def test_passes_on_every_real_tokenizer_and_fails_once_altered(family, tmp_path,
     assert "Chat:" in failed[0]["detail"] and "sample 0" in failed[0]["detail"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama3.2"])
 def test_generation_config_without_the_trained_end_of_turn_fails(family, tmp_path, chat_data, capsys):
     folder, tokenizer, stops = _saved_folder(family, tmp_path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ def check_saved_model(
             "checks": [],
             "skipped": "a data config: run `tuning check`",
         }
+    start = time.perf_counter()
     try:
         trained = serving_view(data_args, tokenizer, max_len, stop_ids, SAMPLE_ROWS).samples
         record = {"training_data_path": data_args.training_data_path, "samples": trained}
@@ -143,6 +145,7 @@ def check_saved_model(
             "serve check not run: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else ""
         )
         return {"passed": None, "folder": str(folder), "checks": [], "skipped": f"{type(e).__name__}: {e}"}
+    result["seconds"] = round(time.perf_counter() - start, 3)
     report_serve_check(result)
     return result
 
