@@ -4,6 +4,7 @@ saved model generates; early stopping at the right step, also across a resume. R
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,66 @@ def test_early_stopping_stops_at_the_patience_and_keeps_its_count_across_a_resum
     summary = json.loads((resumed / "run_summary.json").read_text())
     assert summary["steps"] == 4  # a counter restarted at 0 would have run to step 5
     assert [r["step"] for r in read_training_logs(resumed, "early_stopping")] == [4]
+
+
+def test_flags_aliases_and_what_they_need(tmp_path, tiny_model_dir):
+    from tuning.config import parse_config
+    from tuning.errors import UserError
+
+    base = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--training_data_path",
+        "d.json",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    config = parse_config(
+        [*base, "--eval_table_size", "3", "--eval_strategy", "epoch", "--early_stopping_patience", "2"]
+    )
+    assert config.train.eval_generations == 3 and config.train.eval_max_new_tokens == 128
+    assert config.train.metric_for_best_model == "eval_loss" and config.train.greater_is_better is False
+    job = tmp_path / "job.yaml"
+    job.write_text("eval_generations: 2\neval_max_new_tokens: 16\neval_strategy: steps\neval_steps: 5\n")
+    from_file = parse_config([*base, "--config", str(job)]).train
+    assert (from_file.eval_generations, from_file.eval_max_new_tokens) == (2, 16)
+    with pytest.raises(
+        UserError, match="--early_stopping_patience acts at each evaluation and --eval_strategy is no"
+    ):
+        parse_config([*base, "--early_stopping_patience", "2"])
+
+
+@pytest.mark.slow
+def test_an_adapter_with_new_tokens_is_sent_to_merge_and_the_merged_folder_passes(
+    tmp_path, tiny_model_dir, capsys
+):
+    from tuning.check import main as check_main
+
+    data = write_json(tmp_path / "data.json", text_rows(1))
+    out = tmp_path / "out"
+    argv = _text_args(tiny_model_dir, data, out, "--max_steps", "1", "--peft_method", "lora")
+    argv += [
+        "--add_special_tokens",
+        "<|turn_end|>",
+        "--save_model_dir",
+        str(out / "final"),
+        "--serve_check",
+        "error",
+    ]
+    assert sft_trainer.main(argv) == 0  # not servable by vLLM as an adapter is advice, not a failure
+    check = json.loads((out / "run_summary.json").read_text())["serve_check"]
+    assert check["passed"] and "run `tuning merge` before serving with vLLM" in check["advice"]
+    assert {c["name"]: c["result"] for c in check["checks"]}[
+        "vLLM can serve the adapter as it is"
+    ] == "merge first"
+    capsys.readouterr()
+    data_flags = ["--dataset_text_field", "output", "--response_template", "\n### Label:"]
+    assert check_main([str(out / "final"), "--training_data_path", str(data), *data_flags]) == 0
+    printed = capsys.readouterr().out
+    assert "serve check of the merged folder" in printed
+    merged_table = printed.split("serve check of the merged folder")[1]
+    assert "FAIL" not in merged_table
+    assert re.search(
+        r"saved tokenizer \+ template give the trained tokens +pass +8 samples identical", merged_table
+    )
+    assert re.search(r"tokenizer fits the model's embeddings +pass +363 tokens, 363 rows", merged_table)

@@ -74,6 +74,8 @@ def test_passes_on_every_real_tokenizer_and_fails_once_altered(family, tmp_path,
     assert results["trained end of turn is in generation_config.eos_token_id"] == "pass"
     assert result["samples"] >= 2 and (folder / TRAINED_SAMPLES_NAME).is_file()
 
+    if family not in ("qwen3", "mistral-v0.3"):  # a template file, and one inside tokenizer_config.json
+        return
     # the chat template edited after saving: the files no longer give the trained tokens
     template_file = folder / "chat_template.jinja"
     if template_file.is_file():

@@ -15,6 +15,7 @@ from pathlib import Path
 from tuning.config import build_parser, parse_command_line
 from tuning.errors import UserError, run_command
 from tuning.logs import setup_logging
+from tuning.merge import merge
 from tuning.outputs import report_serve_check, run_serve_check
 
 
@@ -38,11 +39,16 @@ def _check(argv: list[str]) -> int:
             "tuning check needs --training_data_path: the rows to check against (a data config's "
             "first dataset file works)"
         )
-    result = run_serve_check(
-        folder, config.data
-    )  # max_seq_length capped by the model's context, as in training
+    result = run_serve_check(folder, config.data)  # max_seq_length capped by the model's context
     print(render_checks(result))
     failure = report_serve_check(result)
+    if result.get("advice") and not failure:  # an adapter vLLM would refuse: check what merging gives
+        with tempfile.TemporaryDirectory(prefix="tuning-check-merged-") as tmp:
+            merged = merge(str(folder), str(Path(tmp) / "merged"))
+            merged_result = run_serve_check(merged, config.data, trained=result.get("trained"))
+            merged_result["folder"] = f"the merged folder (tuning merge --adapter {folder})"
+            print(render_checks(merged_result))
+            failure = report_serve_check(merged_result)
     if failure:
         raise UserError(failure)
     return 0

@@ -130,7 +130,7 @@ def _train(config: SFTConfig) -> dict:
         check = summary.get("serve_check") or {}
         if args.serve_check == "error" and check.get("passed") is False:
             raise UserError(
-                f"--serve_check error: {report_serve_check(check)} (every check: run_summary.json)"
+                f"--serve_check error: {report_serve_check(check, log=False)} (every check: run_summary.json)"
             )
     return summary
 

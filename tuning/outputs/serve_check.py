@@ -70,7 +70,7 @@ def run_serve_check(
 
     def add(name: str, problem: str | None, detail: str = "", applies: bool = True) -> None:
         result = "n/a" if not applies else ("FAIL" if problem else "pass")
-        checks.append({"name": name, "result": result, "detail": problem or detail})
+        checks.append({"name": name, "result": result, "detail": (problem or detail) if applies else detail})
 
     if trained is None:
         trained = (_read_json(folder / TRAINED_SAMPLES_NAME) or {}).get("samples")
@@ -97,7 +97,7 @@ def run_serve_check(
         None
         if vocab is None or len(tokenizer) <= vocab
         else f"the tokenizer has {len(tokenizer)} tokens and the saved model {vocab} embedding rows",
-        f"{len(tokenizer)} tokens, {vocab} rows",
+        f"{len(tokenizer)} tokens, {vocab} rows" if not adapter else "an adapter: see the vLLM check",
         applies=not adapter,  # an adapter's added rows: the vLLM check below
     )
     advice = None
@@ -110,16 +110,12 @@ def run_serve_check(
                 f"{MERGE_ADVICE}: {refusal}. The merged folder carries this tokenizer and the base's "
                 "generation_config.json, the files the checks above read."
             )
-    failed = [
-        c for c in checks if c["result"] == "FAIL" and c["name"] != "vLLM can serve the adapter as it is"
-    ]
-    return {
-        "passed": not failed,
-        "folder": str(folder),
-        "samples": len(view.samples),
-        "checks": checks,
-        "advice": advice,
-    }
+    failed = [c for c in checks if c["result"] == "FAIL"]
+    result = {"passed": not failed, "folder": str(folder), "samples": len(view.samples), "checks": checks}
+    result["advice"] = advice
+    if trained:
+        result["trained"] = trained  # for the merged folder's check; not written to the summary
+    return result
 
 
 def check_saved_model(
@@ -146,22 +142,24 @@ def check_saved_model(
         )
         return {"passed": None, "folder": str(folder), "checks": [], "skipped": f"{type(e).__name__}: {e}"}
     result["seconds"] = round(time.perf_counter() - start, 3)
+    result.pop("trained", None)
     report_serve_check(result)
     return result
 
 
-def report_serve_check(result: dict[str, Any]) -> str | None:
-    """Log the result; the one-line failure message for ``--serve_check error`` (None when it passed)."""
-    if result.get("advice"):
-        logger.warning("serve check: %s", result["advice"])
-    for check in result["checks"]:
-        if check["result"] == "FAIL":
+def report_serve_check(result: dict[str, Any], log: bool = True) -> str | None:
+    """Log the result (``log``); the one-line failure message for ``--serve_check error`` (None: passed)."""
+    failed = [c for c in result["checks"] if c["result"] == "FAIL"]
+    if log:
+        if result.get("advice"):
+            logger.warning("serve check: %s", result["advice"])
+        for check in failed:
             logger.warning("serve check FAILED: %s: %s", check["name"], check["detail"])
-    if result["passed"]:
-        logger.info("serve check passed: %s (%d samples)", result["folder"], result["samples"])
+        if not failed:
+            logger.info("serve check passed: %s (%d samples)", result["folder"], result["samples"])
+    if not failed:
         return None
-    first = next(c for c in result["checks"] if c["result"] == "FAIL")
-    return f"serve check of {result['folder']} failed: {first['name']}: {first['detail']}"
+    return f"serve check of {result['folder']} failed: {failed[0]['name']}: {failed[0]['detail']}"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
