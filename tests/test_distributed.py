@@ -292,3 +292,11 @@ def test_two_ranks_stopped_between_log_lines_resume_with_the_uninterrupted_log(
     steps = [r["step"] for r in read_training_logs(out)]
     assert steps == [3, 6, 9, 12] == [r["step"] for r in read_training_logs(reference)]
     assert final_losses(out) == pytest.approx(final_losses(reference), abs=1e-6)
+    # the token accuracy window is carried like the loss's: the line after the resume counts all its steps
+    records = [read_training_logs(o) for o in (out, reference)]
+    assert [r["window_trained_tokens"] for r in records[0]] == [
+        r["window_trained_tokens"] for r in records[1]
+    ]
+    assert [r["mean_token_accuracy"] for r in records[0]] == pytest.approx(
+        [r["mean_token_accuracy"] for r in records[1]], abs=1e-6
+    )
