@@ -125,12 +125,23 @@ def _stopping_args(model: Path, data: Path, out: Path, steps: int) -> list[str]:
 def test_early_stopping_stops_at_the_patience_and_keeps_its_count_across_a_resume(tmp_path, tiny_model_dir):
     data = write_json(tmp_path / "data.json", text_rows(1))
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert sft_trainer.main(_stopping_args(tiny_model_dir, data, whole, 10)) == 0
+    assert (
+        sft_trainer.main(
+            [*_stopping_args(tiny_model_dir, data, whole, 10), "--save_model_dir", str(whole / "m")]
+        )
+        == 0
+    )
     # evaluations at steps 1..4: counts 0, 1, 2, 3 = patience: stop after step 4
     summary = json.loads((whole / "run_summary.json").read_text())
     assert summary["steps"] == 4 and summary["early_stopping"]["stopped_at_step"] == 4
     assert Path(summary["early_stopping"]["best_model_checkpoint"]).is_dir()
     assert read_training_logs(whole, "early_stopping")[0]["step"] == 4
+    card = (whole / "m" / "README.md").read_text()
+    assert "Early stopping ended the run at step 4: `eval_loss` did not improve by more than 100 in 3" in card
+    assert (
+        "## Serving check" in card
+        and "| trained end of turn is in generation_config.eos_token_id | pass |" in card
+    )
 
     assert sft_trainer.main(_stopping_args(tiny_model_dir, data, resumed, 2)) == 0  # ends at 2 (counter 1)
     assert sft_trainer.main(_stopping_args(tiny_model_dir, data, resumed, 10)) == 0  # resumes from step 2
