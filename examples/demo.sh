@@ -20,7 +20,7 @@ python -m tuning.sft_trainer \
 python - "$work/out" <<'PY'
 import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tuning.train import read_training_logs
+from tuning.train import generate_answers, read_training_logs
 
 out = sys.argv[1]
 print("\nepoch  training loss")
@@ -28,10 +28,11 @@ for record in read_training_logs(out):
     print(f"{record['epoch']:5.0f}  {record['value']:.4f}")
 model = AutoModelForCausalLM.from_pretrained(f"{out}/final")
 tokenizer = AutoTokenizer.from_pretrained(f"{out}/final")
-for text in ["@ShopCo my refund never came", "@NetFast thanks for the quick delivery"]:
-    prompt = tokenizer(f"### Input: {text} \n\n## Label:", return_tensors="pt")
-    ids = model.generate(**prompt, max_new_tokens=14, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    answer = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"{text!r} -> {answer.strip()!r}")
+# the saved model's answers, by the code that writes eval_generations.jsonl (--eval_generations)
+texts = ["@ShopCo my refund never came", "@NetFast thanks for the quick delivery"]
+prompts = [tokenizer(f"### Input: {text} \n\n## Label:")["input_ids"] for text in texts]
+answers = generate_answers(model, tokenizer, prompts, [tokenizer.eos_token_id], max_new_tokens=14)
+for text, answer in zip(texts, answers):
+    print(f"{text!r} -> {answer['generation'].strip()!r}")
 print(f"\nmodel saved in {out}/final")
 PY

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sys
 
-from tuning import audit, launch, merge, plan, plot, preview, sft_trainer
+from tuning import audit, check, launch, merge, plan, plot, preview, sft_trainer
 from tuning.errors import UserError, did_you_mean, run_command
 
 COMMANDS = {"train": sft_trainer.main, "merge": merge.main, "preview": preview.main, "plot": plot.main}
 COMMANDS["launch"] = launch.main  # one job file → accelerate launch (docs/distributed.md)
 COMMANDS["plan"] = plan.main  # the memory plan without training (docs/memory.md)
 COMMANDS["audit"] = audit.main  # the data audit without training (docs/data.md)
+COMMANDS["check"] = check.main  # the serve-exact check on a saved folder (docs/training.md)
 
 
 def main(argv: list[str] | None = None) -> int:

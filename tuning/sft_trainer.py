@@ -18,7 +18,7 @@ import time
 
 from tuning.config import SFTConfig, output_dir_hint, parse_config
 from tuning.data import build_datasets, check_data_config, write_processed
-from tuning.errors import run_command
+from tuning.errors import UserError, run_command
 from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
@@ -36,6 +36,8 @@ from tuning.model import (
 )
 from tuning.outputs import (
     build_summary,
+    check_saved_model,
+    report_serve_check,
     run_audit,
     save_final_model,
     summary_line,
@@ -113,7 +115,15 @@ def _train(config: SFTConfig) -> dict:
     fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
     callbacks = [tracking, *tracking.trainer_callbacks, *([controller] if controller else [])]
     trainer = build_trainer(
-        args, model, tokenizer, data, plan, callbacks, fingerprint=fingerprint, processor=processor
+        args,
+        model,
+        tokenizer,
+        data,
+        plan,
+        callbacks,
+        fingerprint=fingerprint,
+        processor=processor,
+        stop_ids=stop_ids,
     )
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
@@ -131,10 +141,17 @@ def _train(config: SFTConfig) -> dict:
     )
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
+        if saved and args.serve_check != "off":  # the saved files, reloaded as a server reads them
+            summary["serve_check"] = check_saved_model(saved, config.data, max_len, tokenizer, stop_ids)
         write_summary(args.output_dir, summary)
         if saved:
             write_model_card(saved, config, summary, data, quant, max_len)
         logger.info(summary_line(summary))
+        check = summary.get("serve_check") or {}
+        if args.serve_check == "error" and check.get("passed") is False:
+            raise UserError(
+                f"--serve_check error: {report_serve_check(check, log=False)} (every check: run_summary.json)"
+            )
     return summary
 
 

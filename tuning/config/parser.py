@@ -419,6 +419,24 @@ def validate(config: SFTConfig, needs_data: bool = True) -> None:
     if config.data.instruction_template and not config.data.response_template:
         raise UserError("--instruction_template needs --response_template (loss starts after it)")
     _validate_memory_modes(config)
+    _validate_evaluation_extras(config.train)
+
+
+def _validate_evaluation_extras(train: TrainArgs) -> None:
+    """Early stopping and sample generations happen at evaluations: there must be some."""
+    wanted = [
+        flag
+        for flag, value in (
+            ("--early_stopping_patience", train.early_stopping_patience),
+            ("--eval_generations", train.eval_generations),
+        )
+        if value
+    ]
+    if wanted and str(getattr(train.eval_strategy, "value", train.eval_strategy)) == "no":
+        raise UserError(
+            f"{wanted[0]} acts at each evaluation and --eval_strategy is no; pass --eval_strategy steps "
+            "(with --eval_steps) or epoch, and --validation_data_path"
+        )
 
 
 def _validate_memory_modes(config: SFTConfig) -> None:

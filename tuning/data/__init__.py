@@ -7,7 +7,15 @@ from tuning.data.audit import audit_table, check_gates
 from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
 from tuning.data.chat import SAMPLE_INFO, TOKEN_ROLES
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
-from tuning.data.pipeline import build_datasets, check_data_config, data_audit, data_sources, preview_parts
+from tuning.data.pipeline import (
+    ServingView,
+    build_datasets,
+    check_data_config,
+    data_audit,
+    data_sources,
+    preview_parts,
+    serving_view,
+)
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
 from tuning.data.tokenize import IGNORE_INDEX, trained_pieces
@@ -17,6 +25,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGES",
     "SAMPLE_INFO",
+    "ServingView",
     "TOKEN_ROLES",
     "DataStats",
     "PaddingCollator",
@@ -35,6 +44,7 @@ __all__ = [
     "pad_token_id",
     "preview_parts",
     "sample_lengths",
+    "serving_view",
     "trained_pieces",
     "write_processed",
 ]

@@ -25,7 +25,7 @@ from tuning.data import IMAGES, PreparedData, data_sources
 from tuning.files import write_text_atomic
 from tuning.outputs.audit_report import AUDIT_HTML_NAME, AUDIT_JSON_NAME, key_numbers
 from tuning.outputs.plot import LOSS_PLOT_NAME
-from tuning.train import read_training_logs
+from tuning.train import read_eval_generations, read_training_logs
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def render_model_card(
         _overview(config, method, base, base_id, license_fields),
         _training(config, data, max_len or config.data.max_seq_length),
         _results(config, summary, has_plot),
+        _generations(config.train.output_dir),
+        _serve_check(summary),
         _usage(config, summary, base, image_text=_image_text(data)),
         _framework_versions(adapter),
     ]
@@ -328,6 +330,19 @@ def _results(config: SFTConfig, summary: dict[str, Any], has_plot: bool) -> str:
         f"| final | {loss(summary['final_loss'])} | {loss(summary['final_validation_loss'])} |",
         f"| best | {loss(summary['best_loss'])} | {loss(summary['best_validation_loss'])} |",
     ]
+    train_accuracy = summary.get("final_mean_token_accuracy")
+    valid_accuracy = summary.get("final_validation_mean_token_accuracy")
+    if train_accuracy is not None or valid_accuracy is not None:
+        lines.append(f"| final token accuracy | {loss(train_accuracy)} | {loss(valid_accuracy)} |")
+    stopping = summary.get("early_stopping")
+    if stopping and stopping.get("stopped_at_step") is not None:
+        lines += [
+            "",
+            f"Early stopping ended the run at step {stopping['stopped_at_step']}: `{stopping['metric']}` did not "
+            f"improve by more than {stopping['threshold']:g} in {stopping['patience']} evaluations; best "
+            f"{loss(stopping['best_metric'])} at step {stopping['best_step']} "
+            f"(`{Path(stopping['best_model_checkpoint'] or 'n/a').name}`).",
+        ]
     table = _loss_table(config.train.output_dir)
     if has_plot or table:
         lines += ["", "### Loss curve", ""]
@@ -353,6 +368,52 @@ def _loss_table(output_dir: str) -> list[str]:
             f"{f'{val:.4f}' if val is not None else ''} |"
         )
     return rows
+
+
+def _generations(output_dir: str) -> str:
+    """Sample generations at the first and the last evaluation (``--eval_generations``)."""
+    try:
+        records = read_eval_generations(output_dir)
+    except (OSError, ValueError):
+        return ""
+    if not records:
+        return ""
+    first, last = records[0]["step"], records[-1]["step"]
+    at_last = {r["prompt"]: r["generation"] for r in records if r["step"] == last}
+    lines = [
+        "## Sample generations",
+        "",
+        f"Greedy answers to validation prompts at the first (step {first}) and the last (step {last}) "
+        "evaluation; all of them are in `eval_generations.jsonl` of the output folder.",
+        "",
+        f"| prompt | reference | step {first} | step {last} |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in (r for r in records if r["step"] == first):
+        cells = (r["prompt"][-200:], r["reference"], r["generation"], at_last.get(r["prompt"], ""))
+        lines.append("| " + " | ".join(f"`{_cell(c)}`" if c else "" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _serve_check(summary: dict[str, Any]) -> str:
+    """The serve-exact check's table (``tuning/outputs/serve_check.py``)."""
+    check = summary.get("serve_check")
+    if not check or not check.get("checks"):
+        return ""
+    lines = [
+        "## Serving check",
+        "",
+        f"The saved folder was reloaded as a server loads it and checked against "
+        f"{check.get('samples', 0)} training samples: **{'passed' if check['passed'] else 'FAILED'}**.",
+        "",
+        "| check | result | detail |",
+        "| --- | --- | --- |",
+    ]
+    for item in check["checks"]:
+        lines.append(f"| {_cell(item['name'])} | {item['result']} | {_cell(item.get('detail', ''))} |")
+    if check.get("advice"):
+        lines += ["", check["advice"]]
+    return "\n".join(lines)
 
 
 def _image_text(data: PreparedData) -> bool:
