@@ -16,8 +16,8 @@ from tuning import plan as plan_command
 from tuning.errors import UserError
 from tuning.model.memory import estimate
 from tuning.model.memory_check import gpu_memory, parse_size
+from tuning.testing.tiny_from_config import tiny_config
 from tuning.testing.tiny_gpt_oss import build_gpt_oss
-from tuning.testing.tiny_qwen3 import SCALED_DOWN
 from tuning.train.loss import VERIFIED_ARCHITECTURES
 
 MiB, GiB = 2**20, 2**30
@@ -99,9 +99,7 @@ def test_the_plan_counts_the_tiny_gpt_oss_and_qwen3_of_the_tests():
     assert estimate(setup(gpt_oss)).parameters == _meta_parameters(gpt_oss)
     if not (REAL / "qwen3").is_dir():
         pytest.skip(f"real Qwen3 config not found at {REAL / 'qwen3'}")
-    real = AutoConfig.from_pretrained(REAL / "qwen3").to_dict()
-    real.pop("layer_types", None)
-    tiny = AutoConfig.for_model(**{**real, **SCALED_DOWN})
+    tiny = tiny_config(REAL / "qwen3")
     assert tiny.tie_word_embeddings
     # 151936 x 32 embedding (tied) + 2 layers; the run's own log says 4,880,576 parameters
     assert estimate(setup(tiny)).parameters == _meta_parameters(tiny) == 4_880_576

@@ -206,24 +206,67 @@ def load_model(
     # must carry (generation recomputes every token without it): see generation_use_cache.
     model.tuning_base_use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    model.tuning_base_special_ids = _special_ids(model)
+    model.tuning_base_vocab = model.get_input_embeddings().weight.shape[0]
     _resize_for_added_tokens(model, tokenizer)
     return model
 
 
+# Ids transformers' Trainer.train() overwrites with the tokenizer's (align_special_tokens: a Qwen3 config's
+# pad_token_id null becomes 151643, with a warning), in the config and the generation config.
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _special_ids(model: Any) -> dict[tuple[str, str], Any]:
+    ids = {}
+    for where, config in _configs(model).items():
+        for name in SPECIAL_IDS:
+            value = getattr(config, name, None)
+            ids[(where, name)] = list(value) if isinstance(value, list) else value
+    return ids
+
+
+def _configs(model: Any) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    found = {"config": config.get_text_config()} if config is not None else {}
+    if getattr(model, "generation_config", None) is not None:
+        found["generation_config"] = model.generation_config
+    return found
+
+
+def _new_token(value: Any, base_vocab: int | None) -> bool:
+    """Whether ``value`` (an id or a list of ids) names a token the run added to the vocabulary."""
+    ids = value if isinstance(value, list) else [value]
+    return base_vocab is not None and any(isinstance(i, int) and i >= base_vocab for i in ids)
+
+
 @contextmanager
 def generation_use_cache(model: Any) -> Iterator[None]:
-    """While saving: the model config's ``use_cache`` is the base model's again (load_model turned it off
-    for training), so a saved ``config.json`` generates with a KV cache like the base did."""
+    """While saving: the config's ``use_cache`` and the special-token ids of the config and generation
+    config are the base model's again, so a saved ``config.json`` generates like the base did. load_model
+    turned the cache off for training, and the Trainer aligned the ids with the tokenizer's; an id the run
+    added to the vocabulary (``--add_special_tokens``) is kept, since the base has no such token."""
     config = getattr(model, "config", None)
     base = getattr(model, "tuning_base_use_cache", None)  # peft wrappers forward the lookup to the base
-    if config is None or base is None or getattr(config, "use_cache", None) == base:
-        yield
-        return
-    training, config.use_cache = config.use_cache, base
+    targets = _configs(model)
+    base_ids = getattr(model, "tuning_base_special_ids", None) or {}
+    base_vocab = getattr(model, "tuning_base_vocab", None)
+    changed: list[tuple[Any, str, Any]] = []
+    if config is not None and base is not None and getattr(config, "use_cache", None) != base:
+        changed.append((config, "use_cache", base))
+    for (where, name), value in base_ids.items():
+        target = targets.get(where)
+        current = getattr(target, name, None)
+        if target is not None and current != value and not _new_token(current, base_vocab):
+            changed.append((target, name, value))
+    training = [(target, name, getattr(target, name, None)) for target, name, _ in changed]
+    for target, name, value in changed:
+        setattr(target, name, value)
     try:
         yield
     finally:
-        config.use_cache = training
+        for target, name, value in training:
+            setattr(target, name, value)
 
 
 def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:
