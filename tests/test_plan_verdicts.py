@@ -16,8 +16,8 @@ from tuning import plan as plan_command
 from tuning.errors import UserError
 from tuning.model.memory import estimate
 from tuning.model.memory_check import gpu_memory, parse_size
-from tuning.testing.tiny_from_config import tiny_config
 from tuning.testing.tiny_gpt_oss import build_gpt_oss
+from tuning.tiny import tiny_config
 from tuning.train.loss import VERIFIED_ARCHITECTURES
 
 MiB, GiB = 2**20, 2**30

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO, write_jsonl
 from tuning import sft_trainer
-from tuning.testing.tiny_from_config import write_tiny_from_config
+from tuning.tiny import write_tiny_from_config
 
 REAL = REPO.parent / "shared" / "real-tokenizers"
 FAMILIES = ("qwen3", "llama3.2", "mistral-v0.3", "gpt-oss")

@@ -1,18 +1,69 @@
 """The ``tuning`` command: subcommands sharing the ``sft_trainer`` configuration.
 
-``tuning train ARGS`` is ``python -m tuning.sft_trainer ARGS``.
+``tuning train ARGS`` is ``python -m tuning.sft_trainer ARGS``. Each command's module is imported only
+when it runs, so ``tuning --help`` and a mistyped command answer at once (docs/performance.md, start-up).
 """
 
 from __future__ import annotations
 
 import sys
 
-from tuning import launch, merge, plan, plot, preview, sft_trainer
 from tuning.errors import UserError, did_you_mean, run_command
 
-COMMANDS = {"train": sft_trainer.main, "merge": merge.main, "preview": preview.main, "plot": plot.main}
-COMMANDS["launch"] = launch.main  # one job file → accelerate launch (docs/distributed.md)
-COMMANDS["plan"] = plan.main  # the memory plan without training (docs/memory.md)
+# Each command's module is imported inside its function: only the command that runs pays for its imports.
+
+
+def _train(argv: list[str]) -> int:
+    from tuning import sft_trainer
+
+    return sft_trainer.main(argv)
+
+
+def _merge(argv: list[str]) -> int:
+    from tuning import merge
+
+    return merge.main(argv)
+
+
+def _preview(argv: list[str]) -> int:
+    from tuning import preview
+
+    return preview.main(argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from tuning import plot
+
+    return plot.main(argv)
+
+
+def _launch(argv: list[str]) -> int:  # one job file → accelerate launch (docs/distributed.md)
+    from tuning import launch
+
+    return launch.main(argv)
+
+
+def _plan(argv: list[str]) -> int:  # the memory plan without training (docs/memory.md)
+    from tuning import plan
+
+    return plan.main(argv)
+
+
+def _tiny_model(argv: list[str]) -> int:  # a tiny random model from a real config (docs/training.md)
+    from tuning import tiny
+
+    return tiny.main(argv)
+
+
+COMMANDS = {
+    "train": _train,
+    "merge": _merge,
+    "preview": _preview,
+    "plot": _plot,
+    "launch": _launch,
+    "plan": _plan,
+    "tiny-model": _tiny_model,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

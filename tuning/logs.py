@@ -41,6 +41,18 @@ def setup_logging(debug: bool = False) -> None:
     datasets.logging.set_verbosity_warning()
     if not sys.stderr.isatty():
         disable_progress_bars()
+    quiet_deepspeed_detection()
+
+
+def quiet_deepspeed_detection() -> None:
+    """accelerate imports DeepSpeed whenever it is installed (every ``save_pretrained`` unwraps the model
+    through it), and DeepSpeed then prints "Setting accelerator to CPU ..." on stdout when it finds no
+    GPU. On such a machine CPU is what DeepSpeed would pick; naming it (its own ``DS_ACCELERATOR``) picks
+    it without the line. A machine with an accelerator is left to DeepSpeed's detection."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def disable_progress_bars() -> None:

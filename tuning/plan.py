@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tuning.config import build_parser, output_dir_hint, parse_command_line
+from tuning.config import build_parser, command_options, output_dir_hint, parse_command_line
 from tuning.errors import UserError, run_command
 from tuning.files import read_mapping_file
 from tuning.logs import setup_logging
@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(argv: list[str]) -> int:
     parser = build_parser()
-    parser.add_argument(
+    own = command_options(parser, "plan", "--model_name_or_path M [--device_memory GPU]")
+    own.add_argument(
         "--device_memory",
         default=None,
+        metavar="GPU",
         help="Plan for this GPU: its name (H100-80GB, A100-40GB), the size on its label (80GB) or an exact size (79.6GiB).",
     )
-    parser.add_argument("--num_processes", type=int, default=None, help="Processes of the launch.")
-    parser.add_argument("--accelerate_config", default=None, help="The accelerate launch config file.")
+    own.add_argument("--num_processes", type=int, default=None, help="Processes of the launch.")
+    own.add_argument("--accelerate_config", default=None, help="The accelerate launch config file.")
     parser.set_defaults(output_dir=str(Path(tempfile.gettempdir()) / "tuning-plan"))  # never written
     config, extras = parse_command_line(argv, parser, needs_data=False)
     capacity = gpu_capacity(extras.device_memory) if extras.device_memory else None  # a typo before loading

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,13 +43,52 @@ class PrecisionPlan:
 
 
 def load_model_config(args: ModelArgs) -> PretrainedConfig:
+    check_source(args.model_name_or_path, "--model_name_or_path")
     try:
         return AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load model {args.model_name_or_path}: {first_line(e)}; pass a local "
-            "folder with config.json or a hub id to --model_name_or_path"
-        ) from None
+        raise source_error(args.model_name_or_path, "--model_name_or_path", "config.json", e) from None
+
+
+# One part of a Hugging Face Hub repo id (``name`` or ``org/name``): huggingface_hub's validate_repo_id
+# rule (word characters, "-" and "."; neither first nor last; at most 96; no "--" or "..")
+_HUB_ID_PART = re.compile(r"\w(?:[\w.-]{0,94}\w)?")
+
+
+def could_be_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        len(parts) <= 2
+        and "--" not in name
+        and ".." not in name
+        and all(_HUB_ID_PART.fullmatch(p) for p in parts)
+    )
+
+
+def check_source(name: str, flag: str) -> None:
+    """Refuse, without a network round trip, a model or tokenizer name that can only be a local path and
+    does not exist (``./tiny-lama``, ``/data/models/x``): it can't be a Hub id either."""
+    if not Path(name).expanduser().exists() and not could_be_hub_id(name):
+        raise UserError(f"{flag} {name}: no such folder; check the path")
+
+
+def source_error(name: str, flag: str, files: str, e: Exception, fix: str = "") -> UserError:
+    """What to fix when a model or tokenizer does not load from ``name``: the folder lacks ``files``
+    (``fix``: what else to pass), or there is no such folder and ``name`` is no Hub model this machine can
+    reach (a typo, or offline)."""
+    if Path(name).expanduser().exists():
+        return UserError(f"cannot load {files} from {name} ({flag}): {first_line(e)}{fix}")
+    text = str(e)
+    offline = "offline" in text.lower() or "couldn't connect" in text or "connect" in text.lower()
+    why = (
+        "the Hub cannot be reached from here (offline)"
+        if offline
+        else f"the Hub has no such model ({first_line(e)})"
+    )
+    return UserError(
+        f"{flag} {name}: no such local folder, and not a Hub id that can be loaded: {why}; check the "
+        "spelling, or pass a local folder"
+    )
 
 
 def context_length(config: PretrainedConfig, requested: int) -> int:

@@ -4,7 +4,7 @@
 ``python -m tuning.testing.tiny_qwen3 QWEN3_TOKENIZER_DIR OUT_DIR`` writes a folder that
 ``--model_name_or_path`` accepts; ``QWEN3_TOKENIZER_DIR`` holds the real ``config.json``,
 ``generation_config.json`` and tokenizer files (``../shared/real-tokenizers/qwen3``: no weights). Any other
-family: ``tuning tiny-model`` (tuning/testing/tiny_from_config.py).
+family: ``tuning tiny-model`` (tuning/tiny.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tuning.testing.tiny_from_config import SCALED_DOWN, write_tiny_from_config
+from tuning.tiny import SCALED_DOWN, write_tiny_from_config
 
 __all__ = ["SCALED_DOWN", "write_tiny_qwen3"]
 
@@ -24,6 +24,12 @@ def write_tiny_qwen3(source: str | Path, out_dir: str | Path, seed: int = 0, **o
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m tuning.testing.tiny_qwen3 QWEN3_TOKENIZER_DIR OUT_DIR")
-    print(write_tiny_qwen3(sys.argv[1], sys.argv[2]))
+    from tuning.testing import command_line
+
+    print(
+        write_tiny_qwen3(
+            *command_line(
+                sys.argv[1:], "usage: python -m tuning.testing.tiny_qwen3 QWEN3_TOKENIZER_DIR OUT_DIR", 2
+            )
+        )
+    )

@@ -1,0 +1,144 @@
+"""A new user's first hour: errors that say what is wrong (a missing folder is not a network problem),
+``--help`` that answers at once and shows a command's own options first, a helper script that never
+turns ``--help`` into a folder, and ``tuning tiny-model``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, io_rows, write_json
+from tuning import cli, plan, preview, sft_trainer, tiny
+from tuning.config import ModelArgs
+from tuning.errors import UserError
+from tuning.model.loading import could_be_hub_id, load_model_config
+
+REAL = REPO.parent / "shared" / "real-tokenizers"
+
+
+def _last_error(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["./tiny-lama", "../models/tiny-lama", "/data/models/tiny-lama", "~/tiny-lama", "a/b/c", "tiny--lama"],
+)
+def test_a_missing_local_path_is_named_as_one(name, tmp_path, capsys):
+    assert not could_be_hub_id(name)
+    argv = [
+        "--model_name_or_path",
+        name,
+        "--training_data_path",
+        str(write_json(tmp_path / "d.json", io_rows(1))),
+    ]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    assert sft_trainer.main(argv) == 1
+    assert _last_error(capsys) == f"error: --model_name_or_path {name}: no such folder; check the path"
+
+
+@pytest.mark.parametrize("name", ["tiny-lama", "my-org/tiny-lama", "gpt2"])
+def test_a_hub_id_that_cannot_be_reached_says_so(name, tmp_path, capsys, monkeypatch):
+    assert could_be_hub_id(name)
+    monkeypatch.chdir(tmp_path)  # no such folder here; HF_HUB_OFFLINE=1 (tests/conftest.py)
+    with pytest.raises(UserError) as raised:
+        load_model_config(ModelArgs(model_name_or_path=name))
+    assert str(raised.value) == (
+        f"--model_name_or_path {name}: no such local folder, and not a Hub id that can be loaded: the Hub "
+        "cannot be reached from here (offline); check the spelling, or pass a local folder"
+    )
+    assert plan.main(["--model_name_or_path", name]) == 1
+    assert _last_error(capsys) == f"error: {raised.value}"
+
+
+def test_a_folder_without_tokenizer_files_says_which_flag_fixes_it(tmp_path, capsys):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    argv = [
+        "--model_name_or_path",
+        str(folder),
+        "--training_data_path",
+        str(write_json(tmp_path / "d.json", io_rows(1))),
+    ]
+    argv += ["--output_dir", str(tmp_path / "out")]
+    assert sft_trainer.main(argv) == 1
+    line = _last_error(capsys)
+    assert line.startswith(f"error: cannot load a tokenizer from {folder} (--model_name_or_path): ")
+    assert line.endswith("pass a folder with tokenizer files or a Hub id via --tokenizer_name_or_path")
+
+
+@pytest.mark.parametrize(("command", "own"), [(preview, "--preview N"), (plan, "--device_memory GPU")])
+def test_a_commands_help_shows_its_own_options_first(command, own, capsys):
+    with pytest.raises(SystemExit) as done:
+        command.main(["--help"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"usage: tuning {command.__name__.split('.')[-1]} ") and len(lines[0]) < 120
+    assert lines[2].endswith("options:") and lines[3].lstrip().startswith(own)
+    assert lines.index("training flags (those of tuning train):") < 15
+
+
+@pytest.mark.parametrize("script", ["tiny_model", "tiny_gpt_oss", "tiny_qwen3"])
+def test_a_testing_script_answers_help_without_writing_a_folder(script, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", f"tuning.testing.{script}", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m tuning.testing.{script} ")
+    assert list(tmp_path.iterdir()) == []
+    wrong = subprocess.run(
+        [sys.executable, "-m", f"tuning.testing.{script}", "--out", "x"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: usage:")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tuning_help_and_a_mistyped_command_import_no_command(capsys):
+    code = (
+        "import sys; from tuning import cli; cli.main(['--help']); cli.main(['trian']);"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'tuning')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "unknown command 'trian' (did you mean 'train'?)" in done.stderr
+    assert json.loads(done.stdout.splitlines()[-1].replace("'", '"')) == [
+        "tuning",
+        "tuning.cli",
+        "tuning.errors",
+    ]
+
+
+def test_tiny_model_command_builds_a_family_from_its_config(tmp_path, capsys):
+    if not (REAL / "llama3.2" / "config.json").is_file():
+        pytest.skip(f"real llama3.2 config not found under {REAL}")
+    assert cli.main(["tiny-model", "--config", str(REAL / "llama3.2"), "--out", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tmp_path / "m")
+    real = AutoConfig.from_pretrained(REAL / "llama3.2")
+    assert (config.model_type, config.vocab_size, config.tie_word_embeddings) == ("llama", 128256, True)
+    assert (config.hidden_size, config.num_hidden_layers) == (32, 2)
+    assert config.eos_token_id == real.eos_token_id
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "m").chat_template
+        == AutoTokenizer.from_pretrained(REAL / "llama3.2").chat_template
+    )
+
+
+def test_tiny_model_command_refuses_what_is_not_a_config(tmp_path, capsys):
+    assert tiny.main(["--config", str(tmp_path), "--out", str(tmp_path / "m")]) == 1
+    assert _last_error(capsys) == (
+        f"error: --config {tmp_path}: no config.json there; pass a model folder or its config.json"
+    )
+    assert tiny.main(["--out", "m"]) == 1
+    assert "the following arguments are required: --config" in _last_error(capsys)
+    assert not (tmp_path / "m").exists()
