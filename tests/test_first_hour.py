@@ -5,6 +5,8 @@ turns ``--help`` into a folder, and ``tuning tiny-model``."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -142,3 +144,36 @@ def test_tiny_model_command_refuses_what_is_not_a_config(tmp_path, capsys):
     assert tiny.main(["--out", "m"]) == 1
     assert "the following arguments are required: --config" in _last_error(capsys)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")]
+)
+def test_a_stop_signal_during_the_imports_ends_with_one_line(signum, code, name, tmp_path):
+    """SIGTERM or Ctrl-C while `python -m tuning.sft_trainer` is still importing torch and transformers."""
+    program = (
+        "import signal, runpy\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may ignore it)\n"
+        "runpy.run_module('tuning.sft_trainer', run_name='__main__', alter_sys=True)\n"
+    )
+    argv = ["--model_name_or_path", str(tmp_path / "m"), "--training_data_path", str(tmp_path / "d.json")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TERMINATION_LOG_FILE": str(tmp_path / "log")}
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-c", program, *argv, "--output_dir", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    for line in proc.stderr:  # each import's line comes as it finishes: torch done, transformers under way
+        if line.rsplit("|", 1)[-1].strip() == "torch":
+            proc.send_signal(signum)
+            break
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    ours = [x for x in err.splitlines() if not x.startswith("import time:")]
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and len(ours) == 1, ours
+    assert ours[0].startswith(f"interrupted: stopped by {name} outside a training step")
+    assert (tmp_path / "log").read_text() == ours[0] + "\n"
+    assert not (tmp_path / "out").exists()

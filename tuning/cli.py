@@ -6,6 +6,7 @@ when it runs, so ``tuning --help`` and a mistyped command answer at once (docs/p
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tuning.errors import UserError, did_you_mean, run_command
@@ -75,7 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         given = f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}" if argv else "no command"
         return run_command(lambda: _refuse(f"{given}; {usage}"))
-    return COMMANDS[argv[0]](argv[1:])
+    # run_command around the command too: a stop signal while its modules import (seconds: torch,
+    # transformers) ends like one anywhere else, with one line and exit 143/130; the command's own
+    # run_command handles everything after that
+    return run_command(lambda: COMMANDS[argv[0]](argv[1:]))
+
+
+def run_program(command: str) -> None:
+    """``python -m tuning.sft_trainer ARGS`` and the ``sft_trainer`` script: ``tuning COMMAND ARGS`` as a
+    process, ending every rank of a multi-process launch without interpreter teardown."""
+    code = main([command, *sys.argv[1:]])
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate/torchrun
+        from tuning.train import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
+def train_main() -> None:
+    """The ``sft_trainer`` script."""
+    run_program("train")
 
 
 def _refuse(message: str) -> int:

@@ -12,8 +12,12 @@ if __package__ in (None, ""):  # run as a file: import the package, not sibling 
 
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+if __name__ == "__main__":  # a program: `tuning train`, which imports this module under its own name
+    from tuning.cli import run_program  # with a stop signal during the imports below handled (one line)
+
+    run_program("train")
+
 import logging
-import os
 import time
 
 from tuning.config import SFTConfig, output_dir_hint, parse_config, save_resolved_config
@@ -45,7 +49,6 @@ from tuning.trackers import build_trackers
 from tuning.train import (
     build_trainer,
     clean_output_dir,
-    exit_process,
     explicit_checkpoint,
     launch_defaults,
     leave_process_group,
@@ -146,10 +149,3 @@ def main(argv: list[str] | None = None) -> int:
             leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
 
     return run_command(train, lambda: output_dir_hint(argv))
-
-
-if __name__ == "__main__":
-    exit_code = main()
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate/torchrun
-        exit_process(exit_code)
-    sys.exit(exit_code)
