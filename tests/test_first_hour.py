@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, io_rows, write_json
+from tests.conftest import REPO, io_rows, run_cli, write_json
 from tuning import cli, plan, preview, sft_trainer, tiny
 from tuning.config import ModelArgs
 from tuning.errors import UserError
@@ -115,6 +116,7 @@ def test_tuning_help_and_a_mistyped_command_import_no_command(capsys):
         "tuning",
         "tuning.cli",
         "tuning.errors",
+        "tuning.logs",
     ]
 
 
@@ -177,3 +179,42 @@ def test_a_stop_signal_during_the_imports_ends_with_one_line(signum, code, name,
     assert ours[0].startswith(f"interrupted: stopped by {name} outside a training step")
     assert (tmp_path / "log").read_text() == ours[0] + "\n"
     assert not (tmp_path / "out").exists()
+
+
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d INFO tuning[\w.]*: |^  \S")  # ours, and the memory plan's rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra", [[], ["--peft_method", "lora", "--gradient_checkpointing", "True"]], ids=["full", "lora"]
+)
+def test_a_default_cpu_run_logs_only_our_lines(extra, tiny_model_dir, tmp_path):
+    """Nothing but our own lines in a run that went right: no library warnings (DeepSpeed, bitsandbytes,
+    transformers' deprecations), no fallback warning for a kernel nobody asked for, no per-epoch
+    deletions, a rounded final loss."""
+    data = write_json(tmp_path / "d.json", io_rows(2))
+    out = tmp_path / "out"
+    args = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--training_data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+    ]
+    args += [
+        "--num_train_epochs",
+        "3",
+        "--save_total_limit",
+        "1",
+        "--save_model_dir",
+        str(out / "final"),
+        *extra,
+    ]
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == ""
+    foreign = [line for line in done.stderr.splitlines() if not OUR_LINE.match(line)]
+    assert foreign == []
+    assert "deleting checkpoint" not in done.stderr and "parameters: none" not in done.stderr
+    assert re.search(r"final loss \d+\.\d{4}, peak memory", done.stderr.splitlines()[-1])

@@ -6,10 +6,10 @@ when it runs, so ``tuning --help`` and a mistyped command answer at once (docs/p
 
 from __future__ import annotations
 
-import os
 import sys
 
-from tuning.errors import UserError, did_you_mean, run_command
+from tuning.errors import UserError, did_you_mean, run_command, run_program
+from tuning.logs import quiet_libraries
 
 # Each command's module is imported inside its function: only the command that runs pays for its imports.
 
@@ -79,23 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     # run_command around the command too: a stop signal while its modules import (seconds: torch,
     # transformers) ends like one anywhere else, with one line and exit 143/130; the command's own
     # run_command handles everything after that
+    quiet_libraries()
     return run_command(lambda: COMMANDS[argv[0]](argv[1:]))
 
 
-def run_program(command: str) -> None:
-    """``python -m tuning.sft_trainer ARGS`` and the ``sft_trainer`` script: ``tuning COMMAND ARGS`` as a
-    process, ending every rank of a multi-process launch without interpreter teardown."""
-    code = main([command, *sys.argv[1:]])
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate/torchrun
-        from tuning.train import exit_process
-
-        exit_process(code)
-    sys.exit(code)
-
-
 def train_main() -> None:
-    """The ``sft_trainer`` script."""
-    run_program("train")
+    """The ``sft_trainer`` script (``python -m tuning.sft_trainer`` starts the same way)."""
+    run_program(lambda: _train(sys.argv[1:]))
 
 
 def _refuse(message: str) -> int:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-
-import datasets
-import transformers
+import warnings
 
 logger = logging.getLogger("tuning")
 
@@ -31,6 +29,10 @@ def setup_logging(debug: bool = False) -> None:
     libraries' warnings only. Called once at the start of a command and again with ``debug`` once the
     command line has been parsed (``--log_level debug``): the level comes from the parsed flag, never
     from scanning argv."""
+    import datasets
+    import transformers
+
+    quiet_libraries()
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logger.handlers[:] = [handler]
@@ -42,6 +44,20 @@ def setup_logging(debug: bool = False) -> None:
     if not sys.stderr.isatty():
         disable_progress_bars()
     quiet_deepspeed_detection()
+
+
+def quiet_libraries() -> None:
+    """Before the libraries import (the commands call it first; it imports nothing): what they would
+    print that is not the user's to act on."""
+    # transformers' deprecation notices about its own renames (gradient_checkpointing → activation_
+    # checkpointing, is_gradient_checkpointing, ...): flags that stay ours to accept, nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    # bitsandbytes, imported by peft whenever it is installed, looks up (through the kernels package) and
+    # warns at import time on CPUs about a 4-bit kernel only QLoRA would use; the model stage puts both
+    # levels back for a run that uses them (QLoRA; a Hub attention kernel)
+    for name in ("bitsandbytes", "kernels"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quiet_deepspeed_detection() -> None:
@@ -60,5 +76,8 @@ def disable_progress_bars() -> None:
     huggingface_hub's (downloads) and datasets' (maps). In a file, a CI or Kubernetes log each bar is a
     run of carriage-return frames between our lines; our own progress prints plain lines there instead
     (tuning/train/progress.py). Called when stderr is not a terminal, and for ``--disable_tqdm``."""
+    import datasets
+    import transformers
+
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()  # turns off huggingface_hub's bars too

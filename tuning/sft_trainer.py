@@ -12,10 +12,16 @@ if __package__ in (None, ""):  # run as a file: import the package, not sibling 
 
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-if __name__ == "__main__":  # a program: `tuning train`, which imports this module under its own name
-    from tuning.cli import run_program  # with a stop signal during the imports below handled (one line)
+if __name__ == "__main__":  # a program: this module is imported under its own name inside run_command,
+    # so a stop signal during the seconds of imports below ends with one line like anywhere else
+    from tuning.errors import run_program
 
-    run_program("train")
+    def _start() -> int:
+        from tuning import sft_trainer
+
+        return sft_trainer.main(sys.argv[1:])
+
+    run_program(_start)
 
 import logging
 import time

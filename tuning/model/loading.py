@@ -218,6 +218,8 @@ def load_model(
     """
     model_class = causal_lm_class(config or load_model_config(args))
     candidates = attention_candidates(args, model_class)
+    if any("/" in impl for impl in candidates):  # a Hub kernel: its loader's warnings count (tuning/logs.py)
+        logging.getLogger("kernels").setLevel(logging.NOTSET)
     reasons: list[str] = []
     for impl in candidates:
         reason = why_unusable(impl, model_class)
@@ -238,7 +240,10 @@ def load_model(
     else:
         raise UserError(f"no attention implementation works for this model ({'; '.join(reasons)})")
     if impl != candidates[0]:
-        logger.warning("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
+        # on a machine without a GPU no flash kernel can run: the run-start line says which kernel runs
+        # (--use_flash_attn defaults to true, as in fms-hf-tuning); with a GPU a fallback is news
+        log = logger.warning if torch.cuda.is_available() else logger.debug
+        log("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
     drop_stale_quantization_config(model)
     if is_bnb(quantization):
         keep_training_layout(model)
