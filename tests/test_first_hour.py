@@ -218,3 +218,36 @@ def test_a_default_cpu_run_logs_only_our_lines(extra, tiny_model_dir, tmp_path):
     assert foreign == []
     assert "deleting checkpoint" not in done.stderr and "parameters: none" not in done.stderr
     assert re.search(r"final loss \d+\.\d{4}, peak memory", done.stderr.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_from_a_relative_path_merges_from_anywhere(tiny_model_dir, tmp_path, monkeypatch):
+    """The adapter records its local base as an absolute path (a Hub id as given), so `tuning merge`
+    works from another folder."""
+    import shutil
+
+    from tuning.model.loading import model_source
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_model_dir, work / "tiny-llama")
+    monkeypatch.chdir(work)
+    write_json(work / "d.json", io_rows(1))
+    argv = ["--model_name_or_path", "tiny-llama", "--training_data_path", "d.json", "--output_dir", "out"]
+    argv += [
+        "--peft_method",
+        "lora",
+        "--max_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--save_model_dir",
+        "out/final",
+    ]
+    assert sft_trainer.main(argv) == 0
+    config = json.loads((work / "out" / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(work / "tiny-llama")
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["merge", "--adapter", str(work / "out" / "final"), "--output", "merged"]) == 0
+    assert (elsewhere / "merged" / "config.json").is_file()
+    assert model_source("my-org/some-model") == "my-org/some-model"  # a Hub id is kept as given

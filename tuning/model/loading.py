@@ -65,6 +65,14 @@ def could_be_hub_id(name: str) -> bool:
     )
 
 
+def model_source(name: str) -> str:
+    """What to load from: a local folder as an absolute path, a Hub id as given. What a model or tokenizer
+    is loaded from is what peft records in every adapter (``base_model_name_or_path``): a path relative to
+    the training run's folder would not load from anywhere else (``tuning merge`` from another folder)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def check_source(name: str, flag: str) -> None:
     """Refuse, without a network round trip, a model or tokenizer name that can only be a local path and
     does not exist (``./tiny-lama``, ``/data/models/x``): it can't be a Hub id either."""
@@ -226,7 +234,7 @@ def load_model(
         if reason is None:
             try:
                 model = AutoModelForCausalLM.from_pretrained(
-                    args.model_name_or_path,
+                    model_source(args.model_name_or_path),
                     dtype=plan.load_dtype,
                     attn_implementation=impl,
                     trust_remote_code=args.trust_remote_code,

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from tuning.config import DataArgs, ModelArgs
 from tuning.errors import UserError
-from tuning.model.loading import check_source, source_error
+from tuning.model.loading import check_source, model_source, source_error
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,9 @@ def load_tokenizer(model_args: ModelArgs, data_args: DataArgs) -> Any:
     flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
     check_source(name, flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_source(name), trust_remote_code=model_args.trust_remote_code
+        )
     except (OSError, ValueError) as e:
         fix = "; pass a folder with tokenizer files or a Hub id via --tokenizer_name_or_path"
         raise source_error(name, flag, "a tokenizer", e, fix) from None
