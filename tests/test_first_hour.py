@@ -85,6 +85,7 @@ def test_a_commands_help_shows_its_own_options_first(command, own, capsys):
     assert lines.index("training flags (those of tuning train):") < 15
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["tiny_model", "tiny_gpt_oss", "tiny_qwen3"])
 def test_a_testing_script_answers_help_without_writing_a_folder(script, tmp_path):
     done = subprocess.run(
