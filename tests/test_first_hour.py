@@ -122,20 +122,20 @@ def test_tuning_help_and_a_mistyped_command_import_no_command(capsys):
 
 
 def test_tiny_model_command_builds_a_family_from_its_config(tmp_path, capsys):
-    if not (REAL / "llama3.2" / "config.json").is_file():
-        pytest.skip(f"real llama3.2 config not found under {REAL}")
-    assert cli.main(["tiny-model", "--config", str(REAL / "llama3.2"), "--out", str(tmp_path / "m")]) == 0
+    if not (REAL / "mistral-v0.3" / "config.json").is_file():
+        pytest.skip(f"real mistral-v0.3 config not found under {REAL}")
+    assert cli.main(["tiny-model", "--config", str(REAL / "mistral-v0.3"), "--out", str(tmp_path / "m")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(tmp_path / "m")
-    real = AutoConfig.from_pretrained(REAL / "llama3.2")
-    assert (config.model_type, config.vocab_size, config.tie_word_embeddings) == ("llama", 128256, True)
+    real = AutoConfig.from_pretrained(REAL / "mistral-v0.3")
+    assert (config.model_type, config.vocab_size, config.tie_word_embeddings) == ("mistral", 32768, False)
     assert (config.hidden_size, config.num_hidden_layers) == (32, 2)
     assert config.eos_token_id == real.eos_token_id
     assert (
         AutoTokenizer.from_pretrained(tmp_path / "m").chat_template
-        == AutoTokenizer.from_pretrained(REAL / "llama3.2").chat_template
+        == AutoTokenizer.from_pretrained(REAL / "mistral-v0.3").chat_template
     )
 
 

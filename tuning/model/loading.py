@@ -248,9 +248,11 @@ def load_model(
     else:
         raise UserError(f"no attention implementation works for this model ({'; '.join(reasons)})")
     if impl != candidates[0]:
-        # on a machine without a GPU no flash kernel can run: the run-start line says which kernel runs
-        # (--use_flash_attn defaults to true, as in fms-hf-tuning); with a GPU a fallback is news
-        log = logger.warning if torch.cuda.is_available() else logger.debug
+        # the default request (flash_attention_2: --use_flash_attn defaults to true, as in fms-hf-tuning)
+        # can't run without a GPU, and the run-start line says which kernel runs; a kernel the user named,
+        # or any fallback on a GPU, is news
+        default = candidates[0] == ModelArgs.flash_attn_implementation
+        log = logger.debug if default and not torch.cuda.is_available() else logger.warning
         log("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
     drop_stale_quantization_config(model)
     if is_bnb(quantization):
