@@ -61,12 +61,13 @@ st.load_model = timed("weights", st.load_model)
 class FirstStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         mark("first step"); control.should_training_stop = True
+        optional.extend(sorted(m for m in OPTIONAL if m in sys.modules))
+optional = []
 build = st.build_trainer
 def build_trainer(*a, **k):
     trainer = build(*a, **k); mark("trainer"); trainer.add_callback(FirstStep()); return trainer
 st.build_trainer = build_trainer
 code = st.main(sys.argv[2:])
-optional = sorted(m for m in OPTIONAL if m in sys.modules)
 print(json.dumps({"code": code, "marks": marks, "optional_imported": optional}))
 """
 
@@ -97,8 +98,10 @@ def first_line_seconds(tree: Path, args: list[str], work: Path) -> float:
 
 
 def first_step(work: Path) -> dict:
+    from tuning.logs import quiet_deepspeed_detection
     from tuning.testing.tiny_model import write_tiny_model
 
+    quiet_deepspeed_detection()
     model = write_tiny_model(work / "tiny-llama")
     rows = [{"input": f"ticket {i}", "output": "complaint" if i % 2 else "no complaint"} for i in range(8)]
     data = work / "d.json"
