@@ -5,6 +5,7 @@ null came back as 151643), on every real tokenizer we have, unless the run added
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -37,7 +38,16 @@ def test_the_saved_config_keeps_the_bases_special_token_ids(family, tmp_path):
         "--dataset_text_field", "text", "--max_steps", "1", "--save_strategy", "no", "--torch_dtype", "float32",
         "--per_device_train_batch_size", "2", "--save_model_dir", str(out / "final"), "--memory_check", "off",
     ]  # fmt: skip
-    assert sft_trainer.main(argv) == 0
+    said: list[str] = []
+    heard = logging.Handler()
+    heard.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    aligning = logging.getLogger("transformers.trainer_utils")  # where the Trainer says it aligned ids
+    aligning.addHandler(heard)
+    try:
+        assert sft_trainer.main(argv) == 0
+    finally:
+        aligning.removeHandler(heard)
+    assert not [s for s in said if "new PAD/BOS/EOS tokens" in s]  # untrue here: the saved ids are the base's
     for name in ("config.json", "generation_config.json"):
         assert _ids(out / "final", name) == _ids(base, name), name
 

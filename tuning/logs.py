@@ -58,6 +58,16 @@ def quiet_libraries() -> None:
     for name in ("bitsandbytes", "kernels"):
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.ERROR)
+    # the Trainer aligns the config's special-token ids with the tokenizer's and says so; every saved
+    # config gets the base's ids back (tuning/model/loading.py generation_use_cache), so the line is untrue
+    aligned = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, _AlignedTokensLine) for f in aligned.filters):
+        aligned.addFilter(_AlignedTokensLine())
+
+
+class _AlignedTokensLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The tokenizer has new PAD/BOS/EOS tokens")
 
 
 def quiet_deepspeed_detection() -> None:
