@@ -147,6 +147,18 @@ def test_argparse_lists_actions_and_converts_like_the_command_line():
     assert not argparse_private.is_store_false(n)
 
 
+def test_argparse_prints_groups_in_the_order_of_its_group_list():
+    parser = argparse.ArgumentParser(prog="p")
+    parser.add_argument("--train_flag")
+    group = parser.add_argument_group("own options")
+    group.add_argument("--own")
+    argparse_private.put_group_first(parser, group, "training flags")
+    text = parser.format_help()
+    assert text.index("own options:") < text.index("training flags:") < text.index("\n  --train_flag"), (
+        changed("argparse", "_action_groups / _optionals")
+    )
+
+
 def test_argparse_hooks_our_parser_overrides_are_still_called():
     """tuning/config/parser.py's ArgumentParser subclass overrides ``_check_value`` (a did-you-mean for
     choices) and sets ``_negative_number_matcher`` (``-1e-5`` is a value, not a flag)."""

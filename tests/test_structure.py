@@ -40,6 +40,7 @@ LAYERS = {
     "plot": 6,
     "plan": 6,
     "check": 6,
+    "tiny": 6,
     "cli": 7,
     "testing": 8,  # tiny models for tests, the demo and benchmarks: nothing in a run imports them
 }

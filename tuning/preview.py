@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.config import build_parser, output_dir_hint, parse_command_line
+from tuning.config import build_parser, command_options, output_dir_hint, parse_command_line
 from tuning.data import (
     IGNORE_INDEX,
     IMAGES,
@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _preview(argv: list[str]) -> int:
     parser = build_parser()
-    parser.add_argument("--preview", type=int, default=DEFAULT_SAMPLES, help="Samples shown per dataset.")
+    own = command_options(
+        parser, "preview", "--model_name_or_path M (--training_data_path F | --data_config_path F)"
+    )
+    own.add_argument(
+        "--preview", type=int, default=DEFAULT_SAMPLES, metavar="N", help="Samples shown per dataset."
+    )
     parser.set_defaults(output_dir=str(Path(tempfile.gettempdir()) / "tuning-preview"))  # never written
     config, extras = parse_command_line(argv, parser)
     if extras.preview < 0:

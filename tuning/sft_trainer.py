@@ -12,8 +12,18 @@ if __package__ in (None, ""):  # run as a file: import the package, not sibling 
 
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+if __name__ == "__main__":  # a program: this module is imported under its own name inside run_command,
+    # so a stop signal during the seconds of imports below ends with one line like anywhere else
+    from tuning.errors import run_program
+
+    def _start() -> int:
+        from tuning import sft_trainer
+
+        return sft_trainer.main(sys.argv[1:])
+
+    run_program(_start)
+
 import logging
-import os
 import time
 
 from tuning.config import SFTConfig, output_dir_hint, parse_config
@@ -50,7 +60,6 @@ from tuning.train import (
     RunFolder,
     build_controller,
     build_trainer,
-    exit_process,
     launch_defaults,
     leave_process_group,
     log_run_start,
@@ -177,10 +186,3 @@ def main(argv: list[str] | None = None) -> int:
             leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
 
     return run_command(train, lambda: output_dir_hint(argv))
-
-
-if __name__ == "__main__":
-    exit_code = main()
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate/torchrun
-        exit_process(exit_code)
-    sys.exit(exit_code)

@@ -28,6 +28,7 @@ from tuning.model.memory_check import (
     check_memory,
     device_capacity,
     gib,
+    gpu_capacity,
     parse_size,
     render,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "device_capacity",
     "estimate",
     "gib",
+    "gpu_capacity",
     "parse_size",
     "render",
     "setup_for",

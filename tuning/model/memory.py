@@ -199,8 +199,12 @@ def count_parameters(model: Any, quantized: set[int], setup: Setup) -> _Counts:
     adapters = setup.peft.peft_method != "none"
     linear = {id(m.weight) for m in model.modules() if is_linear(m)}
     layer_bytes: dict[str, int] = {}
+    seen: set[int] = set()  # a tied weight (input embeddings = output head) is one tensor, stored once
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             if id(param) in quantized:
                 stored = bnb_bytes(param.numel(), param.shape[0], setup.quant)
             elif mxfp4 and type(module).__name__.endswith("Experts") and param.dim() == 3:

@@ -94,11 +94,16 @@ def write_summary(output_dir: str, summary: dict[str, Any]) -> Path:
     )
 
 
+def _loss(value: Any) -> str:
+    """Four decimals, as the progress lines print losses (the summary file keeps the exact value)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     where = summary.get("save_model_dir") or "not saved (no --save_model_dir)"
     return (
         f"done: {summary['steps']} steps, {summary['trained_tokens']} trained tokens in "
         f"{summary['train_seconds']:.1f}s ({summary['trained_tokens_per_second']:.1f} tokens/s), "
-        f"final loss {summary['final_loss']}, peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
+        f"final loss {_loss(summary['final_loss'])}, peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
         f"model: {where}"
     )
