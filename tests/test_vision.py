@@ -346,6 +346,38 @@ def tiny_vlm(family: str, tmp_path_factory) -> Path:
     return _TINY[family]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_label_only_loss_is_the_image_text_models_own(family, tmp_path_factory):
+    """Why tuning/model/decisions.py lists these families in VERIFIED_IMAGE_TEXT: on a processed
+    image+text batch (two rows, images expanded) the label-only loss equals the model's own."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from tuning.model.vision import processor_from
+    from tuning.train.loss import label_only_loss
+
+    folder = tiny_vlm(family, tmp_path_factory)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    model.config.use_cache = False
+    p = processor_from(folder)
+    texts = [
+        p.apply_chat_template([user("What colour?", images=1), assistant(answer)], tokenize=False)
+        for answer in ("red it is", "a green one")
+    ]
+    batch = p(
+        text=texts, images=[[image((200, 10, 10))], [image((10, 200, 10))]], return_tensors="pt", padding=True
+    )
+    labels = batch["input_ids"].clone()
+    labels[:, :-5] = IGNORE_INDEX
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    batch["labels"] = labels
+    with torch.no_grad():
+        own = model(**batch).loss
+        ours, _ = label_only_loss(model, dict(batch), chunk_tokens=3)
+    assert torch.allclose(ours, own, rtol=1e-5, atol=1e-5), (ours.item(), own.item())
+    assert own.item() > 1.0  # a real loss
+
+
 def color_rows(folder: Path, n: int = 4) -> Path:
     colors = [
         ("red", (200, 10, 10)),

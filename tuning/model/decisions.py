@@ -57,6 +57,10 @@ VERIFIED_ARCHITECTURES = frozenset(
     }
 )
 
+# image-text families whose label-only loss equals their own on image+text batches (the vision tower
+# only feeds the decoder; tests/test_vision.py::test_label_only_loss_is_the_image_text_models_own)
+VERIFIED_IMAGE_TEXT = frozenset({"llava", "qwen2_5_vl"})
+
 Loss = Literal["label_only", "standard"]
 
 
@@ -124,11 +128,11 @@ def decide_loss(
             raise UserError(f"--loss_implementation label_only cannot run: {blocker}; use auto or standard")
         return LossDecision("standard", False, f"label_only not used: {blocker}")
     if requested == "label_only":
-        unverified = model_type not in VERIFIED_ARCHITECTURES
+        unverified = model_type not in VERIFIED_ARCHITECTURES | VERIFIED_IMAGE_TEXT
         return LossDecision(
             "label_only", False, "asked for" + (" (architecture not verified)" if unverified else "")
         )
-    if model_type in VERIFIED_ARCHITECTURES:
+    if model_type in VERIFIED_ARCHITECTURES | VERIFIED_IMAGE_TEXT:
         return LossDecision("label_only", False, f"auto: {model_type} is verified")
     return LossDecision("standard", True, f"auto: {model_type} is not verified; checked on the first batch")
 
