@@ -85,6 +85,10 @@ def label_only_blocker(model: torch.nn.Module) -> str | None:
         # transformers' MoE models add router_aux_loss_coef × aux_loss; one without the attribute adds
         # something we cannot copy
         return f"{type(lm).__name__} adds a router loss without router_aux_loss_coef"
+    model_type = getattr(lm.config, "model_type", None)
+    if is_image_text(lm.config) and model_type not in VERIFIED_IMAGE_TEXT:
+        # the first-batch check runs a text-only slice of the batch, which an image-text model refuses
+        return f"{model_type} is an image-text model not verified for it (verified: {', '.join(sorted(VERIFIED_IMAGE_TEXT))})"
     return None
 
 

@@ -208,8 +208,9 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        labels = inputs["labels"]  # the Trainer takes them out of inputs when it smooths labels
         # the model shifts labels by one: the first position never carries loss
-        tokens = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        tokens = int((labels[..., 1:] != IGNORE_INDEX).sum())
         if model.training:
             self.trained_tokens += tokens
         if self._verify_loss and model.training:
@@ -239,7 +240,7 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         )
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         if isinstance(logits, torch.Tensor) and logits.dim() == 3:  # a fused loss (liger) returns no logits
-            hit, counted = token_accuracy_counts(logits, inputs["labels"])
+            hit, counted = token_accuracy_counts(logits, labels)
             counts[0] += int(hit)
             counts[1] += int(counted)
         return (loss, outputs) if return_outputs else loss
