@@ -7,17 +7,20 @@ from tuning.data.audit import audit_table, check_gates
 from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
 from tuning.data.chat import SAMPLE_INFO, TOKEN_ROLES
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
+from tuning.data.odm import ENTROPY_REWARDS, OnlineMixingSampler
 from tuning.data.pipeline import build_datasets, check_data_config, data_audit, data_sources, preview_parts
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
 from tuning.data.tokenize import IGNORE_INDEX, trained_pieces
 
 __all__ = [
+    "ENTROPY_REWARDS",
     "IGNORE_INDEX",
     "SAMPLE_INFO",
     "TOKEN_ROLES",
     "DataStats",
     "PaddingCollator",
+    "OnlineMixingSampler",
     "PaddingFreeCollator",
     "PreparedData",
     "TokenBudgetBatchSampler",

@@ -21,6 +21,8 @@ from tuning.train.records import pending_dir, record_path
 TRAINING_LOGS_NAME = "training_logs.jsonl"
 # Hugging Face log key → the record name the fms-hf-tuning family writes.
 LOGGED_METRICS = {"loss": "training_loss", "eval_loss": "validation_loss"}
+# online data mixing's per-dataset sampling ratios and draws (tuning/data/odm.py), under their own names
+MIXING_PREFIX = "odm_"
 
 
 class TrainingLogCallback(TrainerCallback):
@@ -51,7 +53,8 @@ class TrainingLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         lines = []
-        for key, name in LOGGED_METRICS.items():
+        named = [*LOGGED_METRICS.items(), *((k, k) for k in logs if k.startswith(MIXING_PREFIX))]
+        for key, name in named:
             if key in logs:
                 data = {
                     "epoch": round(float(state.epoch or 0.0), 6),

@@ -12,12 +12,13 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config import TrainArgs
-from tuning.data import IGNORE_INDEX, PaddingFreeCollator, PreparedData
+from tuning.data import IGNORE_INDEX, OnlineMixingSampler, PaddingFreeCollator, PreparedData
 from tuning.model import LABEL_ONLY_CHUNK_TOKENS, PrecisionPlan, causal_lm, generation_use_cache
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
 from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
 from tuning.train.loss import label_only_forward, resolve_loss_implementation, verify_label_only
+from tuning.train.online_mixing import OnlineMixingCallback, check_online_mixing, online_mixing_loader
 from tuning.train.oom import oom_recovery_enabled, recover_step
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
@@ -43,6 +44,7 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         self.oom_logged_steps: set[int] = set()
         self.step_micro_batches: list = []
         self.split_micro_batches: dict[int, list] = {}
+        self.online_mixing: OnlineMixingSampler | None = None  # dataprocessor type odm (build_trainer)
 
     @property
     def decisions(self) -> dict[str, Any]:
@@ -98,6 +100,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         return stack
 
     def get_train_dataloader(self) -> Any:
+        if self.online_mixing is not None:
+            return online_mixing_loader(self, self.online_mixing)
         budget = getattr(self.args, "max_tokens_per_batch", None)
         return token_budget_loader(self, budget) if budget else super().get_train_dataloader()
 
@@ -120,7 +124,20 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # trackers and the progress line read the token count from the log record
             logs["trained_tokens"] = self.trained_tokens
+            if self.online_mixing is not None:
+                logs.update(self.online_mixing.log_fields())
         super().log(logs, start_time)
+
+    def resume_record(self) -> dict[str, Any]:
+        record = super().resume_record()
+        if self.online_mixing is not None:  # the same on every rank: rank 0's is the run's
+            record["online_mixing"] = self.online_mixing.state_dict()
+        return record
+
+    def restore_from_record(self, record: dict[str, Any]) -> None:
+        super().restore_from_record(record)
+        if self.online_mixing is not None and record.get("online_mixing"):
+            self.online_mixing.load_state_dict(record["online_mixing"])
 
     def compute_loss(
         self,
@@ -210,6 +227,10 @@ def build_trainer(
         callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, plan),
     )
+    if data.online_mixing is not None:
+        check_online_mixing(args)
+        trainer.online_mixing = OnlineMixingSampler(data.online_mixing)
+        trainer.add_callback(OnlineMixingCallback(trainer, trainer.online_mixing))
     trainer.fingerprint = fingerprint  # recorded in every checkpoint, checked when a run resumes from it
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
     trainer.remove_callback(ProgressCallback)
