@@ -11,11 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import write_json
+from tests.test_resume import fork_with_fault
+from tuning.config import parse_config
 from tuning.data.data_config import load_data_config
 from tuning.data.odm import MixingPlan, OdmConfig, OnlineMixingSampler, sampling_ratio, updated_weights
 from tuning.errors import UserError
+from tuning.sft_trainer import main, run
 from tuning.train.online_mixing import entropy_reward
 
 # --- the bandit's arithmetic, worked out by hand ----------------------------------------------------
@@ -271,13 +275,11 @@ def mixing_records(out: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.slow
-def test_the_harder_datasets_ratio_rises_and_is_logged(mixing_job):
+def test_the_harder_datasets_ratio_rises_and_is_logged(mixing_job, capfd):
     root, argv = mixing_job
     out = root / "rises"
-    from tests.conftest import run_cli
-
-    result = run_cli(argv(out, "validation_loss", "--max_steps", "16"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(argv(out, "validation_loss", "--max_steps", "16")) == 0  # the CLI's entry point
+    stderr = capfd.readouterr().err
     records = mixing_records(out)
     hard, easy = records["odm_ratio/hard"], records["odm_ratio/easy"]
     assert hard[1] == pytest.approx(0.5) and easy[1] == pytest.approx(0.5)  # equal start (no sampling ratios)
@@ -286,16 +288,13 @@ def test_the_harder_datasets_ratio_rises_and_is_logged(mixing_job):
     # a higher validation loss is a higher reward: the harder dataset is drawn more
     assert hard[16] > 0.55, hard
     assert records["odm_reward/hard"][16] > records["odm_reward/easy"][16]
-    assert records["odm_drawn/hard"][16] + records["odm_drawn/easy"][16] == 16 * 4
-    assert "online data mixing, step 16" in result.stderr
+    # drawn so far: 16 steps of 4, and the batch the loader fetched ahead
+    assert records["odm_drawn/hard"][16] + records["odm_drawn/easy"][16] == 17 * 4
+    assert "online data mixing, step 16: rewards easy" in stderr
 
 
 @pytest.mark.slow
 def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_draws_and_weights(mixing_job):
-    from tests.test_resume import fork_with_fault
-    from tuning.config import parse_config
-    from tuning.sft_trainer import run
-
     root, argv = mixing_job
     extra = ("--max_steps", "10", "--save_strategy", "steps", "--save_steps", "3", "--save_model_dir")
     reference, out = root / "reference", root / "killed"
@@ -312,8 +311,6 @@ def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_draws_and_weights(mi
     assert len(set(want["odm_ratio/hard"].values())) > 1  # the weights did move
     for name in want:  # every logged loss, ratio, reward and draw count, bit for bit
         assert got[name] == want[name], name
-    from safetensors.torch import load_file
-
     final, expected = (
         load_file(out / "final" / "model.safetensors"),
         load_file(reference / "final" / "model.safetensors"),
