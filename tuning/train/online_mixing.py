@@ -152,7 +152,8 @@ def validation_rewards(
     model.eval()
     rewards, counts = [], []
     try:
-        with torch.inference_mode(), trainer.autocast_smart_context_manager():
+        # no_grad rather than inference_mode: FSDP's all-gathered parameters must stay usable for training
+        with torch.no_grad(), trainer.autocast_smart_context_manager():
             for name in sampler.plan.names:
                 total, n = 0.0, 0
                 for row in sampler.plan.validation[name]:
