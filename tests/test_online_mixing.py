@@ -303,7 +303,7 @@ def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_draws_and_weights(mi
         "kill-in-step", 5, argv(out, "train_loss", *extra, str(out / "final")), root / "k.log"
     )
     assert code < 0, output  # killed after checkpoint-3, in step 5
-    assert not (out / "final").exists()
+    assert not (out / "final").exists() and (out / "checkpoint-3").is_dir()  # resumes mid-pass from step 3
     run(parse_config(argv(out, "train_loss", *extra, str(out / "final"))))
 
     got, want = mixing_records(out), mixing_records(reference)
@@ -318,3 +318,26 @@ def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_draws_and_weights(mi
     for key, value in expected.items():
         assert torch.equal(final[key], value), key
     assert math.isfinite(want["training_loss"][10])
+
+
+@pytest.mark.slow
+def test_two_processes_draw_and_mix_as_one(mixing_job):
+    """Under ``accelerate launch`` (2 ranks, FSDP on CPU) every rank draws the one sequence and computes
+    the same rewards: the same draws as one process with the same global batch, the same ratios."""
+    from tests.test_distributed import accelerate_launch
+
+    root, argv = mixing_job
+    one, two = root / "one-process", root / "two-processes"
+    common = ("--max_steps", "6", "--save_strategy", "no")
+    run(parse_config(argv(one, "validation_loss", *common, "--per_device_train_batch_size", "4")))
+    result = accelerate_launch(
+        ["-m", "tuning.sft_trainer"],
+        argv(two, "validation_loss", *common, "--per_device_train_batch_size", "2"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = mixing_records(two), mixing_records(one)
+    for name in ("odm_drawn/easy", "odm_drawn/hard"):
+        assert got[name] == want[name], name
+    for name in ("odm_ratio/easy", "odm_ratio/hard"):
+        assert got[name] == pytest.approx(want[name], abs=1e-4), name
+    assert len(set(want["odm_ratio/hard"].values())) > 1
