@@ -341,3 +341,32 @@ def test_two_processes_draw_and_mix_as_one(mixing_job):
     for name in ("odm_ratio/easy", "odm_ratio/hard"):
         assert got[name] == pytest.approx(want[name], abs=1e-4), name
     assert len(set(want["odm_ratio/hard"].values())) > 1
+
+
+def test_options_that_regroup_the_drawn_samples_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from tuning.config import DataArgs
+    from tuning.data import check_data_config
+    from tuning.train.online_mixing import check_online_mixing
+
+    config = str(odm_config(tmp_path))
+    with pytest.raises(UserError, match="online data mixing draws samples one by one, and --packing"):
+        check_data_config(DataArgs(data_config_path=config, packing=True), max_steps=0)
+    check_data_config(DataArgs(data_config_path=config), max_steps=0)
+    with pytest.raises(UserError, match="drop --max_tokens_per_batch"):
+        check_online_mixing(SimpleNamespace(max_tokens_per_batch=512, train_sampling_strategy="random"))
+    with pytest.raises(UserError, match="--train_sampling_strategy group_by_length cannot apply"):
+        check_online_mixing(
+            SimpleNamespace(max_tokens_per_batch=None, train_sampling_strategy="group_by_length")
+        )
+
+
+def test_a_bad_odm_value_exits_1_with_one_line_before_the_model_loads(tmp_path, capfd):
+    config = odm_config(tmp_path, "  odm:\n    eta: -1\n")
+    code = main(["--model_name_or_path", str(tmp_path / "no-model"), "--data_config_path", str(config)])
+    err = capfd.readouterr().err
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if "eta -1" in line]
+    assert len(lines) == 1 and "dataprocessor.odm: eta -1 must be a positive number" in lines[0], err
+    assert "Traceback" not in err

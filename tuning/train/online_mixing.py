@@ -60,6 +60,12 @@ def check_online_mixing(args: Any) -> None:
             "online data mixing draws samples one by one, and --max_tokens_per_batch regroups them; "
             "drop --max_tokens_per_batch (or use dataprocessor type: default)"
         )
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy != "random":
+        raise UserError(
+            f"online data mixing chooses the order of samples itself; --train_sampling_strategy {strategy} "
+            "cannot apply: drop it (or use dataprocessor type: default)"
+        )
 
 
 def update_interval(sampler: OnlineMixingSampler, args: TrainingArguments, max_steps: int) -> int:
