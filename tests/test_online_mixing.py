@@ -72,6 +72,9 @@ def test_entropy_reward_of_known_distributions():
     assert entropy_reward(mixed, torch.tensor([[True, True]]), "entropy") == pytest.approx(0.5)
     assert entropy_reward(mixed, torch.tensor([[True, False]]), "entropy") == pytest.approx(1.0)
     assert entropy_reward(mixed, trained, "entropy_last_token") == pytest.approx(0.0, abs=1e-6)
+    # rows are summed, each averaged over its own trained positions: 0.5 + 1.0
+    both = torch.cat([mixed, mixed])
+    assert entropy_reward(both, torch.tensor([[True, True], [True, False]]), "entropy") == pytest.approx(1.5)
     # two equally likely tokens: entropy ln 2 (normalised 0.5), varentropy 0 -> 0.75 * 0.5
     two = torch.full((1, 2, vocab), -1e4)
     two[..., :2] = 0

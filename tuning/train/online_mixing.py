@@ -180,21 +180,35 @@ def validation_rewards(
 
 
 def entropy_reward(logits: torch.Tensor, trained: torch.Tensor, reward: str) -> float:
-    """fms's entropy rewards for one unpadded row (logits ``[1, T, V]``): the predictive entropy of the
-    positions that predict a trained token (``trained``: ``[1, T-1]``; fms takes every position, which in
-    SFT is mostly the never-trained prompt), normalised by log(V), clamped to [0, 1]."""
+    """fms's entropy rewards summed over rows (logits ``[B, T, V]``, unpadded rows): the predictive entropy
+    of the positions that predict a trained token (``trained``: ``[B, T-1]``; fms takes every position,
+    which in SFT is mostly the never-trained prompt), or of the last position, normalised by log(V) and
+    clamped to [0, 1] per row. Only the positions used go through the softmax (a full-vocabulary float32
+    copy per position)."""
     assert reward in ENTROPY_REWARDS
-    log_probs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    probs = log_probs.exp()
-    entropy = -(probs * log_probs).sum(-1)  # [1, T-1]
     max_entropy = math.log(logits.shape[-1])
     if reward == "entropy_last_token":
-        return float((entropy[:, -1] / max_entropy).clamp(0, 1).sum())
-    mask = trained.to(entropy.dtype)
-    count = mask.sum(-1).clamp(min=1)
-    mean_entropy = float(((entropy * mask).sum(-1) / count / max_entropy).clamp(0, 1).sum())
+        entropy, _ = _entropies(logits[:, -2, :])
+        return float((entropy / max_entropy).clamp(0, 1).sum())
+    rows, positions = trained.nonzero(as_tuple=True)
+    entropy, varentropy = _entropies(logits[rows, positions, :])
+    count = torch.bincount(rows, minlength=logits.shape[0]).clamp(min=1).to(entropy.dtype)
+
+    def per_row(values: torch.Tensor, scale: float) -> torch.Tensor:
+        total = torch.zeros(logits.shape[0], dtype=values.dtype, device=values.device).index_add_(
+            0, rows, values
+        )
+        return (total / count / scale).clamp(0, 1)
+
+    mean_entropy = float(per_row(entropy, max_entropy).sum())
     if reward == "entropy":
         return mean_entropy
-    varentropy = (probs * log_probs**2).sum(-1) - entropy**2
-    mean_varentropy = float(((varentropy * mask).sum(-1) / count / max_entropy**2).clamp(0, 1).sum())
-    return 0.75 * mean_entropy + 0.25 * mean_varentropy
+    return 0.75 * mean_entropy + 0.25 * float(per_row(varentropy, max_entropy**2).sum())
+
+
+def _entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy, varentropy) of each distribution along the last dimension."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
+    return entropy, (probs * log_probs**2).sum(-1) - entropy**2
