@@ -117,6 +117,17 @@ def test_a_restored_sampler_replays_the_pass_then_draws_what_the_original_draws(
     assert list(resumed) == after
     assert resumed.counts == original.counts and resumed.weights == original.weights
 
+    # the loader fetched to the pass's end before the save, and the Trainer has not finished the epoch
+    whole = OnlineMixingSampler(plan([3, 3]))
+    drawn = list(whole)
+    state = whole.state_dict()
+    replayed = OnlineMixingSampler(plan([3, 3]))
+    replayed.load_state_dict(state)
+    assert list(replayed) == drawn
+    at_epoch_end = OnlineMixingSampler(plan([3, 3]))
+    at_epoch_end.load_state_dict(state, mid_pass=False)
+    assert list(at_epoch_end) == list(whole)  # the next pass
+
 
 def test_a_state_from_other_datasets_is_refused():
     state = OnlineMixingSampler(plan([3, 3])).state_dict()
@@ -298,15 +309,21 @@ def test_the_harder_datasets_ratio_rises_and_is_logged(mixing_job, capfd):
 
 @pytest.mark.slow
 def test_a_run_killed_mid_step_resumes_to_the_uninterrupted_draws_and_weights(mixing_job):
+    """72 training rows in batches of 12: 6 steps a pass. Killed in step 5 (resumes from checkpoint-3,
+    mid-pass: the saved draws are replayed), then in step 8 (resumes from checkpoint-6, a pass's end)."""
     root, argv = mixing_job
-    extra = ("--max_steps", "10", "--save_strategy", "steps", "--save_steps", "3", "--save_model_dir")
+    extra = ("--per_device_train_batch_size", "12", "--max_steps", "10", "--save_strategy", "steps")
+    extra += ("--save_steps", "3", "--save_model_dir")
     reference, out = root / "reference", root / "killed"
     run(parse_config(argv(reference, "train_loss", *extra, str(reference / "final"))))
-    code, output = fork_with_fault(
-        "kill-in-step", 5, argv(out, "train_loss", *extra, str(out / "final")), root / "k.log"
-    )
-    assert code < 0, output  # killed after checkpoint-3, in step 5
-    assert not (out / "final").exists() and (out / "checkpoint-3").is_dir()  # resumes mid-pass from step 3
+    for step, checkpoint in ((5, "checkpoint-3"), (8, "checkpoint-6")):
+        log = root / f"killed-{step}.log"
+        code, output = fork_with_fault(
+            "kill-in-step", step, argv(out, "train_loss", *extra, str(out / "final")), log
+        )
+        assert code < 0, output
+        assert "resuming from" in output or step == 5, output
+        assert not (out / "final").exists() and (out / checkpoint).is_dir()
     run(parse_config(argv(out, "train_loss", *extra, str(out / "final"))))
 
     got, want = mixing_records(out), mixing_records(reference)

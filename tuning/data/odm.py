@@ -238,7 +238,10 @@ class OnlineMixingSampler(Sampler[int]):
             "pass_arms": base64.b64encode(bytes(self.pass_arms)).decode("ascii"),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], mid_pass: bool = True) -> None:
+        """``mid_pass``: the checkpoint is inside an epoch, so the Trainer will go through this pass again
+        and skip what it trained (the arms are replayed, even when the loader had already fetched to the
+        pass's end); at an epoch's end the next iteration is a new pass, as in the uninterrupted run."""
         if list(state["names"]) != self.plan.names:
             raise UserError(
                 f"the checkpoint's online data mixing has datasets {state['names']}, this run {self.plan.names}; "
@@ -251,5 +254,4 @@ class OnlineMixingSampler(Sampler[int]):
         self.arm, self.produced, self.updates = state["arm"], state["produced"], state["updates"]
         self.pass_start = (list(state["pass_start"][0]), list(state["pass_start"][1]))
         self.pass_arms = bytearray(base64.b64decode(state["pass_arms"]))
-        # a finished pass: the next iteration is a new one, as in the uninterrupted run
-        self._replay = bytes(self.pass_arms) if len(self.pass_arms) < len(self) else None
+        self._replay = bytes(self.pass_arms) if mid_pass else None

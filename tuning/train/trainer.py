@@ -137,7 +137,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def restore_from_record(self, record: dict[str, Any]) -> None:
         super().restore_from_record(record)
         if self.online_mixing is not None and record.get("online_mixing"):
-            self.online_mixing.load_state_dict(record["online_mixing"])
+            mid_pass = not float(self.state.epoch or 0).is_integer()  # else the Trainer starts a new epoch
+            self.online_mixing.load_state_dict(record["online_mixing"], mid_pass)
 
     def compute_loss(
         self,
