@@ -4,7 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-work="${DEMO_DIR:-$(mktemp -d)}"
+# Its files go to a temporary folder removed at the end; DEMO_DIR=folder keeps them there instead.
+if [ -n "${DEMO_DIR:-}" ]; then
+  work="$DEMO_DIR"
+else
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+fi
 python -m tuning.testing.tiny_model "$work/tiny-llama" >/dev/null
 
 python -m tuning.sft_trainer \
@@ -18,9 +24,10 @@ python -m tuning.sft_trainer \
   --lr_scheduler_kwargs '{"min_lr_rate": 0.1}' --save_total_limit 2
 
 python - "$work/out" <<'PY'
+import os
 import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tuning.train import read_training_logs
+from tuning.train import generate_answers, read_training_logs
 
 out = sys.argv[1]
 print("\nepoch  training loss")
@@ -28,10 +35,12 @@ for record in read_training_logs(out):
     print(f"{record['epoch']:5.0f}  {record['value']:.4f}")
 model = AutoModelForCausalLM.from_pretrained(f"{out}/final")
 tokenizer = AutoTokenizer.from_pretrained(f"{out}/final")
-for text in ["@ShopCo my refund never came", "@NetFast thanks for the quick delivery"]:
-    prompt = tokenizer(f"### Input: {text} \n\n## Label:", return_tensors="pt")
-    ids = model.generate(**prompt, max_new_tokens=14, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    answer = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"{text!r} -> {answer.strip()!r}")
-print(f"\nmodel saved in {out}/final")
+# the saved model's answers, by the code that writes eval_generations.jsonl (--eval_generations)
+texts = ["@ShopCo my refund never came", "@NetFast thanks for the quick delivery"]
+prompts = [tokenizer(f"### Input: {text} \n\n## Label:")["input_ids"] for text in texts]
+answers = generate_answers(model, tokenizer, prompts, [tokenizer.eos_token_id], max_new_tokens=14)
+for text, answer in zip(texts, answers):
+    print(f"{text!r} -> {answer['generation'].strip()!r}")
+kept = os.environ.get("DEMO_DIR")
+print(f"\nmodel saved in {out}/final" if kept else "\n(temporary folder removed; DEMO_DIR=folder keeps the model)")
 PY

@@ -64,6 +64,17 @@ def test_transformers_keep_in_fp32_modules_and_name_or_path(tmp_path):
     )
 
 
+def test_transformers_models_list_their_never_split_layer_classes():
+    from transformers import LlamaForCausalLM
+
+    assert hf.no_split_modules(LlamaForCausalLM) == ["LlamaDecoderLayer"], changed(
+        "transformers", "PreTrainedModel._no_split_modules"
+    )
+    holder = type("Holder", (), {})()
+    hf.set_no_split_modules(holder, ["A"])
+    assert hf.no_split_modules(holder) == ["A"]
+
+
 def test_transformers_decoders_hand_position_ids_to_the_mask_builders_or_not():
     """Llama's decoder builds its mask from position_ids (padding-free batches exact with sdpa); gpt-oss's
     does not (transformers 5.24-5.25): the padding-free choice depends on reading it right."""
@@ -134,6 +145,18 @@ def test_argparse_lists_actions_and_converts_like_the_command_line():
         "argparse", "_StoreFalseAction"
     )
     assert not argparse_private.is_store_false(n)
+
+
+def test_argparse_prints_groups_in_the_order_of_its_group_list():
+    parser = argparse.ArgumentParser(prog="p")
+    parser.add_argument("--train_flag")
+    group = parser.add_argument_group("own options")
+    group.add_argument("--own")
+    argparse_private.put_group_first(parser, group, "training flags")
+    text = parser.format_help()
+    assert text.index("own options:") < text.index("training flags:") < text.index("\n  --train_flag"), (
+        changed("argparse", "_action_groups / _optionals")
+    )
 
 
 def test_argparse_hooks_our_parser_overrides_are_still_called():

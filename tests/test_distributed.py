@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import REPO, text_rows, write_json
 from tuning import sft_trainer
-from tuning.train import read_training_logs
+from tuning.train import read_eval_generations, read_training_logs
 from tuning.train.distributed import select_cpu_backend
 
 FIXTURE = REPO / "fixtures" / "accelerate_fsdp_defaults.yaml"
@@ -113,9 +113,19 @@ def test_fixture_is_fsdp2_full_shard_by_decoder_layer():
 @pytest.mark.slow
 def test_full_finetuning_on_two_processes_shards_and_matches_one(tmp_path, tiny_model_dir, data):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert sft_trainer.main(training_args(tiny_model_dir, data, one, 4)) == 0
+    # evaluations too: token accuracy summed over ranks, generations with the weights gathered (FSDP2)
+    evaluation = [
+        "--validation_data_path",
+        str(data),
+        "--eval_strategy",
+        "epoch",
+        "--per_device_eval_batch_size",
+        "4",
+    ]
+    evaluation += ["--eval_generations", "2", "--eval_max_new_tokens", "4"]
+    assert sft_trainer.main(training_args(tiny_model_dir, data, one, 4, *evaluation)) == 0
     result = accelerate_launch(
-        [str(REPO / "tuning" / "sft_trainer.py")], training_args(tiny_model_dir, data, two, 2)
+        [str(REPO / "tuning" / "sft_trainer.py")], training_args(tiny_model_dir, data, two, 2, *evaluation)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # If this fails, accelerate now routes CPU + FSDP itself: drop route_cpu_fsdp (tuning/train/distributed.py).
@@ -127,6 +137,17 @@ def test_full_finetuning_on_two_processes_shards_and_matches_one(tmp_path, tiny_
     assert len(losses_two) == 3  # rank 0 alone writes training_logs.jsonl: one line per epoch, not two
     assert losses_two == pytest.approx(losses_one, abs=TOLERANCE)
     assert losses_two[-1] < losses_two[0] - 0.1
+    accuracy = [[r["mean_token_accuracy"] for r in read_training_logs(o)] for o in (one, two)]
+    assert accuracy[1] == pytest.approx(accuracy[0], abs=1e-6) and len(set(accuracy[0])) > 1
+    validation = [read_training_logs(o, "validation_loss") for o in (one, two)]
+    assert [r["mean_token_accuracy"] for r in validation[1]] == [
+        r["mean_token_accuracy"] for r in validation[0]
+    ]
+    assert [r["window_trained_tokens"] for r in validation[1]] == [
+        r["window_trained_tokens"] for r in validation[0]
+    ]
+    generations = [[(r["step"], r["generation"]) for r in read_eval_generations(o)] for o in (one, two)]
+    assert generations[1] == generations[0] and len(generations[0]) == 6  # 2 prompts x 3 evaluations
     summary = json.loads((two / "run_summary.json").read_text())
     assert summary["steps"] == 12  # 32 rows x 3 epochs / global batch 8
     assert summary["trained_tokens"] == json.loads((one / "run_summary.json").read_text())["trained_tokens"]
@@ -291,3 +312,11 @@ def test_two_ranks_stopped_between_log_lines_resume_with_the_uninterrupted_log(
     steps = [r["step"] for r in read_training_logs(out)]
     assert steps == [3, 6, 9, 12] == [r["step"] for r in read_training_logs(reference)]
     assert final_losses(out) == pytest.approx(final_losses(reference), abs=1e-6)
+    # the token accuracy window is carried like the loss's: the line after the resume counts all its steps
+    records = [read_training_logs(o) for o in (out, reference)]
+    assert [r["window_trained_tokens"] for r in records[0]] == [
+        r["window_trained_tokens"] for r in records[1]
+    ]
+    assert [r["mean_token_accuracy"] for r in records[0]] == pytest.approx(
+        [r["mean_token_accuracy"] for r in records[1]], abs=1e-6
+    )

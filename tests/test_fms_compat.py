@@ -191,7 +191,7 @@ def test_fms_job_file_runs_and_reports_padding_free(tmp_path, tiny_model_dir):
 
 def test_every_flag_in_the_fms_table_is_accepted():
     """docs/fms-compat.md lists every fms-hf-tuning 3.2 flag; each is a flag here or a spelling rewritten
-    to one (the one exception, vision-language's dataset_image_field, is marked as not handled)."""
+    to one."""
     import re
     from pathlib import Path
 
@@ -204,7 +204,7 @@ def test_every_flag_in_the_fms_table_is_accepted():
     assert len(rows) > 200
     known = {o[2:] for a in build_parser()._actions for o in a.option_strings}
     missing = [name for name, what in rows if name not in known and not is_translated(name)]
-    assert missing == ["dataset_image_field"]
+    assert missing == []
     assert not [name for name, what in rows if "unknown" in what.lower()]
 
 

@@ -21,6 +21,7 @@ from tuning.train import hf_private
 
 EXPECTED_SIGNATURES = {
     "_save_checkpoint": ["self", "model", "trial"],
+    "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
     "_run_epoch": [
         "self",
         "model",

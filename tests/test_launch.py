@@ -141,7 +141,7 @@ def test_usage_and_missing_job_file(tmp_path, monkeypatch, capsys):
     assert launch.main([str(tmp_path / "missing.yaml")]) == 1
     assert "job file" in capsys.readouterr().err
     assert (tmp_path / "termination.log").read_text().count("error: ") == 2
-    assert cli.COMMANDS["launch"] is launch.main
+    assert cli.main(["launch", str(tmp_path / "missing.yaml")]) == 1  # `tuning launch` is launch.main
 
 
 def _job(tmp_path, tiny_model_dir, **training) -> str:

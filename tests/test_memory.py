@@ -246,8 +246,8 @@ def test_what_would_fit_is_the_least_change_that_fits():
     )
 
 
-def test_parse_size():
-    assert parse_size("80GB") == 80 * 10**9 and parse_size("80GiB") == parse_size("80g") == 80 * GiB
+def test_parse_size():  # a GPU's label (80GB) and names: tests/test_plan_verdicts.py
+    assert parse_size("80GiB") == parse_size("80g") == 80 * GiB
     assert parse_size("512 MiB") == 512 * 2**20
     with pytest.raises(UserError, match="--device_memory 'lots' is not a size"):
         parse_size("lots")

@@ -63,15 +63,16 @@ def test_attention_candidates_fall_back_to_sdpa_then_eager():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
-def test_flash_attention_falls_back_with_one_warning(tiny_model_dir, caplog):
+def test_flash_attention_falls_back_quietly_without_a_gpu(tiny_model_dir, caplog):
     args = ModelArgs(model_name_or_path=str(tiny_model_dir), torch_dtype="float32")
     tokenizer = load_tokenizer(args, DataArgs())
     assert why_unusable("flash_attention_2") == "no CUDA GPU is available"
-    with caplog.at_level(logging.WARNING, logger="tuning"):
+    with caplog.at_level(logging.DEBUG, logger="tuning"):
         model = load_model(args, precision_plan(args, load_model_config(args)), tokenizer)
     assert model.config._attn_implementation == "sdpa"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [
+    # the default asks for flash attention (as fms-hf-tuning does): on a CPU machine that is no news
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")] == [
         "attention: asked for flash_attention_2, using sdpa (flash_attention_2: no CUDA GPU is available)"
     ]
     assert model.config.use_cache is False

@@ -47,3 +47,14 @@ def test_the_entry_point_imports_only_the_training_stack():
     assert extra_transformers == ["transformers.hf_argparser"]  # our parser builds on HfArgumentParser
     early = [m for m in LATER if m in ours] + sorted(m for m in ours if m.startswith("tuning.trackers."))
     assert not early, f"loaded at start although only some runs use them: {early}"
+
+
+def test_the_tuning_command_imports_no_library_before_a_command_runs():
+    """`tuning --help`, a mistyped command and the start of every command (where a stop signal must
+    already end with one line) come before torch, transformers, peft and datasets are imported."""
+    loaded = modules_after("import tuning.cli, tuning.errors, tuning.logs, tuning.tiny")
+    heavy = sorted(m for m in loaded if m.split(".")[0] in ("torch", "transformers", "peft", "datasets"))
+    assert not heavy, f"imported before any command runs: {heavy[:5]}"
+    # the sft_trainer entry as a program: only run_program before the stages import (inside run_command)
+    source = (REPO / "tuning" / "sft_trainer.py").read_text(encoding="utf-8")
+    assert source.index('if __name__ == "__main__":') < source.index("from tuning.config import")

@@ -39,6 +39,8 @@ LAYERS = {
     "launch": 6,
     "plot": 6,
     "plan": 6,
+    "check": 6,
+    "tiny": 6,
     "cli": 7,
     "testing": 8,  # tiny models for tests, the demo and benchmarks: nothing in a run imports them
 }

@@ -219,6 +219,8 @@ COMPANIONS = {
     "logging_steps": ["--logging_strategy", "epoch"],
     "save_steps": ["--save_strategy", "epoch"],
     "eval_steps": ["--eval_strategy", "no"],
+    "early_stopping_patience": ["--eval_strategy", "epoch"],
+    "eval_generations": ["--eval_strategy", "epoch"],
 }
 
 

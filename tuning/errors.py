@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 USER_ERROR_EXIT_CODE = 1
 INTERNAL_ERROR_EXIT_CODE = 203
@@ -182,6 +183,31 @@ def run_command(body: Callable[[], int], output_dir: Callable[[], str | None] = 
         where = None
     write_termination_log(line, where)
     return code
+
+
+def run_program(start: Callable[[], int]) -> NoReturn:
+    """A command as a process: ``start`` imports the command and runs it, inside :func:`run_command`, so
+    a stop signal while torch and transformers import ends with one line and exit 143/130 too."""
+    from tuning.logs import quiet_libraries
+
+    quiet_libraries()  # before the libraries import: what they would print at import time
+    code = run_command(start)
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate/torchrun
+        exit_process(code)
+    sys.exit(code)
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit a rank of a multi-process run without interpreter teardown.
+
+    The run is over, its files are written and the group is left, but torch.distributed's C++ threads
+    can still abort the process while Python finalizes (SIGABRT turning a finished run into a failure;
+    pytorch/pytorch#179291 describes the gloo case). Flushing and ``os._exit`` keep the exit code true.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 EXCERPT_CHARS = 80

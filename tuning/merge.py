@@ -17,13 +17,21 @@ from typing import Any
 import torch
 from peft import PeftConfig, PeftModel, PeftType
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from tuning.dtypes import DTYPE_NAMES, torch_dtype
 from tuning.errors import ArgumentParser, UserError, first_line, run_command
 from tuning.files import publish_folder, refused_pickle, staging_folder
 from tuning.logs import setup_logging
-from tuning.model import ADDED_TOKENS_INFO_NAME, NEW_EMBEDDING_KEYS, NEW_EMBEDDINGS_NAME
+from tuning.model import (
+    ADDED_TOKENS_INFO_NAME,
+    NEW_EMBEDDING_KEYS,
+    NEW_EMBEDDINGS_NAME,
+    is_image_text,
+    model_auto_class,
+    processor_from,
+    save_processor,
+)
 
 logger = logging.getLogger("tuning")
 
@@ -65,10 +73,13 @@ def merge(
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except pickle.UnpicklingError as e:  # an adapter_model.bin with more than tensors in it
         raise (refused_pickle(e, f"adapter {adapter_dir}") or e) from None
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if _has_tokenizer(adapter_dir) else base_name)
+    source = adapter_dir if _has_tokenizer(adapter_dir) else base_name
     tmp = staging_folder(out)
     merged.save_pretrained(tmp, max_shard_size=opts.get("max_shard_size", "5GB"))
-    tokenizer.save_pretrained(tmp)
+    if is_image_text(merged.config):  # the processor (image processor, chat template) goes with it
+        save_processor(processor_from(str(source)), tmp)
+    else:
+        AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
     publish_folder(tmp, out)
     logger.info("merged %s into %s: %s", adapter_dir, base_name, out)
     return out
@@ -97,7 +108,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def _load_base(name: str, adapter_dir: Path, dtype: Any) -> Any:
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = model_auto_class(AutoConfig.from_pretrained(name)).from_pretrained(name, dtype=dtype)
     except pickle.UnpicklingError as e:
         raise (refused_pickle(e, f"base model {name}") or e) from None
     except (OSError, ValueError) as e:

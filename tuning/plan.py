@@ -17,22 +17,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tuning.config import build_parser, output_dir_hint, parse_command_line
+from tuning.config import build_parser, command_options, output_dir_hint, parse_command_line
 from tuning.errors import UserError, run_command
 from tuning.files import read_mapping_file
 from tuning.logs import setup_logging
 from tuning.model import (
-    GPU_RUNTIME_RESERVE,
-    Capacity,
     Topology,
     check_fits,
     context_length,
     device_capacity,
     estimate,
-    gib,
+    gpu_capacity,
     load_model_config,
     load_tokenizer,
-    parse_size,
     precision_plan,
     render,
     setup_for,
@@ -48,11 +45,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(argv: list[str]) -> int:
     parser = build_parser()
-    parser.add_argument("--device_memory", default=None, help="Plan for a GPU with this much memory (80GB).")
-    parser.add_argument("--num_processes", type=int, default=None, help="Processes of the launch.")
-    parser.add_argument("--accelerate_config", default=None, help="The accelerate launch config file.")
+    own = command_options(parser, "plan", "--model_name_or_path M [--device_memory GPU]")
+    own.add_argument(
+        "--device_memory",
+        default=None,
+        metavar="GPU",
+        help="Plan for this GPU: its name (H100-80GB, A100-40GB), the size on its label (80GB) or an exact size (79.6GiB).",
+    )
+    own.add_argument("--num_processes", type=int, default=None, help="Processes of the launch.")
+    own.add_argument("--accelerate_config", default=None, help="The accelerate launch config file.")
     parser.set_defaults(output_dir=str(Path(tempfile.gettempdir()) / "tuning-plan"))  # never written
     config, extras = parse_command_line(argv, parser, needs_data=False)
+    capacity = gpu_capacity(extras.device_memory) if extras.device_memory else None  # a typo before loading
     model_config = load_model_config(config.model)
     try:
         tokenizer = load_tokenizer(config.model, config.data)
@@ -61,12 +65,7 @@ def _plan(argv: list[str]) -> int:
     precision = precision_plan(config.model, model_config, config.peft.peft_method, config.train.optim_name)
     max_len = context_length(model_config, config.data.max_seq_length)
     setup = setup_for(config, model_config, precision, topology_from(extras), tokenizer, max_len)
-    if extras.device_memory:
-        size = parse_size(extras.device_memory)
-        capacity = Capacity(
-            max(size - GPU_RUNTIME_RESERVE, 0),
-            f"usable on a GPU with {extras.device_memory} ({gib(GPU_RUNTIME_RESERVE)} kept for the CUDA runtime)",
-        )
+    if capacity is not None:
         setup = replace(setup, gpu=True)
     else:
         capacity = device_capacity()

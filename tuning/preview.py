@@ -15,18 +15,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tuning.config import build_parser, output_dir_hint, parse_command_line
+from tuning.config import build_parser, command_options, output_dir_hint, parse_command_line
 from tuning.data import (
     IGNORE_INDEX,
+    IMAGES,
     SAMPLE_INFO,
     DataStats,
     check_data_config,
+    collapse_image_runs,
+    image_markers,
     preview_parts,
     trained_pieces,
 )
 from tuning.errors import UserError, run_command
 from tuning.logs import setup_logging
-from tuning.model import context_length, generation_stop_ids, load_model_config, load_tokenizer
+from tuning.model import (
+    context_length,
+    generation_stop_ids,
+    is_image_text,
+    load_model_config,
+    load_processor,
+    load_tokenizer,
+)
 
 DEFAULT_SAMPLES = 3
 _GREEN, _RESET = "\033[32;1m", "\033[0m"
@@ -40,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _preview(argv: list[str]) -> int:
     parser = build_parser()
-    parser.add_argument("--preview", type=int, default=DEFAULT_SAMPLES, help="Samples shown per dataset.")
+    own = command_options(
+        parser, "preview", "--model_name_or_path M (--training_data_path F | --data_config_path F)"
+    )
+    own.add_argument(
+        "--preview", type=int, default=DEFAULT_SAMPLES, metavar="N", help="Samples shown per dataset."
+    )
     parser.set_defaults(output_dir=str(Path(tempfile.gettempdir()) / "tuning-preview"))  # never written
     config, extras = parse_command_line(argv, parser)
     if extras.preview < 0:
@@ -48,16 +63,25 @@ def _preview(argv: list[str]) -> int:
     check_data_config(config.data, config.train.max_steps)
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
+    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     max_len = context_length(model_config, config.data.max_seq_length)
     stop_ids = generation_stop_ids(config.model, model_config, tokenizer)
-    parts = preview_parts(config.data, tokenizer, max_len, stop_ids)
-    print(render_preview(parts, tokenizer, extras.preview, color=sys.stdout.isatty()))
+    parts = preview_parts(config.data, tokenizer, max_len, stop_ids, processor)
+    print(render_preview(parts, tokenizer, extras.preview, color=sys.stdout.isatty(), processor=processor))
     return 0
 
 
 def render_preview(
-    parts: list[tuple[str, Any, DataStats | None]], tokenizer: Any, n: int, *, color: bool
+    parts: list[tuple[str, Any, DataStats | None]],
+    tokenizer: Any,
+    n: int,
+    *,
+    color: bool,
+    processor: Any = None,
 ) -> str:
+    """Counts and the first ``n`` samples per dataset; an image-text model's images show as one marker
+    each, ``[image: N tokens]``, where its N image tokens are."""
     legend = f"{_GREEN}trained tokens{_RESET}" if color else "[[trained tokens]]"
     lines = [f"preview: {legend} carry loss; everything else is context only"]
     for name, dataset, stats in parts:
@@ -69,7 +93,13 @@ def render_preview(
             if SAMPLE_INFO in row and row[SAMPLE_INFO][1] > 1:  # a conversation split into several samples
                 part = f" (part {row[SAMPLE_INFO][0] + 1} of {row[SAMPLE_INFO][1]} of one conversation)"
             lines.append(f"-- sample {i}: {len(ids)} tokens, {trained} trained{part}")
-            lines.append(mark_trained(ids, labels, tokenizer, color=color))
+            if processor is not None and row.get(IMAGES):
+                ids, labels, runs = collapse_image_runs(ids, labels, processor)
+                lines.append(
+                    image_markers(mark_trained(ids, labels, tokenizer, color=color), processor, runs)
+                )
+            else:
+                lines.append(mark_trained(ids, labels, tokenizer, color=color))
     return "\n".join(lines)
 
 

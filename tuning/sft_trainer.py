@@ -12,21 +12,33 @@ if __package__ in (None, ""):  # run as a file: import the package, not sibling 
 
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+if __name__ == "__main__":  # a program: this module is imported under its own name inside run_command,
+    # so a stop signal during the seconds of imports below ends with one line like anywhere else
+    from tuning.errors import run_program
+
+    def _start() -> int:
+        from tuning import sft_trainer
+
+        return sft_trainer.main(sys.argv[1:])
+
+    run_program(_start)
+
 import logging
-import os
 import time
 
 from tuning.config import SFTConfig, output_dir_hint, parse_config
 from tuning.data import build_datasets, check_data_config, write_processed
-from tuning.errors import run_command
+from tuning.errors import UserError, run_command
 from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
     check_memory,
     context_length,
     generation_stop_ids,
+    is_image_text,
     load_model,
     load_model_config,
+    load_processor,
     load_tokenizer,
     precision_plan,
     quantization_config,
@@ -34,6 +46,8 @@ from tuning.model import (
 )
 from tuning.outputs import (
     build_summary,
+    check_saved_model,
+    report_serve_check,
     run_audit,
     save_final_model,
     summary_line,
@@ -46,7 +60,6 @@ from tuning.train import (
     RunFolder,
     build_controller,
     build_trainer,
-    exit_process,
     launch_defaults,
     leave_process_group,
     log_run_start,
@@ -77,6 +90,9 @@ def _train(config: SFTConfig) -> dict:
     controller = build_controller(config.fms.trainer_controller_config_file)  # its rules checked here too
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
+    # an image-text model reads its data through its processor (docs/vision.md), whose tokenizer is the text's
+    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     plan = precision_plan(config.model, model_config, config.peft.peft_method, args.optim_name)
     devices = topology(args)
     quant = quantization_config(
@@ -89,7 +105,7 @@ def _train(config: SFTConfig) -> dict:
         check_memory(setup, args.memory_check, show=args.should_save)
     # one rank per machine (or per job, on a shared cache) tokenizes; the others then read its cache
     with args.main_process_first(local=args.process_data_once_per == "node", desc="dataset"):
-        data = build_datasets(config.data, tokenizer, max_len, stop_ids)
+        data = build_datasets(config.data, tokenizer, max_len, stop_ids, processor)
     epochs = args.num_train_epochs if args.max_steps <= 0 else None  # the audit's effective epochs
     run_audit(
         data,
@@ -107,7 +123,17 @@ def _train(config: SFTConfig) -> dict:
     model = apply_peft(config.peft, model, tokenizer, plan)
     fingerprint = run_fingerprint(config, model, data.train)  # what a resume of this run must match
     callbacks = [tracking, *tracking.trainer_callbacks, *([controller] if controller else [])]
-    trainer = build_trainer(args, model, tokenizer, data, plan, callbacks, fingerprint=fingerprint)
+    trainer = build_trainer(
+        args,
+        model,
+        tokenizer,
+        data,
+        plan,
+        callbacks,
+        fingerprint=fingerprint,
+        processor=processor,
+        stop_ids=stop_ids,
+    )
     log_run_start(config, model, data, trainer, plan)
     start = time.perf_counter()
     try:
@@ -117,13 +143,24 @@ def _train(config: SFTConfig) -> dict:
         if args.should_save and trainer.state.log_history:  # not an earlier run's curve redrawn
             write_loss_plot(args.output_dir)  # also for a failed run: the curve up to the failure
     seconds = time.perf_counter() - start
-    saved = save_final_model(trainer, tokenizer, args.save_model_dir, plan) if args.save_model_dir else None
+    saved = (
+        save_final_model(trainer, processor or tokenizer, args.save_model_dir, plan)
+        if args.save_model_dir
+        else None
+    )
     summary = build_summary(trainer, result, seconds, data, saved)
     if args.should_save:
+        if saved and args.serve_check != "off":  # the saved files, reloaded as a server reads them
+            summary["serve_check"] = check_saved_model(saved, config.data, max_len, tokenizer, stop_ids)
         write_summary(args.output_dir, summary)
         if saved:
             write_model_card(saved, config, summary, data, quant, max_len)
         logger.info(summary_line(summary))
+        check = summary.get("serve_check") or {}
+        if args.serve_check == "error" and check.get("passed") is False:
+            raise UserError(
+                f"--serve_check error: {report_serve_check(check, log=False)} (every check: run_summary.json)"
+            )
     return summary
 
 
@@ -149,10 +186,3 @@ def main(argv: list[str] | None = None) -> int:
             leave_process_group()  # a rank still in it at interpreter exit can abort (SIGABRT) or hang
 
     return run_command(train, lambda: output_dir_hint(argv))
-
-
-if __name__ == "__main__":
-    exit_code = main()
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # a rank under accelerate/torchrun
-        exit_process(exit_code)
-    sys.exit(exit_code)

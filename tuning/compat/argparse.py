@@ -25,3 +25,11 @@ def convert(parser: argparse.ArgumentParser, action: argparse.Action, text: str)
 def is_store_false(action: argparse.Action) -> bool:
     """Whether ``action`` stores False when given (``--no_X``: ``argparse._StoreFalseAction``)."""
     return isinstance(action, argparse._StoreFalseAction)
+
+
+def put_group_first(parser: argparse.ArgumentParser, group: Any, others_title: str) -> None:
+    """List ``group`` (the last one added) first in ``--help``, and retitle the default group of flags:
+    argparse prints ``parser._action_groups`` in order, and the default group is ``parser._optionals``."""
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(0, group)
+    parser._optionals.title = others_title

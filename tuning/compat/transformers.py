@@ -76,3 +76,14 @@ def _bracketed(source: str, open_at: int) -> str:
             if depth == 0:
                 return source[open_at : i + 1]
     return source[open_at:]
+
+
+def no_split_modules(model: Any) -> list[str]:
+    """The layer classes a model lists as never split (``PreTrainedModel._no_split_modules``), which
+    accelerate's FSDP wraps by when no class is named."""
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
+def set_no_split_modules(model: Any, names: list[str]) -> None:
+    """Set :func:`no_split_modules` on this instance only."""
+    model._no_split_modules = names

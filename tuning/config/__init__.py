@@ -14,6 +14,7 @@ from tuning.config.args import (
 )
 from tuning.config.parser import (
     build_parser,
+    command_options,
     file_values,
     output_dir_hint,
     parse_command_line,
@@ -36,6 +37,7 @@ __all__ = [
     "TrackerArgs",
     "TrainArgs",
     "build_parser",
+    "command_options",
     "file_values",
     "output_dir_hint",
     "parse_command_line",

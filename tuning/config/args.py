@@ -141,6 +141,17 @@ class ModelArgs:
         },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repo's own code."})
+    freeze_vision_tower: bool = field(
+        default=True,
+        metadata={
+            "help": "Image-text models: keep the vision encoder's weights frozen (LLaMA-Factory's name; "
+            "false trains it too, in full or with LoRA). docs/vision.md."
+        },
+    )
+    freeze_multi_modal_projector: bool = field(
+        default=True,
+        metadata={"help": "Image-text models: keep the projector from image features to text frozen."},
+    )
 
     def __post_init__(self) -> None:
         check_group(self)
@@ -287,6 +298,14 @@ class DataArgs:
     )
     dataset_conversation_field: str | None = field(
         default=None, metadata={"help": "Column with a list of chat messages (default: messages)."}
+    )
+    dataset_image_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column with each row's images (fms-hf-tuning's name; default: images, then image): one "
+            'image per {"type": "image"} item or <image> marker, in order, as paths (relative to the data '
+            "file's folder), {bytes} or a single image; needs an image-text model (docs/vision.md)."
+        },
     )
     add_special_tokens: list[str] | None = field(
         default=None,
@@ -458,6 +477,41 @@ class TrainArgs(TrainingArguments):
             "on; off: no plan."
         },
     )
+    # what a run shows about quality (docs/training.md): generations, early stopping, the serve check
+    eval_generations: int = field(
+        default=0,
+        metadata={
+            "help": "At each evaluation, greedily generate the assistant turn for this many fixed validation "
+            "prompts into output_dir/eval_generations.jsonl and the trackers (axolotl: eval_table_size).",
+            "aliases": ["--eval_table_size"],
+        },
+    )
+    eval_max_new_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "Most tokens each --eval_generations answer may have (axolotl: eval_max_new_tokens).",
+            "aliases": ["--eval_table_max_new_tokens"],
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many evaluations in a row without metric_for_best_model (default "
+            "validation loss) improving by more than --early_stopping_threshold; the best checkpoint is kept."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={"help": "How much metric_for_best_model must improve to reset --early_stopping_patience."},
+    )
+    serve_check: Literal["warn", "error", "off"] = field(
+        default="warn",
+        metadata={
+            "help": "After the final save, reload the saved model, tokenizer, chat template and "
+            "generation_config as a server does and check they reproduce the trained tokens and stop where "
+            "training ended turns. warn: a mismatch is a warning; error: exit 1; off: no check."
+        },
+    )
 
     @property
     def optim_name(self) -> str:
@@ -466,6 +520,8 @@ class TrainArgs(TrainingArguments):
 
     def __post_init__(self) -> None:
         check_group(self)
+        if self.early_stopping_patience and self.metric_for_best_model is None:
+            self.metric_for_best_model = "eval_loss"  # before HF derives greater_is_better from it
         if self.warmup_ratio is not None:
             if self.warmup_steps:
                 raise ValueError("pass either --warmup_ratio or --warmup_steps, not both")

@@ -103,8 +103,12 @@ def _tidy(message: str) -> str:
 
 
 def build_parser() -> HfArgumentParser:
-    """The parser of every flag (a command may add flags of its own to it)."""
-    parser = _Parser(tuple(ARG_GROUPS.values()), allow_abbrev=True)
+    """The parser of every flag (a command may add flags of its own to it: :func:`command_options`)."""
+    parser = _Parser(
+        tuple(ARG_GROUPS.values()),
+        allow_abbrev=True,
+        usage="%(prog)s [--config FILE] [--FLAG VALUE ...]  (every flag below; a file's keys are the same)",
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -115,6 +119,16 @@ def build_parser() -> HfArgumentParser:
         if hint is not None and _admits(hint, dict) and action.nargs is None:
             action.type = _json_object_type(action.type, text_too=_admits(hint, str))
     return parser
+
+
+def command_options(parser: HfArgumentParser, command: str, usage: str) -> Any:
+    """The group for the flags of ``tuning COMMAND`` itself: ``--help`` lists it first, with a short usage
+    line, above the hundreds of training flags the command also takes."""
+    parser.prog = f"tuning {command}"
+    parser.usage = f"%(prog)s {usage} [TRAINING FLAGS ...]"
+    group = parser.add_argument_group(f"tuning {command} options")
+    argparse_private.put_group_first(parser, group, "training flags (those of tuning train)")
+    return group
 
 
 @cache
@@ -419,6 +433,24 @@ def validate(config: SFTConfig, needs_data: bool = True) -> None:
     if config.data.instruction_template and not config.data.response_template:
         raise UserError("--instruction_template needs --response_template (loss starts after it)")
     _validate_memory_modes(config)
+    _validate_evaluation_extras(config.train)
+
+
+def _validate_evaluation_extras(train: TrainArgs) -> None:
+    """Early stopping and sample generations happen at evaluations: there must be some."""
+    wanted = [
+        flag
+        for flag, value in (
+            ("--early_stopping_patience", train.early_stopping_patience),
+            ("--eval_generations", train.eval_generations),
+        )
+        if value
+    ]
+    if wanted and str(getattr(train.eval_strategy, "value", train.eval_strategy)) == "no":
+        raise UserError(
+            f"{wanted[0]} acts at each evaluation and --eval_strategy is no; pass --eval_strategy steps "
+            "(with --eval_steps) or epoch, and --validation_data_path"
+        )
 
 
 def _validate_memory_modes(config: SFTConfig) -> None:

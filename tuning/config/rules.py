@@ -107,6 +107,10 @@ BOUNDS: dict[str, Bounds] = {
     "local_rank": Bounds(-1, example="-1 (set by the launcher)"),
     "max_tokens_per_batch": Bounds(1, example="16384"),  # and >= max_seq_length: validate
     "wait_for_output_dir": Bounds(0, example="300 (seconds; 0 exits at once)"),
+    "eval_generations": Bounds(0, example="4"),
+    "eval_max_new_tokens": Bounds(1, example="128"),
+    "early_stopping_patience": Bounds(1, example="3"),
+    "early_stopping_threshold": Bounds(0, example="0.01"),
     # adapters
     "lora_r": Bounds(1, example="8"),
     "lora_alpha": Bounds(1, example="16"),

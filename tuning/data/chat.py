@@ -93,6 +93,10 @@ class ChatSettings:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     render_budget: int = DEFAULT_RENDER_BUDGET
     keep_sample_info: bool = False  # ``tuning preview`` shows which samples one conversation became
+    # Where a template writes no end-of-turn after an assistant message (LLaVA-1.5), the stop token the
+    # model emits at inference (this text) is appended to the turn and trained; the separator whitespace
+    # the template writes instead is not. Set by the image-text path (docs/vision.md).
+    append_stop: str | None = None
 
 
 def settings_from_args(
@@ -379,7 +383,8 @@ def conversation_samples(
         trainable = trainable[-1:]
     if not trainable:
         return [], 0
-    if template.marks_generation(conversation.tools):
+    # {% generation %} marks (LLaVA-1.5's) leave the stop token out: the turn rule below appends it
+    if template.marks_generation(conversation.tools) and settings.append_stop is None:
         sample = _generation_sample(conversation, template, settings)
         sample.regions = _content_regions(sample.text, messages)
         return [sample], 0
@@ -394,6 +399,8 @@ def conversation_samples(
         rendered += len(context) + len(full)
         probe = partial(template.render, [*messages[:k], {**messages[k], "content": _PROBE}], conversation)
         completion = turn_completion(context, full, stops, probe)
+        if settings.append_stop and not completion.endswith(tuple(stops)):
+            completion = completion.rstrip() + settings.append_stop
         if not completion:
             raise UserError(
                 f"the chat template renders nothing for assistant message {k} of a conversation "
@@ -494,7 +501,7 @@ def token_roles(offsets: Sequence[Sequence[int]], regions: Sequence[tuple[int, i
     return bytes(codes)
 
 
-def _mask_and_check(offsets: Sequence[Sequence[int]], turns: Sequence[Span]) -> tuple[list[bool], set[int]]:
+def mask_and_check(offsets: Sequence[Sequence[int]], turns: Sequence[Span]) -> tuple[list[bool], set[int]]:
     """One pass over the tokens: which carry loss (cover a character of a turn's completion), and which
     turns have a token straddling their context end or completion end."""
     mask = [False] * len(offsets)
@@ -513,7 +520,7 @@ def _mask_and_check(offsets: Sequence[Sequence[int]], turns: Sequence[Span]) -> 
     return mask, broken
 
 
-def _continuation_ids(tokenizer: Any, text: str) -> list[int]:
+def continuation_ids(tokenizer: Any, text: str) -> list[int]:
     """``text`` tokenized as the continuation of a sequence: after a newline that is then removed, so a
     SentencePiece tokenizer adds no word-start space (transformers' own trick for chat pieces)."""
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -535,11 +542,11 @@ def encode_samples(tokenizer: Any, samples: list[ChatSample]) -> list[list[_Enco
         for (index, sample), ids, offsets in zip(
             pending, enc["input_ids"], enc["offset_mapping"], strict=True
         ):
-            mask, broken = _mask_and_check(offsets, sample.turns)
+            mask, broken = mask_and_check(offsets, sample.turns)
             if sample.checked and len(sample.turns) - 1 in broken:
                 # the last turn's context ends inside a token: the context's tokens, then the completion's
                 ids, offsets = _split_at_context(tokenizer, sample)
-                mask, broken = _mask_and_check(offsets, sample.turns)
+                mask, broken = mask_and_check(offsets, sample.turns)
             if sample.checked and broken:  # an earlier turn merged across a seam: a sample of its own
                 again += [
                     (
@@ -550,7 +557,7 @@ def encode_samples(tokenizer: Any, samples: list[ChatSample]) -> list[list[_Enco
                     )
                     for j in broken
                 ]
-                mask = _mask_and_check(offsets, [t for j, t in enumerate(sample.turns) if j not in broken])[0]
+                mask = mask_and_check(offsets, [t for j, t in enumerate(sample.turns) if j not in broken])[0]
             out[index].append(_labelled(ids, mask, sample, token_roles(offsets, sample.regions)))
         pending = again
     for encoded in out:
@@ -563,7 +570,7 @@ def _split_at_context(tokenizer: Any, sample: ChatSample) -> tuple[list[int], li
     (each completion token is given the completion's whole range: all of them are trained)."""
     start, end = sample.turns[-1]
     context = tokenizer(sample.text[:start], add_special_tokens=False, return_offsets_mapping=True)
-    completion = _continuation_ids(tokenizer, sample.text[start:end])
+    completion = continuation_ids(tokenizer, sample.text[start:end])
     ids = list(context["input_ids"]) + completion
     return ids, list(context["offset_mapping"]) + [(start, end)] * len(completion)
 

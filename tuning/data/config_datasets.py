@@ -26,6 +26,7 @@ from tuning.data.data_config import (
 from tuning.data.handlers.registry import expand_rows, input_columns
 from tuning.data.prepare import DataStats, prepare, process_batch
 from tuning.data.tokenize import OK
+from tuning.data.vision import VisionData
 from tuning.errors import UserError, check, did_you_mean, excerpt, first_line
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,10 @@ def process_dataset(
     tokenizer: Any,
     max_len: int,
     settings: chat.ChatSettings | None = None,
+    processor: Any = None,
 ) -> ProcessedDataset:
-    """Load one dataset, run its handlers, then tokenize/truncate/drop as the CLI path does."""
+    """Load one dataset, run its handlers, then tokenize/truncate/drop as the CLI path does (with an
+    image-text model's ``processor``, chat rows and their images take the image-text path)."""
     settings = settings or chat.settings_from_args(args)
     data = load_dataset_paths(ds, config)
     rows_read = len(data) if isinstance(data, datasets.Dataset) else 0
@@ -141,11 +144,28 @@ def process_dataset(
         )
     fmt, fmt_args = final_format(column_names(data), _text_columns(data), args)
     if isinstance(data, datasets.IterableDataset):
+        if processor is not None:
+            raise UserError(
+                f"data config {config.path}: dataset '{ds.name}' is streamed, and image-text rows are "
+                "prepared ahead of training; set streaming: false"
+            )
         return ProcessedDataset(
             ds.name, _finalize_stream(data, fmt, fmt_args, tokenizer, max_len, settings), DataStats(), ds
         )
+    vision_data = None
+    if processor is not None:  # relative image paths: from the folder of the dataset's (first) data file
+        first = local_path(ds.data_paths[0], Path(config.path).resolve().parent).resolve()  # as data is found
+        base = first if first.is_dir() else first.parent
+        vision_data = VisionData(processor, args.dataset_image_field, str(base))
     processed, stats = prepare(
-        data, fmt, fmt_args, tokenizer, max_len, name=f"dataset '{ds.name}'", settings=settings
+        data,
+        fmt,
+        fmt_args,
+        tokenizer,
+        max_len,
+        name=f"dataset '{ds.name}'",
+        settings=settings,
+        vision_data=vision_data,
     )
     stats.rows_read = rows_read
     return ProcessedDataset(ds.name, processed, stats, ds, fmt)
@@ -196,11 +216,19 @@ def _finalize_stream(
 
 
 def process_all(
-    args: DataArgs, tokenizer: Any, max_len: int, settings: chat.ChatSettings | None = None
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    settings: chat.ChatSettings | None = None,
+    processor: Any = None,
 ) -> tuple[DataConfig, list[ProcessedDataset]]:
     check(args.data_config_path, "process_all needs --data_config_path")
     config = load_data_config(args.data_config_path)
     if config.chat_template:
         # the saved tokenizer must carry the template the model was trained with
         tokenizer.chat_template = config.chat_template
-    return config, [process_dataset(d, config, args, tokenizer, max_len, settings) for d in config.datasets]
+        if processor is not None:
+            processor.chat_template = config.chat_template
+    return config, [
+        process_dataset(d, config, args, tokenizer, max_len, settings, processor) for d in config.datasets
+    ]

@@ -36,6 +36,8 @@ def resolve_format(args: DataArgs, columns: list[str]) -> str:
     if fmt == "auto":
         if args.data_formatter_template:
             fmt = "template"
+        elif args.dataset_image_field:  # fms: --dataset_text_field then names the messages column
+            fmt = "chat"
         elif args.dataset_text_field:
             fmt = "text"
         elif args.dataset_conversation_field:
@@ -66,6 +68,8 @@ def conversation_column(args: DataArgs, columns: list[str]) -> str:
     """The column chat rows are read from: the flag's, else the first of :data:`CONVERSATION_COLUMNS`."""
     if args.dataset_conversation_field:
         return args.dataset_conversation_field
+    if args.dataset_image_field and args.dataset_text_field:  # fms-hf-tuning's image+text rows
+        return args.dataset_text_field
     return next((c for c in CONVERSATION_COLUMNS if c in columns), DEFAULT_CONVERSATION_FIELD)
 
 

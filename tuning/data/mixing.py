@@ -86,10 +86,14 @@ def _mix_counted(parts: list[tuple[Any, float | None]], config: DataConfig) -> t
 
 
 def build_from_data_config(
-    args: DataArgs, tokenizer: Any, max_len: int, settings: ChatSettings | None = None
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    settings: ChatSettings | None = None,
+    processor: Any = None,
 ) -> PreparedData:
     """The data stage for ``--data_config_path``: every dataset processed, split, mixed."""
-    config, processed = process_all(args, tokenizer, max_len, settings)
+    config, processed = process_all(args, tokenizer, max_len, settings, processor)
     train_parts, validation_parts, sources, trained_sources = [], [], [], []
     validation_by_name: dict[str, Any] = {}
     for part in processed:

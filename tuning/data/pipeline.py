@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -15,29 +16,100 @@ from tuning.data.batching import pack, sample_lengths
 from tuning.data.chat import settings_from_args
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
-from tuning.data.loading import resolve_files
+from tuning.data.formats import resolve_format
+from tuning.data.loading import load_data, resolve_files
 from tuning.data.mixing import build_from_data_config
-from tuning.data.prepare import DataStats, PreparedData, prepare_path, total_stats
+from tuning.data.prepare import (
+    DataStats,
+    PreparedData,
+    chat_conversations,
+    prepare_path,
+    process_batch,
+    total_stats,
+)
+from tuning.data.tokenize import OK
 from tuning.errors import UserError
+
+
+@dataclass
+class ServingView:
+    """A few training rows as the run trains them (``samples``: input_ids + labels) and as a server is
+    given their prompts (``server_prompts``: token ids), for the serve-exact check."""
+
+    format: str
+    samples: list[dict[str, list[int]]]
+    server_prompts: list[list[int]]
+
+
+def serving_view(
+    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int], limit: int = 16
+) -> ServingView:
+    """The first ``limit`` rows of ``--training_data_path`` through the training pipeline, and each
+    trained assistant turn's prompt the way a server builds it: the tokenizer's own
+    ``apply_chat_template(..., add_generation_prompt=True)`` text, encoded without special tokens (the
+    template writes them; vLLM's chat endpoint encodes so); for text with a response template, the text
+    through the template encoded as the completions endpoint does (with the tokenizer's special tokens)."""
+    raw = load_data(args.training_data_path)
+    raw = raw.select(range(min(limit, len(raw))))
+    fmt = resolve_format(args, raw.column_names)
+    settings = settings_from_args(args, stop_token_ids)
+    batch = raw[:]
+    # the function training maps over the rows, called directly: datasets.map would first hash the
+    # tokenizer for its cache fingerprint (11 s for a 150k vocabulary, for 16 rows)
+    out = process_batch(batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings)
+    rows = [
+        {"input_ids": list(ids), "labels": list(labels)}
+        for ids, labels, status in zip(out["input_ids"], out["labels"], out["status"], strict=True)
+        if status == OK
+    ]
+    prompts: list[list[int]] = []
+    conversations = chat_conversations(batch, fmt, args, tokenizer, settings)
+    if conversations and args.train_on == "responses":
+        for c in conversations:
+            for turn, message in enumerate(c.messages):
+                if message.get("role") == "assistant" and turn >= max(c.first_trainable, 1):
+                    text = tokenizer.apply_chat_template(
+                        c.messages[:turn],
+                        tools=c.tools,
+                        documents=c.documents,
+                        add_generation_prompt=True,
+                        tokenize=False,
+                        **c.kwargs,
+                    )
+                    prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    elif fmt == "text" and args.response_template and args.train_on == "responses":
+        for text in raw[args.dataset_text_field or "text"]:
+            at = text.find(args.response_template)
+            if at >= 0:
+                prompts.append(tokenizer(text[: at + len(args.response_template)])["input_ids"])
+    return ServingView(fmt, rows, prompts)
+
 
 logger = logging.getLogger(__name__)
 
 
 def build_datasets(
-    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    stop_token_ids: Sequence[int] = (),
+    processor: Any = None,
 ) -> PreparedData:
     """Load, format, tokenize and mask the training (and validation) data. ``stop_token_ids`` end a
-    generated turn (the model's generation config); chat turns are trained through the first of them."""
+    generated turn (the model's generation config); chat turns are trained through the first of them.
+    ``processor``: an image-text model's, for chat rows with images (docs/vision.md)."""
     settings = settings_from_args(args, stop_token_ids)
     if args.data_config_path:
-        data = build_from_data_config(args, tokenizer, max_len, settings)
+        data = build_from_data_config(args, tokenizer, max_len, settings, processor)
     else:
-        train, fmt, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
+        train, fmt, stats = prepare_path(
+            args.training_data_path, args, tokenizer, max_len, settings, processor
+        )
         sources = [AuditSource(args.training_data_path, fmt, stats, "train", stats.kept, stats.kept)]
         validation = None
         if args.validation_data_path:
             validation, vfmt, vstats = prepare_path(
-                args.validation_data_path, args, tokenizer, max_len, settings
+                args.validation_data_path, args, tokenizer, max_len, settings, processor
             )
             sources.append(AuditSource(args.validation_data_path, vfmt, vstats, "validation"))
         data = PreparedData(train, validation, fmt, stats, sources)
@@ -95,15 +167,19 @@ def data_sources(args: DataArgs) -> list[tuple[str, list[str]]]:
 
 
 def preview_parts(
-    args: DataArgs, tokenizer: Any, max_len: int, stop_token_ids: Sequence[int] = ()
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    stop_token_ids: Sequence[int] = (),
+    processor: Any = None,
 ) -> list[tuple[str, Any, DataStats | None]]:
     """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data.
     Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
     settings = settings_from_args(args, stop_token_ids, keep_sample_info=True)
     if args.data_config_path:
-        _, processed = process_all(args, tokenizer, max_len, settings)
+        _, processed = process_all(args, tokenizer, max_len, settings, processor)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
-    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings)
+    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings, processor)
     return [(args.training_data_path, ds, stats)]
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 
 from tuning.config import DataArgs
-from tuning.data import audit, chat, formats
+from tuning.data import audit, chat, formats, vision
 from tuning.data.audit import AuditSource
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
@@ -96,12 +97,23 @@ def total_stats(stats: list[DataStats]) -> DataStats:
 
 
 def prepare_path(
-    path: str, args: DataArgs, tokenizer: Any, max_len: int, settings: chat.ChatSettings | None = None
+    path: str,
+    args: DataArgs,
+    tokenizer: Any,
+    max_len: int,
+    settings: chat.ChatSettings | None = None,
+    processor: Any = None,
 ) -> tuple[datasets.Dataset, str, DataStats]:
-    """Load one data path, pick its format by the rule, tokenize: (dataset, format, counts)."""
+    """Load one data path, pick its format by the rule, tokenize: (dataset, format, counts). With an
+    image-text model's ``processor``, chat rows and their images take the image-text path."""
     raw = load_data(path)
     fmt = formats.resolve_format(args, raw.column_names)
-    ds, stats = prepare(raw, fmt, args, tokenizer, max_len, name=path, settings=settings)
+    local = Path(path).expanduser().resolve()  # references stay valid from any folder (shards, workers)
+    base_dir = str(local if local.is_dir() else local.parent)  # relative image paths start here
+    vision_data = vision.VisionData(processor, args.dataset_image_field, base_dir) if processor else None
+    ds, stats = prepare(
+        raw, fmt, args, tokenizer, max_len, name=path, settings=settings, vision_data=vision_data
+    )
     return ds, fmt, stats
 
 
@@ -114,14 +126,47 @@ def prepare(
     *,
     name: str,
     settings: chat.ChatSettings | None = None,
+    vision_data: vision.VisionData | None = None,
 ) -> tuple[datasets.Dataset, DataStats]:
     """Tokenize one dataset; drop and count rows that would train on nothing."""
     settings = settings or chat.settings_from_args(args)
-    fn = partial(process_batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings)
-    ds = raw.map(fn, batched=True, remove_columns=raw.column_names, desc=f"tokenizing {name}")
-    stats = count(
-        ds, tokenizer, examples=args.audit_samples
-    )  # the mapped table, before any filter: one read of its counters
+    images = vision.image_column_of(args.dataset_image_field, raw.column_names)
+    if images and vision_data is None:
+        raise UserError(
+            f"{name} has an image column '{images}', and the model takes no images; use an image-text model "
+            "(AutoModelForImageTextToText: LLaVA, Qwen2.5-VL, ...) or drop the column (docs/vision.md)"
+        )
+    if fmt == "pretokenized" and images and images != vision.IMAGES:
+        raise UserError(
+            f"{name}: tokenized image-text rows keep their image references in a column named "
+            f"'{vision.IMAGES}'; rename column '{images}'"
+        )
+    if vision_data is not None and fmt == "chat":
+        if images and isinstance(raw.features.get(images), (datasets.Image, datasets.Sequence, list)):
+            raw = _undecoded_images(raw, images)
+        vision_data = replace(vision_data, image_column=images)
+        settings = vision.vision_settings(settings, tokenizer)
+    else:
+        vision_data = None
+    fn = partial(
+        process_batch,
+        fmt=fmt,
+        args=args,
+        tokenizer=tokenizer,
+        max_len=max_len,
+        settings=settings,
+        vision_data=vision_data,
+        name=name,
+    )
+    ds = raw.map(
+        fn,
+        batched=True,
+        with_indices=vision_data is not None,  # image errors name their row
+        remove_columns=raw.column_names,
+        desc=f"tokenizing {name}",
+    )
+    # the mapped table, before any filter: one read of its counters
+    stats = count(ds, tokenizer, examples=args.audit_samples)
     if stats.kept == 0:
         raise UserError(_nothing_to_train_message(raw, fmt, args, tokenizer, Counter(stats.dropped)))
     unit = "rows" if stats.samples == stats.rows else "samples"  # a chat row can become several samples
@@ -183,20 +228,35 @@ def _log_splits(stats: DataStats, name: str) -> None:
 
 def process_batch(
     batch: dict[str, list],
+    indices: list[int] | None = None,
     *,
     fmt: str,
     args: DataArgs,
     tokenizer: Any,
     max_len: int,
     settings: chat.ChatSettings | None = None,
+    vision_data: vision.VisionData | None = None,
+    name: str = "data",
 ) -> dict[str, list]:
     """One ``datasets.map`` batch → ``input_ids``, ``labels``, ``status``, ``truncated``, the audit's
-    columns (and, for chat rows, :data:`chat.SAMPLE_INFO` and :data:`chat.TOKEN_ROLES`): one row per
-    sample, so a chat row can become several."""
+    columns (and, for chat rows, :data:`chat.SAMPLE_INFO` and :data:`chat.TOKEN_ROLES`; for image-text
+    rows, ``images``): one row per sample, so a chat row can become several."""
     if fmt == "pretokenized":
         return _pretokenized_batch(batch, max_len)
     settings = settings or chat.settings_from_args(args)
     conversations = chat_conversations(batch, fmt, args, tokenizer, settings)
+    if vision_data is not None and conversations is not None:
+        column = vision_data.image_column
+        where = [f"row {i} of {name}" for i in (indices or range(len(conversations)))]
+        for c in conversations:
+            c.messages = vision.vision_messages(c.messages)
+        refs = [
+            vision.image_refs(batch[column][j] if column else None, where[j], vision_data.base_dir)
+            for j in range(len(conversations))
+        ]
+        return vision.encode_vision_conversations(
+            conversations, refs, where, vision_data.processor, settings, max_len
+        )
     if conversations is not None:
         return chat.encode_conversations(conversations, tokenizer, args.chat_template, settings, max_len)[0]
     texts, spans = render_batch(batch, fmt, args, tokenizer)
@@ -264,6 +324,18 @@ def render_batch(
     return texts, spans
 
 
+def _undecoded_images(raw: datasets.Dataset, column: str) -> datasets.Dataset:
+    """``datasets`` ``Image`` columns read as ``{bytes, path}`` instead of decoded: images are decoded
+    once, where they are checked, and again by the collator."""
+    feature = raw.features[column]
+    if isinstance(feature, datasets.Image):
+        return raw.cast_column(column, datasets.Image(decode=False))
+    inner = feature.feature if isinstance(feature, datasets.Sequence) else feature[0]
+    if isinstance(inner, datasets.Image):
+        return raw.cast_column(column, datasets.Sequence(datasets.Image(decode=False)))
+    return raw
+
+
 def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]:
     """Tokenized rows (a data config's handlers' output, or a pretokenized file) truncated; the chat
     handler's :data:`chat.SAMPLE_INFO` column is carried along to be counted."""
@@ -285,6 +357,8 @@ def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]
             out[column] = (
                 batch[column] if column == chat.SAMPLE_INFO else [r[:max_len] for r in batch[column]]
             )
+    if vision.IMAGES in batch:  # image-text rows written by --do_dataprocessing_only: their references
+        out[vision.IMAGES] = batch[vision.IMAGES]
     return out
 
 

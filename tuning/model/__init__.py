@@ -28,6 +28,7 @@ from tuning.model.memory_check import (
     check_memory,
     device_capacity,
     gib,
+    gpu_capacity,
     parse_size,
     render,
 )
@@ -40,6 +41,13 @@ from tuning.model.peft import (
 )
 from tuning.model.quantization import quantization_config
 from tuning.model.tokenizer import generation_stop_ids, load_tokenizer
+from tuning.model.vision import (
+    is_image_text,
+    load_processor,
+    model_auto_class,
+    processor_from,
+    save_processor,
+)
 
 __all__ = [
     "LABEL_ONLY_CHUNK_TOKENS",
@@ -59,6 +67,7 @@ __all__ = [
     "device_capacity",
     "estimate",
     "gib",
+    "gpu_capacity",
     "parse_size",
     "render",
     "setup_for",
@@ -76,4 +85,9 @@ __all__ = [
     "precision_plan",
     "quantization_config",
     "write_adapter_extras",
+    "is_image_text",
+    "load_processor",
+    "model_auto_class",
+    "processor_from",
+    "save_processor",
 ]

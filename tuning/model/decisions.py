@@ -17,6 +17,7 @@ import torch
 
 from tuning.compat import transformers as hf
 from tuning.errors import UserError
+from tuning.model.vision import is_image_text
 
 # Trained positions projected through the output head at once by the label-only loss: at most this many
 # rows of logits (and their gradient) are alive, which is what the plan counts.
@@ -147,6 +148,11 @@ def padding_free_blocker(model: Any, attention: str | None = None) -> str | None
         # with a cache object transformers skips the per-sample mask and samples attend to each other
         return "model.config.use_cache is true"
     base = getattr(model, "get_base_model", lambda: model)()
+    if is_image_text(base.config):
+        # image features and position ids (Qwen2.5-VL's 3-D rope, Mllama's cross-attention) are built per row
+        return (
+            f"{base.config.model_type} is an image-text model, whose image features are placed per padded row"
+        )
     if not type(base).__module__.startswith("transformers."):
         # remote code may build its own mask and ignore restarting position_ids
         return f"{type(base).__name__} is not a transformers model class (remote code)"

@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+)
 
 from tuning.compat import transformers as hf
 from tuning.config import KAHAN_OPTIMIZERS, ModelArgs
@@ -19,6 +22,8 @@ from tuning.dtypes import torch_dtype
 from tuning.errors import UserError, first_line
 from tuning.files import refused_pickle
 from tuning.model.quantization import is_bnb, keep_training_layout, quantized_load_kwargs
+from tuning.model.sources import check_source, model_source, source_error
+from tuning.model.vision import freeze_vision, is_image_text, model_auto_class, present_layer_classes
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +47,11 @@ class PrecisionPlan:
 
 
 def load_model_config(args: ModelArgs) -> PretrainedConfig:
+    check_source(args.model_name_or_path, "--model_name_or_path")
     try:
         return AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load model {args.model_name_or_path}: {first_line(e)}; pass a local "
-            "folder with config.json or a hub id to --model_name_or_path"
-        ) from None
+        raise source_error(args.model_name_or_path, "--model_name_or_path", "config.json", e) from None
 
 
 def context_length(config: PretrainedConfig, requested: int) -> int:
@@ -158,10 +161,10 @@ def why_unusable(impl: str, model_class: type | None = None) -> str | None:
 
 def causal_lm_class(config: PretrainedConfig) -> type | None:
     """The transformers class AutoModelForCausalLM picks (None for remote code: loading decides)."""
-    try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        return None
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING):
+        if type(config) in mapping:
+            return mapping[type(config)]
+    return None
 
 
 def load_model(
@@ -176,15 +179,18 @@ def load_model(
     ``quantization``: a transformers quantization config (tuning/model/quantization.py), or None.
     ``config``: the model config when the caller already loaded it (read again otherwise).
     """
-    model_class = causal_lm_class(config or load_model_config(args))
+    config = config or load_model_config(args)
+    model_class = causal_lm_class(config)
     candidates = attention_candidates(args, model_class)
+    if any("/" in impl for impl in candidates):  # a Hub kernel: its loader's warnings count (tuning/logs.py)
+        logging.getLogger("kernels").setLevel(logging.NOTSET)
     reasons: list[str] = []
     for impl in candidates:
         reason = why_unusable(impl, model_class)
         if reason is None:
             try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    args.model_name_or_path,
+                model = model_auto_class(config).from_pretrained(
+                    model_source(args.model_name_or_path),
                     dtype=plan.load_dtype,
                     attn_implementation=impl,
                     trust_remote_code=args.trust_remote_code,
@@ -198,7 +204,12 @@ def load_model(
     else:
         raise UserError(f"no attention implementation works for this model ({'; '.join(reasons)})")
     if impl != candidates[0]:
-        logger.warning("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
+        # the default request (flash_attention_2: --use_flash_attn defaults to true, as in fms-hf-tuning)
+        # can't run without a GPU, and the run-start line says which kernel runs; a kernel the user named,
+        # or any fallback on a GPU, is news
+        default = candidates[0] == ModelArgs.flash_attn_implementation
+        log = logger.debug if default and not torch.cuda.is_available() else logger.warning
+        log("attention: asked for %s, using %s (%s)", candidates[0], impl, "; ".join(reasons))
     drop_stale_quantization_config(model)
     if is_bnb(quantization):
         keep_training_layout(model)
@@ -207,24 +218,70 @@ def load_model(
     # must carry (generation recomputes every token without it): see generation_use_cache.
     model.tuning_base_use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    model.tuning_base_special_ids = _special_ids(model)
+    model.tuning_base_vocab = model.get_input_embeddings().weight.shape[0]
     _resize_for_added_tokens(model, tokenizer)
+    if is_image_text(config):
+        freeze_vision(model, args)
+        present_layer_classes(model)  # FSDP wraps the tower's and the decoder's layers by these
     return model
+
+
+# Ids transformers' Trainer.train() overwrites with the tokenizer's (align_special_tokens: a Qwen3 config's
+# pad_token_id null becomes 151643, with a warning), in the config and the generation config.
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _special_ids(model: Any) -> dict[tuple[str, str], Any]:
+    ids = {}
+    for where, config in _configs(model).items():
+        for name in SPECIAL_IDS:
+            value = getattr(config, name, None)
+            ids[(where, name)] = list(value) if isinstance(value, list) else value
+    return ids
+
+
+def _configs(model: Any) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    found = {"config": config.get_text_config()} if config is not None else {}
+    if getattr(model, "generation_config", None) is not None:
+        found["generation_config"] = model.generation_config
+    return found
+
+
+def _new_token(value: Any, base_vocab: int | None) -> bool:
+    """Whether ``value`` (an id or a list of ids) names a token the run added to the vocabulary."""
+    ids = value if isinstance(value, list) else [value]
+    return base_vocab is not None and any(isinstance(i, int) and i >= base_vocab for i in ids)
 
 
 @contextmanager
 def generation_use_cache(model: Any) -> Iterator[None]:
-    """While saving: the model config's ``use_cache`` is the base model's again (load_model turned it off
-    for training), so a saved ``config.json`` generates with a KV cache like the base did."""
+    """While saving: the config's ``use_cache`` and the special-token ids of the config and generation
+    config are the base model's again, so a saved ``config.json`` generates like the base did. load_model
+    turned the cache off for training, and the Trainer aligned the ids with the tokenizer's; an id the run
+    added to the vocabulary (``--add_special_tokens``) is kept, since the base has no such token."""
     config = getattr(model, "config", None)
     base = getattr(model, "tuning_base_use_cache", None)  # peft wrappers forward the lookup to the base
-    if config is None or base is None or getattr(config, "use_cache", None) == base:
-        yield
-        return
-    training, config.use_cache = config.use_cache, base
+    targets = _configs(model)
+    base_ids = getattr(model, "tuning_base_special_ids", None) or {}
+    base_vocab = getattr(model, "tuning_base_vocab", None)
+    changed: list[tuple[Any, str, Any]] = []
+    if config is not None and base is not None and getattr(config, "use_cache", None) != base:
+        changed.append((config, "use_cache", base))
+    for (where, name), value in base_ids.items():
+        target = targets.get(where)
+        current = getattr(target, name, None)
+        if target is not None and current != value and not _new_token(current, base_vocab):
+            changed.append((target, name, value))
+    training = [(target, name, getattr(target, name, None)) for target, name, _ in changed]
+    for target, name, value in changed:
+        setattr(target, name, value)
     try:
         yield
     finally:
-        config.use_cache = training
+        for target, name, value in training:
+            setattr(target, name, value)
 
 
 def _load_failure(args: ModelArgs, impl: str, e: Exception) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -47,6 +47,7 @@ from tuning.model.loading import (
 )
 from tuning.model.peft import is_linear, wrap
 from tuning.model.quantization import checkpoint_quant_method
+from tuning.model.vision import freeze_vision, is_image_text, model_auto_class
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +136,15 @@ def meta_model(setup: Setup) -> tuple[Any, set[int]]:
         del config.quantization_config  # from_config must not quantize: stored bytes are counted below
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
+            model = model_auto_class(config).from_config(
                 config, dtype=setup.precision.load_dtype, trust_remote_code=setup.model.trust_remote_code
             )
     except Exception as e:  # noqa: BLE001 (any architecture transformers can't build from its config alone)
         raise UserError(
             f"memory plan: cannot build {config.model_type} from its config: {first_line(e)}"
         ) from None
+    if is_image_text(config):  # the vision tower is counted; what the run freezes, the plan freezes
+        freeze_vision(model, setup.model)
     quantized = {id(m.weight) for m in quantized_modules(model, setup.quant)}
     if setup.peft.peft_method != "none":  # the adapter stage's own wrapping, on the meta model
         model = wrap(setup.peft, model, setup.tokenizer, setup.precision)
@@ -196,8 +199,12 @@ def count_parameters(model: Any, quantized: set[int], setup: Setup) -> _Counts:
     adapters = setup.peft.peft_method != "none"
     linear = {id(m.weight) for m in model.modules() if is_linear(m)}
     layer_bytes: dict[str, int] = {}
+    seen: set[int] = set()  # a tied weight (input embeddings = output head) is one tensor, stored once
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             if id(param) in quantized:
                 stored = bnb_bytes(param.numel(), param.shape[0], setup.quant)
             elif mxfp4 and type(module).__name__.endswith("Experts") and param.dim() == 3:

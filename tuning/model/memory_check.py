@@ -161,27 +161,81 @@ def _cgroup_available() -> int | None:
     return None if limit == "max" else int(limit) - used
 
 
+_UNITS = {"tib": 2**40, "gib": GiB, "mib": 2**20, "t": 2**40, "g": GiB, "m": 2**20, "b": 1}
+# A GPU's memory is sold in nominal binary units: an "80 GB" A100 has 80 GiB, and some cards have a little
+# less than their label (an 80 GB H100 has 79.65 GiB). Totals as the driver reports them (nvidia-smi,
+# torch.cuda.mem_get_info), MiB, by the name the card is sold under.
+KNOWN_GPUS = {
+    "H100-80GB": 81559,
+    "H200-141GB": 143771,
+    "B200-180GB": 183359,
+    "A100-80GB": 81920,
+    "A100-40GB": 40960,
+    "L40S-48GB": 46068,
+    "L4-24GB": 23034,
+    "A10G-24GB": 23028,
+    "RTX4090-24GB": 24564,
+    "T4-16GB": 15360,
+}
+_VENDOR_UNITS = {"tb": 2**40, "gb": GiB, "mb": 2**20}
+
+
+def _squeeze(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum() or c == ".")
+
+
 def parse_size(text: str) -> int:
-    """``80GB``, ``79.2GiB``, ``24G``, ``512MiB`` → bytes (GB = 10^9, GiB and a bare G = 2^30)."""
-    units = {
-        "tib": 2**40,
-        "gib": GiB,
-        "mib": 2**20,
-        "tb": 10**12,
-        "gb": 10**9,
-        "mb": 10**6,
-        "t": 2**40,
-        "g": GiB,
-        "m": 2**20,
-    }
+    """``79.6GiB``, ``24G``, ``512MiB``, ``80000000000B`` → bytes (GiB and a bare G = 2^30). For a GPU's
+    label (``80GB``, a named card) see :func:`gpu_memory`."""
     lowered = text.strip().lower().replace(" ", "")
-    for unit, size in units.items():
+    for unit, size in _UNITS.items():
         if lowered.endswith(unit):
             try:
                 return int(float(lowered.removesuffix(unit)) * size)
             except ValueError:
                 break
-    raise UserError(f"--device_memory {text!r} is not a size; write it like 80GB, 79.2GiB or 24G")
+    raise UserError(
+        f"--device_memory {text!r} is not a size or a known GPU; write it like 80GB, 79.6GiB or a card's name "
+        f"({', '.join(KNOWN_GPUS)})"
+    )
+
+
+def gpu_memory(text: str) -> tuple[int, str]:
+    """(bytes, where that figure comes from) for ``--device_memory``: a card's name (``H100-80GB``,
+    ``a100 40gb``, ``H100`` when one size is known), the size on a GPU's label (``80GB``: the least memory
+    of the cards sold as 80 GB, else 80 GiB), or an exact size (``79.6GiB``)."""
+    given = _squeeze(text)
+    named = {_squeeze(name): name for name in KNOWN_GPUS}
+    by_family = [name for name in KNOWN_GPUS if _squeeze(name.split("-")[0]) == given]
+    if given in named or len(by_family) == 1:
+        name = named.get(given) or by_family[0]
+        return KNOWN_GPUS[name] * 2**20, f"one {name}"
+    if len(by_family) > 1:
+        raise UserError(f"--device_memory {text!r} names several cards; pick one: {', '.join(by_family)}")
+    for unit, size in _VENDOR_UNITS.items():
+        number = given.removesuffix(unit)
+        if given.endswith(unit) and number.replace(".", "", 1).isdigit():
+            label = f"{number}GB" if unit == "gb" else given.upper()
+            cards = [name for name in KNOWN_GPUS if name.endswith(f"-{label}")]
+            if not cards:
+                return int(
+                    float(number) * size
+                ), f"a GPU sold as {label}, read as {number} {unit[0].upper()}iB"
+            least = min(cards, key=KNOWN_GPUS.__getitem__)
+            among = f"; the least of {', '.join(cards)}" if len(cards) > 1 else ""
+            return KNOWN_GPUS[least] * 2**20, (
+                f"a GPU sold as {label}, read as {gib(KNOWN_GPUS[least] * 2**20)} (the {least}'s{among})"
+            )
+    return parse_size(text), f"a GPU with {text.strip()}"
+
+
+def gpu_capacity(text: str) -> Capacity:
+    """What a run could use on the GPU ``--device_memory`` names: its memory less the runtime reserve."""
+    size, what = gpu_memory(text)
+    return Capacity(
+        max(size - GPU_RUNTIME_RESERVE, 0),
+        f"usable on {what} ({gib(GPU_RUNTIME_RESERVE)} kept for the CUDA runtime)",
+    )
 
 
 # --- what would fit ---

@@ -25,6 +25,7 @@ from tuning.config import PeftArgs
 from tuning.errors import UserError, first_line
 from tuning.model.loading import PrecisionPlan
 from tuning.model.quantization import prepare_quantized_base
+from tuning.model.vision import lora_exclusions
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _lora_config(args: PeftArgs, model: Any, tokenizer: Any, added: AddedTokens 
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=resolve_target_modules(args.target_modules, model),
-        exclude_modules=args.exclude_modules,
+        exclude_modules=lora_exclusions(model, args.exclude_modules),
         target_parameters=args.target_parameters,
         modules_to_save=_check_names(args.modules_to_save, model, "--modules_to_save"),
         bias=args.bias,
@@ -282,7 +283,8 @@ def _effective_rows(layer: Any, rows: torch.Tensor) -> torch.Tensor:
 
 
 def wrapped_summary(peft_model: Any) -> str:
-    """``"8 modules (k_proj, o_proj, q_proj, v_proj), parameters: none"``: the names peft adapted.
+    """``"8 modules (k_proj, o_proj, q_proj, v_proj)"`` (``, parameters: experts.down_proj`` when
+    ``--target_parameters`` adapted some): the names peft adapted.
 
     A MoE router (gpt-oss: ``GptOssTopKRouter``) and the 3-D expert tensors are not ``nn.Linear``, so
     all-linear never matches them; they are adapted only when named in ``--target_parameters``.
@@ -291,5 +293,5 @@ def wrapped_summary(peft_model: Any) -> str:
     modules = list(getattr(tuner, "targeted_module_names", []))
     params = list(getattr(tuner, "targeted_parameter_names", []))
     suffixes = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in modules}))
-    named = ", ".join(sorted({".".join(n.split(".")[-2:]) for n in params})) or "none"
-    return f"{len(modules)} modules ({suffixes or 'none'}), parameters: {named}"
+    named = ", ".join(sorted({".".join(n.split(".")[-2:]) for n in params}))
+    return f"{len(modules)} modules ({suffixes or 'none'})" + (f", parameters: {named}" if named else "")

@@ -126,6 +126,7 @@ def bnb_config(
     adapter's targets and the memory plan (tuning/model/memory.py) see the same model.
     """
     method = args.quantization_method
+    logging.getLogger("bitsandbytes").setLevel(logging.NOTSET)  # this run uses it: its warnings count again
     if not is_bitsandbytes_available():  # transformers' check: installed, and at least its minimum version
         found = importlib.util.find_spec("bitsandbytes") is not None
         what = f"bitsandbytes {BITSANDBYTES_MIN_VERSION} or newer" if found else "the bitsandbytes package"

@@ -11,7 +11,8 @@ from typing import Any
 from transformers import AutoTokenizer, GenerationConfig
 
 from tuning.config import DataArgs, ModelArgs
-from tuning.errors import UserError, first_line
+from tuning.errors import UserError
+from tuning.model.sources import check_source, model_source, source_error
 
 logger = logging.getLogger(__name__)
 
@@ -19,13 +20,15 @@ logger = logging.getLogger(__name__)
 def load_tokenizer(model_args: ModelArgs, data_args: DataArgs) -> Any:
     """Load the tokenizer; add ``--add_special_tokens`` (and nothing else: no pad token)."""
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+    check_source(name, flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_source(name), trust_remote_code=model_args.trust_remote_code
+        )
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load a tokenizer from {name}: {first_line(e)}; pass a folder with "
-            "tokenizer files or a hub id via --tokenizer_name_or_path"
-        ) from None
+        fix = "; pass a folder with tokenizer files or a Hub id via --tokenizer_name_or_path"
+        raise source_error(name, flag, "a tokenizer", e, fix) from None
     if data_args.chat_template:
         tokenizer.chat_template = data_args.chat_template
     elif data_args.chat_template_path:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tuning.files import is_disk_full, publish_folder, staging_folder
-from tuning.model import PrecisionPlan, write_adapter_extras
+from tuning.model import PrecisionPlan, save_processor, write_adapter_extras
 from tuning.train import barrier, full_state_dict, out_of_space
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ def _write_final_model(trainer: Any, tokenizer: Any, target: Path, tmp: Path, pl
         barrier()
         return target
     write_adapter_extras(model, tmp)
-    tokenizer.save_pretrained(str(tmp))
+    if hasattr(tokenizer, "image_processor"):  # an image-text model's processor (and chat template)
+        save_processor(tokenizer, tmp)
+    else:
+        tokenizer.save_pretrained(str(tmp))
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the args
     publish_folder(tmp, target)
     barrier()

@@ -21,11 +21,11 @@ from typing import Any
 
 from tuning import __version__
 from tuning.config import SFTConfig
-from tuning.data import PreparedData, data_sources
+from tuning.data import IMAGES, PreparedData, data_sources
 from tuning.files import write_text_atomic
 from tuning.outputs.audit_report import AUDIT_HTML_NAME, AUDIT_JSON_NAME, key_numbers
 from tuning.outputs.plot import LOSS_PLOT_NAME
-from tuning.train import read_training_logs
+from tuning.train import read_eval_generations, read_training_logs
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,16 @@ def render_model_card(
         license_link=license_fields.get("license_link"),
         datasets=dataset_ids or None,
         tags=tags,
-        pipeline_tag="text-generation",
+        pipeline_tag="image-text-to-text" if _image_text(data) else "text-generation",
     )
     sections = [
         f"---\n{card.to_yaml()}\n---\n",
         _overview(config, method, base, base_id, license_fields),
         _training(config, data, max_len or config.data.max_seq_length),
         _results(config, summary, has_plot),
-        _usage(config, summary, base),
+        _generations(config.train.output_dir),
+        _serve_check(summary),
+        _usage(config, summary, base, image_text=_image_text(data)),
         _framework_versions(adapter),
     ]
     return "\n".join(s.rstrip() + "\n" for s in sections)
@@ -328,6 +330,19 @@ def _results(config: SFTConfig, summary: dict[str, Any], has_plot: bool) -> str:
         f"| final | {loss(summary['final_loss'])} | {loss(summary['final_validation_loss'])} |",
         f"| best | {loss(summary['best_loss'])} | {loss(summary['best_validation_loss'])} |",
     ]
+    train_accuracy = summary.get("final_mean_token_accuracy")
+    valid_accuracy = summary.get("final_validation_mean_token_accuracy")
+    if train_accuracy is not None or valid_accuracy is not None:
+        lines.append(f"| final token accuracy | {loss(train_accuracy)} | {loss(valid_accuracy)} |")
+    stopping = summary.get("early_stopping")
+    if stopping and stopping.get("stopped_at_step") is not None:
+        lines += [
+            "",
+            f"Early stopping ended the run at step {stopping['stopped_at_step']}: `{stopping['metric']}` did not "
+            f"improve by more than {stopping['threshold']:g} in {stopping['patience']} evaluations; best "
+            f"{loss(stopping['best_metric'])} at step {stopping['best_step']} "
+            f"(`{Path(stopping['best_model_checkpoint'] or 'n/a').name}`).",
+        ]
     table = _loss_table(config.train.output_dir)
     if has_plot or table:
         lines += ["", "### Loss curve", ""]
@@ -355,8 +370,71 @@ def _loss_table(output_dir: str) -> list[str]:
     return rows
 
 
-def _usage(config: SFTConfig, summary: dict[str, Any], base: str) -> str:
+def _generations(output_dir: str) -> str:
+    """Sample generations at the first and the last evaluation (``--eval_generations``)."""
+    try:
+        records = read_eval_generations(output_dir)
+    except (OSError, ValueError):
+        return ""
+    if not records:
+        return ""
+    first, last = records[0]["step"], records[-1]["step"]
+    at_last = {r["prompt"]: r["generation"] for r in records if r["step"] == last}
+    lines = [
+        "## Sample generations",
+        "",
+        f"Greedy answers to validation prompts at the first (step {first}) and the last (step {last}) "
+        "evaluation; all of them are in `eval_generations.jsonl` of the output folder.",
+        "",
+        f"| prompt | reference | step {first} | step {last} |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in (r for r in records if r["step"] == first):
+        cells = (r["prompt"][-200:], r["reference"], r["generation"], at_last.get(r["prompt"], ""))
+        lines.append("| " + " | ".join(f"`{_cell(c)}`" if c else "" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _serve_check(summary: dict[str, Any]) -> str:
+    """The serve-exact check's table (``tuning/outputs/serve_check.py``)."""
+    check = summary.get("serve_check")
+    if not check or not check.get("checks"):
+        return ""
+    lines = [
+        "## Serving check",
+        "",
+        f"The saved folder was reloaded as a server loads it and checked against "
+        f"{check.get('samples', 0)} training samples: **{'passed' if check['passed'] else 'FAILED'}**.",
+        "",
+        "| check | result | detail |",
+        "| --- | --- | --- |",
+    ]
+    for item in check["checks"]:
+        lines.append(f"| {_cell(item['name'])} | {item['result']} | {_cell(item.get('detail', ''))} |")
+    if check.get("advice"):
+        lines += ["", check["advice"]]
+    return "\n".join(lines)
+
+
+def _image_text(data: PreparedData) -> bool:
+    """Whether the run trained an image-text model on image+text rows (docs/vision.md)."""
+    return IMAGES in (getattr(data.train, "column_names", None) or [])
+
+
+def _usage(config: SFTConfig, summary: dict[str, Any], base: str, *, image_text: bool = False) -> str:
     where = summary.get("save_model_dir") or "PATH"
+    if image_text:
+        load = (
+            f'model = AutoModelForImageTextToText.from_pretrained("{where}")'
+            if config.peft.peft_method == "none"
+            else f'model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained("{base}"), "{where}")'
+        )
+        return (
+            "## Use\n\n```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+            + ("from peft import PeftModel\n" if config.peft.peft_method != "none" else "")
+            + f'\n{load}\nprocessor = AutoProcessor.from_pretrained("{where}")\n```\n\n'
+            "The processor (tokenizer, image processor, chat template) is saved with it (docs/vision.md)."
+        )
     if config.peft.peft_method == "none":
         return (
             "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

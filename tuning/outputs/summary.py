@@ -16,7 +16,7 @@ from tuning.files import write_text_atomic
 from tuning.outputs.audit_report import AUDIT_JSON_NAME
 from tuning.outputs.plot import LOSS_PLOT_NAME
 from tuning.trackers import TrackerCallback
-from tuning.train import is_complete, list_checkpoints, per_rank
+from tuning.train import EarlyStopping, EvalGenerations, is_complete, list_checkpoints, per_rank
 
 RUN_SUMMARY_NAME = "run_summary.json"
 
@@ -59,6 +59,24 @@ def build_summary(trainer: Any, result: Any, seconds: float, data: PreparedData,
         "save_model_dir": str(saved) if saved else None,
         "loss_plot": str(out / LOSS_PLOT_NAME) if (out / LOSS_PLOT_NAME).is_file() else None,
         "trackers": dict(trackers.run_ids) if trackers else {},
+        **_quality(trainer),
+    }
+
+
+def _quality(trainer: Any) -> dict[str, Any]:
+    """Token accuracy (last training and validation records), early stopping, sample generations."""
+    history = trainer.state.log_history
+    train = [h["mean_token_accuracy"] for h in history if "mean_token_accuracy" in h]
+    valid = [h["eval_mean_token_accuracy"] for h in history if "eval_mean_token_accuracy" in h]
+    callbacks = trainer.callback_handler.callbacks
+    stopping = next((c for c in callbacks if isinstance(c, EarlyStopping)), None)
+    generations = next((c for c in callbacks if isinstance(c, EvalGenerations)), None)
+    return {
+        "final_mean_token_accuracy": train[-1] if train else None,
+        "final_validation_mean_token_accuracy": valid[-1] if valid else None,
+        "best_validation_mean_token_accuracy": max(valid) if valid else None,
+        "early_stopping": stopping.report(trainer.args, trainer.state) if stopping else None,
+        "eval_generations": generations.report(trainer.args.output_dir) if generations else None,
     }
 
 
@@ -76,11 +94,16 @@ def write_summary(output_dir: str, summary: dict[str, Any]) -> Path:
     )
 
 
+def _loss(value: Any) -> str:
+    """Four decimals, as the progress lines print losses (the summary file keeps the exact value)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+
+
 def summary_line(summary: dict[str, Any]) -> str:
     where = summary.get("save_model_dir") or "not saved (no --save_model_dir)"
     return (
         f"done: {summary['steps']} steps, {summary['trained_tokens']} trained tokens in "
         f"{summary['train_seconds']:.1f}s ({summary['trained_tokens_per_second']:.1f} tokens/s), "
-        f"final loss {summary['final_loss']}, peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
+        f"final loss {_loss(summary['final_loss'])}, peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
         f"model: {where}"
     )

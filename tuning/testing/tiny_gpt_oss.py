@@ -99,6 +99,10 @@ def write_tiny_gpt_oss(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m tuning.testing.tiny_gpt_oss OUT_DIR")
-    print(write_tiny_gpt_oss(sys.argv[1]))
+    from tuning.testing import command_line
+
+    print(
+        write_tiny_gpt_oss(
+            *command_line(sys.argv[1:], "usage: python -m tuning.testing.tiny_gpt_oss OUT_DIR", 1)
+        )
+    )

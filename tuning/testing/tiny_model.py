@@ -77,6 +77,8 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m tuning.testing.tiny_model OUT_DIR")
-    print(write_tiny_model(sys.argv[1]))
+    from tuning.testing import command_line
+
+    print(
+        write_tiny_model(*command_line(sys.argv[1:], "usage: python -m tuning.testing.tiny_model OUT_DIR", 1))
+    )

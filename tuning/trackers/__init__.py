@@ -157,6 +157,17 @@ def loggable(logs: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def markdown_table(records: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """``records`` as a markdown table of ``columns`` (a ``|`` or newline in a value is escaped)."""
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+    rows = [f"| {' | '.join(columns)} |", f"|{' --- |' * len(columns)}"]
+    rows += [f"| {' | '.join(cell(r.get(c, '')) for c in columns)} |" for r in records]
+    return "\n".join(rows)
+
+
 class TrackerCallback(TrainerCallback):
     """Starts, feeds and finishes every tracker; a tracker that raises is warned about and dropped."""
 
@@ -232,6 +243,14 @@ class TrackerCallback(TrainerCallback):
         epoch = float(state.epoch or 0.0)
         for tracker in list(self.trackers):
             self._guard(tracker, "log", lambda t=tracker: t.log(metrics, state.global_step, epoch))
+
+    def log_text(self, name: str, records: list[dict[str, Any]], step: int) -> None:
+        """Rows of text (``--eval_generations``: prompt, reference, generation) to every tracker that
+        shows text, as one markdown table per step."""
+        text = markdown_table(records, ("prompt", "reference", "generation"))
+        for tracker in list(self.trackers):
+            if hasattr(tracker, "log_text"):
+                self._guard(tracker, "log text", lambda t=tracker: t.log_text(name, text, step))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aim import Run
+from aim import Run, Text
 
 from tuning.config import TrackerArgs
 from tuning.trackers.protocol import RunInfo
@@ -46,6 +46,9 @@ class AimTracker:
             self.run.track(
                 value, name=key.removeprefix("eval_"), step=step, epoch=epoch, context={"subset": subset}
             )
+
+    def log_text(self, name: str, text: str, step: int) -> None:
+        self.run.track(Text(text), name=name, step=step, context={"subset": "eval"})
 
     def finish(self) -> None:
         if self.run is not None:

@@ -46,6 +46,9 @@ class MlflowTracker:
         batch = [Metric(k, v, now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_text(self, name: str, text: str, step: int) -> None:
+        self.client.log_text(self.run_id, text, f"{name}/step-{step:07d}.md")
+
     def finish(self) -> None:
         if self.client is not None and self.run_id is not None:
             self.client.set_terminated(self.run_id)

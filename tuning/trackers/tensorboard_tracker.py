@@ -35,6 +35,10 @@ class TensorBoardTracker:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
+    def log_text(self, name: str, text: str, step: int) -> None:
+        self.writer.add_text(f"eval/{name}", text, step)
+        self.writer.flush()
+
     def finish(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -17,6 +17,14 @@ from tuning.train.distributed import (
     set_seed,
     topology,
 )
+from tuning.train.evaluation import (
+    EVAL_GENERATIONS_NAME,
+    EarlyStopping,
+    EvalGenerations,
+    generate_answers,
+    prompts_from_samples,
+    read_eval_generations,
+)
 from tuning.train.fingerprint import run_fingerprint
 from tuning.train.progress import TokenRate, log_run_start
 from tuning.train.records import AUDIT_HTML_NAME, AUDIT_JSON_NAME, new_record_path
@@ -26,6 +34,9 @@ from tuning.train.trainer import SFTTrainer, build_trainer
 
 __all__ = [
     "DEEPSPEED_MISSING",
+    "EVAL_GENERATIONS_NAME",
+    "EarlyStopping",
+    "EvalGenerations",
     "RunFolder",
     "TRAINING_LOGS_NAME",
     "SFTTrainer",
@@ -37,6 +48,7 @@ __all__ = [
     "deepspeed_installed",
     "exit_process",
     "full_state_dict",
+    "generate_answers",
     "is_complete",
     "launch_defaults",
     "leave_process_group",
@@ -47,6 +59,8 @@ __all__ = [
     "AUDIT_JSON_NAME",
     "out_of_space",
     "per_rank",
+    "prompts_from_samples",
+    "read_eval_generations",
     "read_training_logs",
     "resume_checkpoint",
     "run_fingerprint",

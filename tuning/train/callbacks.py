@@ -23,6 +23,8 @@ TRAINING_LOGS_NAME = "training_logs.jsonl"
 LOGGED_METRICS = {"loss": "training_loss", "eval_loss": "validation_loss"}
 # online data mixing's per-dataset sampling ratios and draws (tuning/data/odm.py), under their own names
 MIXING_PREFIX = "odm_"
+# fields each record carries beside its value: Hugging Face log key prefix of the record's metric
+RECORD_FIELDS = ("mean_token_accuracy", "window_trained_tokens")
 
 
 class TrainingLogCallback(TrainerCallback):
@@ -52,26 +54,36 @@ class TrainingLogCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        lines = []
-        named = [*LOGGED_METRICS.items(), *((k, k) for k in logs if k.startswith(MIXING_PREFIX))]
-        for key, name in named:
+        records = []
+        for key, name in LOGGED_METRICS.items():
             if key in logs:
-                data = {
-                    "epoch": round(float(state.epoch or 0.0), 6),
-                    "step": state.global_step,
-                    "value": float(logs[key]),
-                    "timestamp": datetime.now(timezone.utc).isoformat(),
-                }
-                lines.append(json.dumps({"name": name, "data": data}))
-        if lines:
-            path = self.path  # pending or live: decided once per record
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+                prefix = key[: -len("loss")]  # "" or "eval_"
+                data = {"value": float(logs[key])}
+                data.update({f: logs[prefix + f] for f in RECORD_FIELDS if prefix + f in logs})
+                records.append((name, data))
+        records += [(k, {"value": float(v)}) for k, v in logs.items() if k.startswith(MIXING_PREFIX)]
+        self.append(state, records)
+
+    def append(self, state: TrainerState, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Append ``(name, data)`` records stamped with the step, epoch and time (rank 0 calls this)."""
+        if not records:
+            return
+        epoch, now = round(float(state.epoch or 0.0), 6), datetime.now(timezone.utc).isoformat()
+        lines = [
+            json.dumps(
+                {"name": name, "data": {"epoch": epoch, "step": state.global_step, **data, "timestamp": now}}
+            )
+            for name, data in records
+        ]
+        path = self.path  # pending or live: decided once per record
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
 
 
-def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
-    """Make the log this run appends to hold exactly the records up to ``resumed_step``.
+def continue_training_logs(output_dir: Path, resumed_step: int, name: str = TRAINING_LOGS_NAME) -> None:
+    """Make the log this run appends to (``name``: ``training_logs.jsonl`` or another per-step record
+    file) hold exactly the records up to ``resumed_step``.
 
     Records after it (all of them on a fresh start) are the steps this run logs again. When they are
     only a killed run's steps past the newest checkpoint, they are dropped in place. When they belong
@@ -79,7 +91,7 @@ def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
     damaged one) the file stays as it is and this run continues a pending copy, which replaces it at
     this run's first commit: a kill before that leaves the checkpoints and their history together.
     """
-    live = output_dir / TRAINING_LOGS_NAME
+    live = output_dir / name
     if not live.is_file():
         return
     lines = [line for line in live.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -90,15 +102,16 @@ def continue_training_logs(output_dir: Path, resumed_step: int) -> None:
     newest = latest_complete_checkpoint(output_dir)
     newest_step = checkpoint_step(newest) if newest else None
     orphans = newest_step is not None and all(step > newest_step for step in steps if step > resumed_step)
-    target = live if orphans else pending_dir(output_dir) / TRAINING_LOGS_NAME
+    target = live if orphans else pending_dir(output_dir) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> int:
     try:
-        return int(json.loads(line)["data"]["step"])
-    except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write: drop it
+        record = json.loads(line)
+        return int(record.get("data", record)["step"])  # {"name", "data": {"step"...}} or {"step"...}
+    except (ValueError, KeyError, TypeError, AttributeError):  # a line cut by a kill mid-write: drop it
         return 1 << 62
 
 

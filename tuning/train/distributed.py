@@ -20,7 +20,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +31,7 @@ from transformers import TrainerCallback
 
 from tuning.compat import accelerate as accelerate_private
 from tuning.compat import deepspeed as deepspeed_private
-from tuning.errors import UserError
+from tuning.errors import UserError, exit_process  # noqa: F401 (exit_process: part of tuning.train's surface)
 from tuning.model import Topology, topology_of
 
 logger = logging.getLogger("tuning")
@@ -224,19 +223,6 @@ def leave_process_group(wait: bool = False) -> None:
         if wait:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def exit_process(code: int) -> None:
-    """Exit a rank of a multi-process run without interpreter teardown.
-
-    The run is over, its files are written and the group is left, but torch.distributed's C++ threads
-    can still abort the process while Python finalizes (SIGABRT turning a finished run into a failure;
-    pytorch/pytorch#179291 describes the gloo case). Flushing and ``os._exit`` keep the exit code true.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def barrier() -> None:

@@ -11,6 +11,7 @@ hook can do:
 | Hugging Face's own rotation off (it runs before our marker, counts unmarked folders, and with ``save_total_limit 1`` deletes the newest checkpoint at the end) | ``args.save_total_limit``, read inside ``_save_checkpoint`` and ``_finalize_training`` | no switch for it |
 | save the step a stop signal came at when the Trainer's own decision skipped it (``save_strategy best`` overrides ``should_save`` after evaluating) | ``Trainer._save_checkpoint`` called directly | no public "save now" |
 | redo an optimizer step after a micro-batch ran out of memory (``--oom_recovery``): the step's micro-batches, to run the earlier ones again | ``Trainer.get_batch_samples(epoch_iterator, num_batches, device)`` (undocumented; called once per step by ``_run_epoch``, which then hands each of the returned objects to ``training_step``) | ``training_step`` sees one micro-batch; no hook sees the step's list |
+| load a full-weights checkpoint of an image-text model on resume (``Trainer`` loads ``model.safetensors`` with ``load_state_dict(strict=False)``, and transformers 5.25 saves Qwen2.5-VL / LLaVA checkpoints in their hub layout, whose keys differ from the module's: nothing loaded, one warning) | ``Trainer._load_from_checkpoint(resume_from_checkpoint, model)`` | no hook runs between loading the weights and training |
 | carry the partial logging window across a resume | ``Trainer._tr_loss`` and ``Trainer._globalstep_last_logged`` | the logged loss is ``_tr_loss / (global_step - _globalstep_last_logged)``; ``train()`` resets both just before ``on_train_begin`` |
 
 ``tests/test_hf_private.py`` pins each of these (signatures, and the behaviour we rely on) and fails
@@ -62,8 +63,15 @@ class PrivateTrainerHooks:
         self.split_micro_batches: dict[int, list] = {}
         return batches, num_items
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        self.after_checkpoint_load(Path(resume_from_checkpoint), model)
+
     def before_checkpoint_write(self, folder: Path) -> bool:
         return True
+
+    def after_checkpoint_load(self, folder: Path, model: Any) -> None:
+        """Runs once the Trainer has loaded a checkpoint's model weights (on resume)."""
 
     def after_checkpoint_write(self, folder: Path) -> None:
         pass

@@ -82,9 +82,14 @@ def captured_hidden_states(model: torch.nn.Module) -> Iterator[list[torch.Tensor
 
 
 @contextmanager
-def label_only_forward(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[None]:
+def label_only_forward(
+    model: torch.nn.Module,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    correct: list[torch.Tensor] | None = None,
+) -> Iterator[None]:
     """While active, ``model(**inputs)`` with ``labels`` returns outputs whose ``loss`` is the label-only
     loss (and whose logits are the last position's only); calls without labels are left alone.
+    ``correct``: where each chunk appends its count of argmax predictions equal to the label.
 
     ``model`` is the module the Trainer calls (DDP, DeepSpeed's engine, an FSDP2 root, PEFT, or the bare
     model). Labels and ``num_items_in_batch`` are taken off its inputs before it runs, and the loss is
@@ -111,7 +116,7 @@ def label_only_forward(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK
         if "labels" not in pending:
             return None
         labels, num_items = pending.pop("labels"), pending.pop("num_items_in_batch")
-        loss = _loss_from_hidden(lm, hidden.pop(), labels, num_items, chunk_tokens, output)
+        loss = _loss_from_hidden(lm, hidden.pop(), labels, num_items, chunk_tokens, output, correct)
         hidden.clear()
         if isinstance(output, tuple):  # return_dict=False: the loss leads, as the model's own would
             return (loss, *output)
@@ -137,6 +142,7 @@ def _loss_from_hidden(
     num_items_in_batch: torch.Tensor | int | None,
     chunk_tokens: int,
     output: Any,
+    correct: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     if hidden.shape[-2] > labels.shape[-1]:  # prompt tuning prepends virtual tokens, never trained
         labels = F.pad(labels, (hidden.shape[-2] - labels.shape[-1], 0), value=IGNORE_INDEX)
@@ -147,6 +153,7 @@ def _loss_from_hidden(
         num_items_in_batch=num_items_in_batch,
         chunk_tokens=chunk_tokens,
         logit_transform=_logit_transform(lm.config),
+        correct=correct,
     )
     aux = getattr(output, "aux_loss", None)
     if getattr(lm.config, "output_router_logits", False) and aux is not None:
@@ -160,13 +167,15 @@ def label_only_loss(
     inputs: dict[str, torch.Tensor],
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    correct: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Run ``model`` on ``inputs`` and return (loss, outputs) with logits only for labelled positions.
 
     ``outputs.logits`` holds only the last position (``logits_to_keep=1``): the head's work is ours.
+    ``correct``: where each chunk appends its count of argmax predictions equal to the label.
     """
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-    with label_only_forward(model, chunk_tokens):
+    with label_only_forward(model, chunk_tokens, correct):
         outputs = model(**inputs, **extra)
     return outputs["loss"], outputs
 
@@ -217,6 +226,7 @@ def chunked_cross_entropy(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     logit_transform: Any = None,
+    correct: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy of ``head(hidden)`` against ``labels`` shifted by one, label positions only.
 
@@ -237,9 +247,12 @@ def chunked_cross_entropy(
             logit_transform,
         )
         # one chunk needs no recomputation: its logits are the only ones alive anyway
-        total = total + (
+        loss_sum, hits = (
             checkpoint(_chunk_loss, *args, use_reentrant=False) if n > chunk_tokens else _chunk_loss(*args)
         )
+        total = total + loss_sum
+        if correct is not None:
+            correct.append(hits)
     if num_items_in_batch is None:
         return total / max(n, 1)
     if torch.is_tensor(num_items_in_batch):
@@ -249,11 +262,25 @@ def chunked_cross_entropy(
 
 def _chunk_loss(
     head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, transform: Any
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, argmax hits) of one chunk: token accuracy from the logits the loss made."""
     logits = _project(head, states)
     if transform is not None:
         logits = transform(logits)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    hits = (logits.detach().argmax(-1) == targets).sum()
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), hits
+
+
+def token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax hits, trained tokens) from full logits, for the standard loss: the positions the causal-LM
+    loss scores (labels shifted by one, -100 skipped), the same ones ``chunked_cross_entropy`` counts."""
+    with torch.no_grad():
+        if logits.shape[-2] > labels.shape[-1]:  # prompt tuning's virtual tokens come first, never trained
+            logits = logits[..., logits.shape[-2] - labels.shape[-1] :, :]
+        targets = labels[..., 1:].to(logits.device)
+        keep = targets != IGNORE_INDEX
+        predicted = logits[..., :-1, :].argmax(-1)
+        return (predicted[keep] == targets[keep]).sum(), keep.sum()
 
 
 def _project(head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:

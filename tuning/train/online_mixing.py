@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tuning.data import ENTROPY_REWARDS, IGNORE_INDEX, OnlineMixingSampler
+from tuning.data import ENTROPY_REWARDS, IGNORE_INDEX, IMAGES, VALIDATION_REWARDS, OnlineMixingSampler
 from tuning.errors import UserError
 from tuning.train.speed import COLLATED_COLUMNS
 
@@ -40,9 +40,11 @@ GRADNORM_EPSILON = 1e-4  # fms's 1 / (grad_norm + 0.0001)
 def online_mixing_loader(trainer: Any, sampler: OnlineMixingSampler) -> Any:
     """The training DataLoader drawing samples through the mixing sampler, prepared by accelerate (which
     gives each rank its share of every batch of the one sequence all ranks draw)."""
-    args = trainer.args
+    args, dataset = trainer.args, trainer.train_dataset
+    # what the collators read: token ids and labels, and an image-text row's images (VisionCollator)
+    columns = [c for c in (*COLLATED_COLUMNS, IMAGES) if c in dataset.column_names]
     loader = DataLoader(
-        trainer.train_dataset.select_columns(COLLATED_COLUMNS),
+        dataset.select_columns(columns),
         batch_size=args.train_batch_size,
         sampler=sampler,
         collate_fn=trainer.data_collator,
@@ -53,8 +55,16 @@ def online_mixing_loader(trainer: Any, sampler: OnlineMixingSampler) -> Any:
     return trainer.accelerator.prepare(loader)
 
 
-def check_online_mixing(args: Any) -> None:
-    """Batching options that reorder or regroup samples after the sampler drew them."""
+def check_online_mixing(args: Any, plan: Any = None) -> None:
+    """Batching options that reorder or regroup samples after the sampler drew them; rewards computed on
+    image rows (the forward here passes token ids only)."""
+    if plan is not None and plan.config.reward_type in VALIDATION_REWARDS:
+        for name, rows in plan.validation.items():
+            if IMAGES in (getattr(rows, "column_names", None) or []):
+                raise UserError(
+                    f"online data mixing: reward_type {plan.config.reward_type} is not computed on image rows "
+                    f"(dataset '{name}'); use reward_type: train_loss or gradnorm"
+                )
     if getattr(args, "max_tokens_per_batch", None):
         raise UserError(
             "online data mixing draws samples one by one, and --max_tokens_per_batch regroups them; "

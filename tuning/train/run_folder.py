@@ -197,7 +197,7 @@ def prune_checkpoints(
                 deleted.append(folder)
                 excess -= 1
     for folder in deleted:
-        logger.info("deleting checkpoint %s", folder)
+        logger.debug("deleting checkpoint %s", folder)  # what --save_total_limit asked for: not news
         discard_checkpoint(folder)
     return deleted
 

@@ -14,9 +14,11 @@ from tuning.data import (
     PaddingCollator,
     PaddingFreeCollator,
     TokenBudgetBatchSampler,
+    VisionCollator,
     pad_token_id,
     sample_lengths,
 )
+from tuning.errors import UserError
 from tuning.model import padding_free_blocker, padding_free_decision
 
 COLLATED_COLUMNS = ["input_ids", "labels"]
@@ -24,20 +26,29 @@ COLLATED_COLUMNS = ["input_ids", "labels"]
 logger = logging.getLogger(__name__)
 
 
-def choose_collator(requested_padding_free: bool, model: Any, tokenizer: Any, packed: bool = False) -> Any:
+def choose_collator(
+    requested_padding_free: bool, model: Any, tokenizer: Any, packed: bool = False, processor: Any = None
+) -> Any:
     """Padding-free when asked for and exact for this model (:func:`tuning.model.padding_free_decision`,
-    which the memory plan calls too); otherwise right padding.
+    which the memory plan calls too); otherwise right padding. Image-text models (``processor``) get
+    padded batches with their images processed (:class:`VisionCollator`).
 
     ``packed``: the rows hold several samples each with ``position_ids`` restarting per sample
     (``--packing_strategy bfd``). Only a padding-free batch keeps those samples apart, so there is no
     padded fallback: where padding-free isn't exact, packing this way isn't either.
     """
+    if processor is not None and packed:
+        raise UserError("--packing is not supported for image-text models; drop --packing (docs/vision.md)")
     blocker = padding_free_blocker(model)
     if padding_free_decision(requested_padding_free, blocker, packed):
         logger.info("padding-free batches: each batch is one row, position_ids restart per sample")
         return PaddingFreeCollator()
     if requested_padding_free:
-        logger.warning("padding-free batching is off: %s; padding each batch instead", blocker)
+        # expected for every image-text model, so not a warning there
+        log = logger.info if processor is not None else logger.warning
+        log("padding-free batching is off: %s; padding each batch instead", blocker)
+    if processor is not None:
+        return VisionCollator(processor, pad_token_id(tokenizer))
     return PaddingCollator(pad_id=pad_token_id(tokenizer))
 
 

@@ -6,6 +6,7 @@ The training loop is Hugging Face's; we add only what it lacks, through its exte
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,11 +14,25 @@ from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config import TrainArgs
 from tuning.data import IGNORE_INDEX, OnlineMixingSampler, PaddingFreeCollator, PreparedData
-from tuning.model import LABEL_ONLY_CHUNK_TOKENS, PrecisionPlan, causal_lm, generation_use_cache
+from tuning.errors import UserError
+from tuning.model import (
+    LABEL_ONLY_CHUNK_TOKENS,
+    PrecisionPlan,
+    causal_lm,
+    generation_use_cache,
+    is_image_text,
+    model_auto_class,
+)
 from tuning.train.callbacks import TrainingLogCallback
 from tuning.train.checkpoints import SafeCheckpointsMixin
-from tuning.train.distributed import ShardingReport, check_checkpoint_storage, route_cpu_fsdp
-from tuning.train.loss import label_only_forward, resolve_loss_implementation, verify_label_only
+from tuning.train.distributed import ShardingReport, check_checkpoint_storage, per_rank, route_cpu_fsdp
+from tuning.train.evaluation import EarlyStopping, EvalGenerations, prompts_from_samples
+from tuning.train.loss import (
+    label_only_forward,
+    resolve_loss_implementation,
+    token_accuracy_counts,
+    verify_label_only,
+)
 from tuning.train.online_mixing import OnlineMixingCallback, check_online_mixing, online_mixing_loader
 from tuning.train.oom import oom_recovery_enabled, recover_step
 from tuning.train.optimizers import optimizer_cls_and_kwargs
@@ -35,6 +50,10 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trained_tokens = 0
+        # argmax hits and trained tokens since the last log line (train) / in this evaluation (eval), this
+        # rank's; summed over ranks when logged: accuracy = all hits / all trained tokens, the normalisation
+        # of the loss, so accumulation, padding-free rows and process count don't change it
+        self.accuracy_counts = {"train": [0, 0], "eval": [0, 0]}
         self.loss_decision = resolve_loss_implementation(
             getattr(self.args, "loss_implementation", "standard"), self.model, self.args
         )
@@ -116,6 +135,21 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
             self.is_fsdp_enabled = True
         check_checkpoint_storage(self.args, self.accelerator, self.is_fsdp_enabled)
 
+    def after_checkpoint_load(self, folder: Path, model: Any) -> None:
+        # an image-text checkpoint holds the hub layout (saved through the model's own conversion): load
+        # it as from_pretrained does, then into the model being trained, every key checked
+        model = model if model is not None else self.model
+        weights = folder / "model.safetensors"
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not weights.is_file():
+            return  # adapters load through peft; sharded engines through accelerate
+        if not is_image_text(model.config):
+            return
+        reloaded = model_auto_class(model.config).from_pretrained(str(folder), dtype=model.dtype)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+        logger.info(
+            "resumed weights of %s loaded through from_pretrained (image-text checkpoint layout)", folder
+        )
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # checkpoints and the final model alike: config.json carries the base's use_cache, not training's
         with generation_use_cache(self.model):
@@ -124,12 +158,40 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # trackers and the progress line read the token count from the log record
             logs["trained_tokens"] = self.trained_tokens
+            logs.update(self._accuracy_metrics("train", ""))  # collective: every rank logs this step
             if self.online_mixing is not None:
                 logs.update(self.online_mixing.log_fields())
         super().log(logs, start_time)
 
+    def _accuracy_metrics(self, mode: str, prefix: str) -> dict[str, float | int]:
+        """``{prefix}mean_token_accuracy`` and ``{prefix}window_trained_tokens`` (the trained tokens the
+        record averages over, all ranks) for the counts since the last call; resets them."""
+        hits, tokens = (sum(per_rank(int(v))) for v in self.accuracy_counts[mode])
+        self.accuracy_counts[mode] = [0, 0]
+        metrics: dict[str, float | int] = {f"{prefix}window_trained_tokens": tokens}
+        if tokens:
+            metrics[f"{prefix}mean_token_accuracy"] = hits / tokens
+        return metrics
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        self.accuracy_counts["eval"] = [0, 0]
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        output.metrics.update(self._accuracy_metrics("eval", f"{metric_key_prefix}_"))
+        return output
+
     def resume_record(self) -> dict[str, Any]:
         record = super().resume_record()
+        # the accuracy window is part of the logging window: a resumed first log line averages as many steps
+        record["accuracy_window"] = [per_rank(int(v)) for v in self.accuracy_counts["train"]]
         if self.online_mixing is not None:  # the same on every rank: rank 0's is the run's
             record["online_mixing"] = self.online_mixing.state_dict()
         return record
@@ -139,6 +201,12 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         if self.online_mixing is not None and record.get("online_mixing"):
             mid_pass = not float(self.state.epoch or 0).is_integer()  # else the Trainer starts a new epoch
             self.online_mixing.load_state_dict(record["online_mixing"], mid_pass)
+        window = record.get("accuracy_window") or []
+        rank, ranks = self.args.process_index, self.args.world_size
+        if len(window) == 2:
+            self.accuracy_counts["train"] = [
+                v[rank] if len(v) == ranks else (sum(v) if rank == 0 else 0) for v in window
+            ]
 
     def compute_loss(
         self,
@@ -147,10 +215,15 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        if model.training and "labels" in inputs:
-            # the model shifts labels by one: the first position never carries loss
-            self.trained_tokens += int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
-        if self._verify_loss and model.training and "labels" in inputs:
+        if "labels" not in inputs:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        # the model shifts labels by one: the first position never carries loss
+        tokens = int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
+        if model.training:
+            self.trained_tokens += tokens
+        if self._verify_loss and model.training:
             self._verify_loss = False
             agree, numbers = verify_label_only(model, inputs)
             self.loss_implementation = "label_only" if agree else "standard"
@@ -161,14 +234,26 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
                 "equals" if agree else "differs from",
                 numbers,
             )
-        if self.loss_implementation == "label_only" and "labels" in inputs:
-            with label_only_forward(model):
-                return super().compute_loss(
-                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        counts = self.accuracy_counts["train" if model.training else "eval"]
+        if self.loss_implementation == "label_only":
+            hits: list[torch.Tensor] = []
+            # the loss is computed inside the model's call, so the Trainer scales it as the model's own
+            with label_only_forward(model, correct=hits):
+                loss, outputs = super().compute_loss(
+                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
                 )
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            counts[0] += sum(int(h) for h in hits)
+            counts[1] += tokens
+            return (loss, outputs) if return_outputs else loss
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if isinstance(logits, torch.Tensor) and logits.dim() == 3:  # a fused loss (liger) returns no logits
+            hit, counted = token_accuracy_counts(logits, inputs["labels"])
+            counts[0] += int(hit)
+            counts[1] += int(counted)
+        return (loss, outputs) if return_outputs else loss
 
 
 def causal_lm_type(model: torch.nn.Module) -> str:
@@ -200,6 +285,8 @@ def build_trainer(
     plan: PrecisionPlan,
     callbacks: list[Any] | None = None,
     fingerprint: dict | None = None,
+    processor: Any = None,
+    stop_ids: tuple[int, ...] = (),
 ) -> SFTTrainer:
     configure_precision(args, plan)
     if not torch.cuda.is_available():
@@ -213,27 +300,56 @@ def build_trainer(
         # with a committed checkpoint; its own SIGTERM handler would only compete with ours
         logger.info("--enable_jit_checkpoint: SIGTERM always saves a checkpoint here; nothing to switch on")
         args.enable_jit_checkpoint = False
+    if data.validation is None and (args.early_stopping_patience or args.eval_generations):
+        flag = "--early_stopping_patience" if args.early_stopping_patience else "--eval_generations"
+        raise UserError(
+            f"{flag} needs a validation set: pass --validation_data_path (or a data config split)"
+        )
     if data.validation is None and args.eval_strategy != "no":
         logger.warning("eval_strategy=%s but no --validation_data_path; not evaluating", args.eval_strategy)
         args.eval_strategy = "no"
+    if processor is not None:  # the rows' image references reach the collator (no forward argument)
+        args.remove_unused_columns = False
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
         data_collator=choose_collator(
-            args.padding_free, model, tokenizer, packed=_packed_samples(data.train)
+            args.padding_free, model, tokenizer, packed=_packed_samples(data.train), processor=processor
         ),
         processing_class=tokenizer,
-        callbacks=[TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
+        callbacks=[log_file := TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, plan),
     )
     if data.online_mixing is not None:
-        check_online_mixing(args)
+        check_online_mixing(args, data.online_mixing)
         trainer.online_mixing = OnlineMixingSampler(data.online_mixing)
         trainer.add_callback(OnlineMixingCallback(trainer, trainer.online_mixing))
     trainer.fingerprint = fingerprint  # recorded in every checkpoint, checked when a run resumes from it
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RunProgress())
+    if args.early_stopping_patience:
+        trainer.add_callback(
+            EarlyStopping(args.early_stopping_patience, args.early_stopping_threshold, log_file)
+        )
+    if args.eval_generations:
+        _add_eval_generations(trainer, args, data, stop_ids)
     return trainer
+
+
+def _add_eval_generations(trainer: SFTTrainer, args: TrainArgs, data: PreparedData, stop_ids: tuple) -> None:
+    rows = (row for _, row in zip(range(10_000), data.validation, strict=False))  # a bounded look
+    prompts = prompts_from_samples(rows, args.eval_generations)
+    if not prompts:
+        logger.warning(
+            "--eval_generations: no validation sample has a prompt before its trained tokens (all trained "
+            "from their first token: text without --response_template?); no generations"
+        )
+        return
+    if len(prompts) < args.eval_generations:
+        logger.info(
+            "--eval_generations %d: the validation set has %d prompts", args.eval_generations, len(prompts)
+        )
+    trainer.add_callback(EvalGenerations(trainer, prompts, stop_ids, args.eval_max_new_tokens))
