@@ -390,3 +390,17 @@ def test_a_bad_odm_value_exits_1_with_one_line_before_the_model_loads(tmp_path, 
     lines = [line for line in err.splitlines() if "eta -1" in line]
     assert len(lines) == 1 and "dataprocessor.odm: eta -1 must be a positive number" in lines[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reward", ["entropy", "entropy3_varent1", "entropy_last_token", "gradnorm"])
+def test_every_other_reward_type_runs_and_moves_the_weights(mixing_job, reward):
+    root, argv = mixing_job
+    out = root / f"reward-{reward}"
+    run(parse_config(argv(out, reward, "--max_steps", "4")))
+    records = mixing_records(out)
+    rewards = [records[f"odm_reward/{n}"][4] for n in ("easy", "hard")]
+    assert all(r > 0 for r in rewards), rewards  # gradnorm: an arm never drawn at an update keeps 1e-100
+    if reward != "gradnorm":
+        assert all(r <= 1 for r in rewards), rewards  # entropies are normalised to [0, 1]
+    assert records["odm_ratio/hard"][4] != 0.5
