@@ -7,6 +7,7 @@ from tuning.data.audit import audit_table, check_gates
 from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
 from tuning.data.chat import SAMPLE_INFO, TOKEN_ROLES
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
+from tuning.data.odm import ENTROPY_REWARDS, VALIDATION_REWARDS, OnlineMixingSampler
 from tuning.data.pipeline import (
     ServingView,
     build_datasets,
@@ -22,6 +23,7 @@ from tuning.data.tokenize import IGNORE_INDEX, trained_pieces
 from tuning.data.vision import IMAGES, VisionCollator, collapse_image_runs, image_markers
 
 __all__ = [
+    "ENTROPY_REWARDS",
     "IGNORE_INDEX",
     "IMAGES",
     "SAMPLE_INFO",
@@ -29,9 +31,11 @@ __all__ = [
     "TOKEN_ROLES",
     "DataStats",
     "PaddingCollator",
+    "OnlineMixingSampler",
     "PaddingFreeCollator",
     "PreparedData",
     "TokenBudgetBatchSampler",
+    "VALIDATION_REWARDS",
     "VisionCollator",
     "audit_table",
     "build_datasets",

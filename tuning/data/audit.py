@@ -261,12 +261,17 @@ def source_document(source: AuditSource, max_len: int, args: DataArgs, epochs: f
         template = {"rows_found": found, "fraction": _fraction(found, s.rows)}
     mixing = None
     if source.train_samples is not None:
-        per_pass = _fraction(source.drawn_per_pass or 0, source.train_samples)
+        # online data mixing draws by weights learnt during training: no count is known before it
+        per_pass = (
+            None if source.drawn_per_pass is None else _fraction(source.drawn_per_pass, source.train_samples)
+        )
         mixing = {
             "train_samples": source.train_samples,
             "drawn_per_pass": source.drawn_per_pass,
             "epochs_per_pass": per_pass,
-            "effective_epochs": round(per_pass * epochs, 4) if epochs is not None else None,
+            "effective_epochs": round(per_pass * epochs, 4)
+            if epochs is not None and per_pass is not None
+            else None,
         }
     return {
         "name": source.name,

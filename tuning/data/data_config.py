@@ -27,6 +27,7 @@ import datasets
 from tuning.config import SEED_MAX
 from tuning.data.handlers import Handler, get_handler, resolve_kwargs
 from tuning.data.handlers.registry import type_matches
+from tuning.data.odm import OdmConfig, check_odm
 from tuning.errors import UserError, did_you_mean
 from tuning.files import read_mapping_file
 
@@ -70,6 +71,7 @@ class DataProcessorConfig:
     chat_template: str | None = None
     chat_template_path: str | None = None
     chat_template_base64: str | None = None
+    odm: dict[str, Any] | None = None  # type: odm only (tuning/data/odm.py)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class DataConfig:
     dataprocessor: DataProcessorConfig
     datasets: list[DatasetConfig]
     chat_template: str | None = None
+    odm: OdmConfig | None = None  # online data mixing (dataprocessor type odm)
 
 
 def load_data_config(path: str) -> DataConfig:
@@ -95,12 +98,6 @@ def _load_cached(resolved: str, _mtime: int, _size: int, shown: str) -> DataConf
     raw = read_mapping_file(resolved, "data config", shown)
     _check_keys(raw, ["dataprocessor", "datasets"], where)
     proc_raw = raw.get("dataprocessor") or {}
-    if isinstance(proc_raw, dict) and proc_raw.get("type", "default") != "default":
-        raise UserError(
-            f"{where}: dataprocessor type '{proc_raw['type']}' is not supported: online data mixing is not "
-            "implemented here, and fms-acceleration-odm (fms-hf-tuning's) pins torch 2.8 and transformers 4.55; "
-            "use type: default with per-dataset sampling ratios (a fixed mix)"
-        )
     proc = _build(DataProcessorConfig, proc_raw, f"{where}: dataprocessor")
     if not 0 <= proc.seed <= SEED_MAX:  # the range --seed has (numpy's)
         raise UserError(
@@ -111,6 +108,7 @@ def _load_cached(resolved: str, _mtime: int, _size: int, shown: str) -> DataConf
         raise UserError(f"{where}: 'datasets' must be a non-empty list of datasets")
     config = DataConfig(shown, proc, [_dataset(d, f"{where}: datasets[{i}]") for i, d in enumerate(items)])
     config.chat_template = _chat_template(proc, Path(resolved).parent, where)
+    config.odm = _odm(config, where)
     _check_mixing(config, where)
     return config
 
@@ -214,6 +212,23 @@ def _chat_template(proc: DataProcessorConfig, base: Path, where: str) -> str | N
                 "`base64 -w0 template.jinja`"
             ) from None
     return proc.chat_template
+
+
+def _odm(config: DataConfig, where: str) -> OdmConfig | None:
+    proc = config.dataprocessor
+    if proc.type not in ("default", "odm"):
+        raise UserError(f"{where}: dataprocessor type '{proc.type}' is unknown; use default or odm")
+    if proc.type == "default":
+        if proc.odm is not None:
+            raise UserError(f"{where}: dataprocessor sets 'odm' but its type is default; set type: odm")
+        return None
+    odm = _build(OdmConfig, proc.odm or {}, f"{where}: dataprocessor.odm")
+    check_odm(odm, config.datasets, f"{where}: dataprocessor.odm")
+    if proc.streaming:
+        raise UserError(
+            f"{where}: online data mixing needs row counts, which streaming datasets lack; use streaming: false"
+        )
+    return odm
 
 
 def _check_mixing(config: DataConfig, where: str) -> None:

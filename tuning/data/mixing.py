@@ -14,6 +14,7 @@ from tuning.data.audit import AuditSource
 from tuning.data.chat import ChatSettings
 from tuning.data.config_datasets import ProcessedDataset, process_all
 from tuning.data.data_config import DataConfig
+from tuning.data.odm import MixingPlan
 from tuning.data.prepare import PreparedData, total_stats
 from tuning.errors import UserError
 
@@ -94,6 +95,7 @@ def build_from_data_config(
     """The data stage for ``--data_config_path``: every dataset processed, split, mixed."""
     config, processed = process_all(args, tokenizer, max_len, settings, processor)
     train_parts, validation_parts, sources, trained_sources = [], [], [], []
+    validation_by_name: dict[str, Any] = {}
     for part in processed:
         train, validation = split_dataset(part, config.dataprocessor.seed)
         split = "+".join(n for n, d in (("train", train), ("validation", validation)) if d is not None)
@@ -105,14 +107,46 @@ def build_from_data_config(
             source.train_samples = len(train) if isinstance(train, datasets.Dataset) else None
         if validation is not None:
             validation_parts.append(validation)
+            validation_by_name[part.name] = validation
     if not train_parts or all(r == 0 for _, r in train_parts):
         raise UserError(
             f"data config {config.path}: no training rows are left after split; give at least one "
             "dataset a positive train fraction (or no split)"
         )
     validation = datasets.concatenate_datasets(align_features(validation_parts)) if validation_parts else None
+    if config.odm is not None:
+        train, plan = _online_mixing(validation_by_name, train_parts, trained_sources, config)
+        data = PreparedData(
+            train, validation, "data_config", total_stats([p.stats for p in processed]), sources
+        )
+        data.online_mixing = plan
+        return data
     train, drawn = _mix_counted(train_parts, config)
     for source, n in zip(trained_sources, drawn, strict=True):
         source.drawn_per_pass = n
     stats = total_stats([p.stats for p in processed])
     return PreparedData(train, validation, "data_config", stats, sources)
+
+
+def _online_mixing(
+    validation_by_name: dict[str, Any],
+    train_parts: list[tuple[Any, float | None]],
+    trained_sources: list[AuditSource],
+    config: DataConfig,
+) -> tuple[Any, MixingPlan]:
+    """The training datasets concatenated in name order (fms numbers its arms by sorted name), and the
+    plan the sampler draws from; each dataset's ``sampling`` is its starting weight (fms: equal)."""
+    by_name = {s.name: (d, r) for s, (d, r) in zip(trained_sources, train_parts, strict=True) if r != 0}
+    names = sorted(by_name)
+    if len(names) < 2:
+        raise UserError(
+            f"data config {config.path}: online data mixing needs at least two datasets with training rows"
+        )
+    parts = align_features([by_name[n][0] for n in names])
+    lengths = [len(d) for d in parts]
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    weights = [by_name[n][1] if by_name[n][1] is not None else 1.0 for n in names]
+    plan = MixingPlan(
+        config.odm, names, offsets, lengths, weights, config.dataprocessor.seed, validation_by_name
+    )
+    return datasets.concatenate_datasets(parts), plan

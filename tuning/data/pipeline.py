@@ -143,6 +143,11 @@ def check_data_config(args: DataArgs, max_steps: int) -> None:
     for dataset in data_config.datasets:  # a builder the user names may read any path (config_datasets.py)
         for path in dataset.data_paths if dataset.builder is None else ():
             resolve_files(path)
+    if data_config.odm is not None and args.packing:
+        raise UserError(
+            f"data config {args.data_config_path}: online data mixing draws samples one by one, and --packing "
+            "joins them into rows; drop --packing (padding-free batches already avoid padding)"
+        )
     if data_config.dataprocessor.streaming and max_steps <= 0:
         raise UserError(
             f"data config {args.data_config_path} streams its datasets, so epochs have no length; "

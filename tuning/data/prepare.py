@@ -72,6 +72,7 @@ class PreparedData:
     # every source the audit reports (a data config's datasets, or the training and validation files)
     sources: list[AuditSource] = field(default_factory=list)
     audit: dict[str, Any] | None = None
+    online_mixing: Any = None  # a data config of type odm: its MixingPlan (tuning/data/odm.py)
 
 
 def total_stats(stats: list[DataStats]) -> DataStats:

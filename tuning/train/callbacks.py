@@ -21,6 +21,8 @@ from tuning.train.records import pending_dir, record_path
 TRAINING_LOGS_NAME = "training_logs.jsonl"
 # Hugging Face log key → the record name the fms-hf-tuning family writes.
 LOGGED_METRICS = {"loss": "training_loss", "eval_loss": "validation_loss"}
+# online data mixing's per-dataset sampling ratios and draws (tuning/data/odm.py), under their own names
+MIXING_PREFIX = "odm_"
 # fields each record carries beside its value: Hugging Face log key prefix of the record's metric
 RECORD_FIELDS = ("mean_token_accuracy", "window_trained_tokens")
 
@@ -59,6 +61,7 @@ class TrainingLogCallback(TrainerCallback):
                 data = {"value": float(logs[key])}
                 data.update({f: logs[prefix + f] for f in RECORD_FIELDS if prefix + f in logs})
                 records.append((name, data))
+        records += [(k, {"value": float(v)}) for k, v in logs.items() if k.startswith(MIXING_PREFIX)]
         self.append(state, records)
 
     def append(self, state: TrainerState, records: list[tuple[str, dict[str, Any]]]) -> None:

@@ -13,7 +13,7 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
 
 from tuning.config import TrainArgs
-from tuning.data import IGNORE_INDEX, PaddingFreeCollator, PreparedData
+from tuning.data import IGNORE_INDEX, OnlineMixingSampler, PaddingFreeCollator, PreparedData
 from tuning.errors import UserError
 from tuning.model import (
     LABEL_ONLY_CHUNK_TOKENS,
@@ -33,6 +33,7 @@ from tuning.train.loss import (
     token_accuracy_counts,
     verify_label_only,
 )
+from tuning.train.online_mixing import OnlineMixingCallback, check_online_mixing, online_mixing_loader
 from tuning.train.oom import oom_recovery_enabled, recover_step
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
@@ -62,6 +63,7 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         self.oom_logged_steps: set[int] = set()
         self.step_micro_batches: list = []
         self.split_micro_batches: dict[int, list] = {}
+        self.online_mixing: OnlineMixingSampler | None = None  # dataprocessor type odm (build_trainer)
 
     @property
     def decisions(self) -> dict[str, Any]:
@@ -117,6 +119,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         return stack
 
     def get_train_dataloader(self) -> Any:
+        if self.online_mixing is not None:
+            return online_mixing_loader(self, self.online_mixing)
         budget = getattr(self.args, "max_tokens_per_batch", None)
         return token_budget_loader(self, budget) if budget else super().get_train_dataloader()
 
@@ -155,6 +159,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         if "loss" in logs:  # trackers and the progress line read the token count from the log record
             logs["trained_tokens"] = self.trained_tokens
             logs.update(self._accuracy_metrics("train", ""))  # collective: every rank logs this step
+            if self.online_mixing is not None:
+                logs.update(self.online_mixing.log_fields())
         super().log(logs, start_time)
 
     def _accuracy_metrics(self, mode: str, prefix: str) -> dict[str, float | int]:
@@ -186,10 +192,15 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         record = super().resume_record()
         # the accuracy window is part of the logging window: a resumed first log line averages as many steps
         record["accuracy_window"] = [per_rank(int(v)) for v in self.accuracy_counts["train"]]
+        if self.online_mixing is not None:  # the same on every rank: rank 0's is the run's
+            record["online_mixing"] = self.online_mixing.state_dict()
         return record
 
     def restore_from_record(self, record: dict[str, Any]) -> None:
         super().restore_from_record(record)
+        if self.online_mixing is not None and record.get("online_mixing"):
+            mid_pass = not float(self.state.epoch or 0).is_integer()  # else the Trainer starts a new epoch
+            self.online_mixing.load_state_dict(record["online_mixing"], mid_pass)
         window = record.get("accuracy_window") or []
         rank, ranks = self.args.process_index, self.args.world_size
         if len(window) == 2:
@@ -312,6 +323,10 @@ def build_trainer(
         callbacks=[log_file := TrainingLogCallback(args.output_dir), ShardingReport(), *(callbacks or [])],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args, plan),
     )
+    if data.online_mixing is not None:
+        check_online_mixing(args, data.online_mixing)
+        trainer.online_mixing = OnlineMixingSampler(data.online_mixing)
+        trainer.add_callback(OnlineMixingCallback(trainer, trainer.online_mixing))
     trainer.fingerprint = fingerprint  # recorded in every checkpoint, checked when a run resumes from it
     trainer.remove_callback(PrinterCallback)  # ours prints progress without the raw log dicts
     trainer.remove_callback(ProgressCallback)
