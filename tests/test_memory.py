@@ -371,7 +371,7 @@ MEASURED_TOLERANCE = 0.08  # docs/memory.md: plan / measured growth within 1 ± 
 def test_activations_and_logits_are_within_the_stated_tolerance_of_measured_peak_memory():
     """Each shape's forward + backward in a fresh process: peak RSS growth over the resident memory just
     before the pass (weights and gradients already allocated), against the plan's two terms."""
-    from tuning.testing.peak_memory import SHAPES, can_measure, measure_in_subprocess, planned
+    from tests.peak_memory import SHAPES, can_measure, measure_in_subprocess, planned
 
     reason = can_measure()
     if reason:

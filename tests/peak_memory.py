@@ -1,7 +1,8 @@
 """Measured activation and logits memory of one forward + backward on CPU, to check the memory plan's
-terms against (tests/test_memory.py, benchmarks/memory_benchmark.py).
+terms against (tests/test_memory.py, benchmarks/memory_benchmark.py). A test helper, kept out of the package: it
+reaches into the model and train stages.
 
-    MALLOC_MMAP_THRESHOLD_=65536 python -m tuning.testing.peak_memory '[SHAPE, ...]'
+    MALLOC_MMAP_THRESHOLD_=65536 python tests/peak_memory.py '[SHAPE, ...]'
 
 prints one JSON line per shape: a seeded random float32 Llama built from the shape's config, its
 gradients allocated up front (so they are part of the baseline, not of the growth), one small warm-up
@@ -20,10 +21,13 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parent.parent
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SHAPES = [  # tests/test_memory.py and benchmarks/memory_benchmark.py: activations or logits dominating
@@ -135,15 +139,14 @@ def measure(shape: dict[str, Any]) -> dict[str, int]:
 def measure_in_subprocess(shapes: list[dict[str, Any]]) -> list[dict[str, int]]:
     """:func:`measure` for each shape, in one fresh interpreter with the malloc setting."""
     import subprocess
-    from pathlib import Path
 
     result = subprocess.run(
-        [sys.executable, "-m", "tuning.testing.peak_memory", json.dumps(shapes)],
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(shapes)],
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **MALLOC_ENV, "OMP_NUM_THREADS": "1"},
         check=False,
     )
     if result.returncode != 0:
@@ -182,4 +185,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
     main(sys.argv[1:])
