@@ -115,7 +115,11 @@ def oom_recovery_enabled(args: Any) -> bool:
 
 
 OOM_KEY = "tuning/oom_stop"
-WATCH_SECONDS = 0.2  # how often a rank looks for a peer's stop
+STOPPED_KEY = "tuning/oom_stopped"  # a counter: the ranks that saw the stop
+# how often a rank asks the store for a peer's stop: every rank asks the one store (rank 0's TCP store),
+# so a job of N ranks sends it N requests per interval
+WATCH_SECONDS = 1.0
+ACK_TIMEOUT_SECONDS = 30.0  # the failed rank waits this long at most for the others to stop first
 OWN_EXIT_GRACE_SECONDS = 60.0  # the failed rank's own exit path, should it wait on a collective
 
 
@@ -125,17 +129,29 @@ class StopAllRanks:
     Why a store and a thread, not a collective: the other ranks may be blocked in a collective the failed
     rank will never join (its forward or backward stopped part-way), and a thread polling the store is
     the one thing that still runs in them. ``os._exit`` because nothing else ends a thread blocked in C++.
+    The failed rank exits only after the others counted themselves stopped: its exit closes its
+    connections, and a peer that noticed that first would fail with a transport error instead.
     """
 
-    def __init__(self, rank: int, store: Any = None) -> None:
-        self.rank, self.store = rank, store if store is not None else torch_private.default_store()
+    def __init__(self, rank: int, world_size: int, store: Any = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.store = store if store is not None else torch_private.default_store()
         self._posted = False
         threading.Thread(target=self._watch, name="tuning-oom-watch", daemon=True).start()
 
     def stop(self, inputs: dict[str, Any], step: int, args: Any) -> UserError:
-        """Tell the other ranks, and the line this rank exits with."""
+        """Tell the other ranks, wait until they stopped, and the line this rank exits with."""
         self._posted = True
         self.store.set(OOM_KEY, str(self.rank))
+        self.store.add(STOPPED_KEY, 1)  # counted like the others: two ranks may fail at once
+        deadline = time.monotonic() + ACK_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if self.store.add(STOPPED_KEY, 0) >= self.world_size:
+                    break
+            except Exception:  # noqa: BLE001 (the store went with rank 0, which hosts it outside torchrun)
+                break
+            time.sleep(WATCH_SECONDS / 4)
         return multi_rank_error(inputs, step, self.rank, args)
 
     def _watch(self) -> None:
@@ -148,10 +164,12 @@ class StopAllRanks:
                 posted = self.store.check([OOM_KEY])
             except Exception:  # noqa: BLE001 (store gone: the job is ending anyway)
                 return
-            if posted:
-                rank = self.store.get(OOM_KEY).decode()
-                logger.debug("rank %s ran out of device memory: rank %d stops with it", rank, self.rank)
+            if posted and not self._posted:
+                logger.debug(
+                    "rank %s ran out of device memory: rank %d stops", self.store.get(OOM_KEY), self.rank
+                )
                 sys.stderr.flush()
+                self.store.add(STOPPED_KEY, 1)
                 os._exit(1)
 
 

@@ -74,7 +74,7 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         if not self.oom_recovery:
             return super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.num_processes > 1 and self.oom_stop is None:
-            self.oom_stop = StopAllRanks(self.accelerator.process_index)
+            self.oom_stop = StopAllRanks(self.accelerator.process_index, self.accelerator.num_processes)
         counted = self.trained_tokens
         try:
             return self.plain_training_step(model, inputs, num_items_in_batch)
