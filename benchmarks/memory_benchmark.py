@@ -5,6 +5,7 @@ prediction.
     python benchmarks/memory_benchmark.py [--steps 200] [--out benchmarks/memory_results.json]
     python benchmarks/memory_benchmark.py --quick        # 5 steps per mode: the memory columns
     python benchmarks/memory_benchmark.py --fsdp_loss --seq_len 2048 --steps 3   # label_only vs standard
+    python benchmarks/memory_benchmark.py --plan_vs_measured   # the plan's activations + logits vs RSS
 
 Every mode runs the real CLI in its own process (so the peak is that run's): a random Llama (hidden
 256, 4 layers, intermediate 688) with the 32k TinyLlama vocabulary, AdamW at lr 1e-5, seed 42, rows of
@@ -323,6 +324,35 @@ def fsdp_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plan_vs_measured() -> list[dict]:
+    """The plan's activation and logits terms against the peak RSS growth of one forward + backward,
+    for the shapes tests/test_memory.py checks (tests/peak_memory.py; docs/memory.md)."""
+    from tests.peak_memory import SHAPES, measure_in_subprocess, planned
+
+    rows = []
+    for shape, measured in zip(SHAPES, measure_in_subprocess(SHAPES), strict=True):
+        rows.append({"shape": shape, **planned(shape), "measured": measured["grown"]})
+    return rows
+
+
+def plan_vs_measured_table(rows: list[dict]) -> str:
+    mib = 2**20
+    lines = [
+        "| shape (hidden, layers, vocab) | tokens | loss | activations (plan) | logits (plan) | plan | measured "
+        "| plan / measured |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        c, s = r["shape"]["config"], r["shape"]
+        lines.append(
+            f"| {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['vocab_size']} vocab "
+            f"| {s['batch']} × {s['seq']} | {s['loss']} | {r['activations'] / mib:.1f} MiB "
+            f"| {r['logits'] / mib:.1f} MiB | {r['working'] / mib:.1f} MiB | {r['measured'] / mib:.1f} MiB "
+            f"| {r['working'] / r['measured']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -340,6 +370,11 @@ def main() -> None:
         action="store_true",
         help="label_only vs standard loss, 2 processes under FSDP on CPU, a wide-vocabulary model",
     )
+    parser.add_argument(
+        "--plan_vs_measured",
+        action="store_true",
+        help="the plan's activations + logits against measured peak RSS growth, 3 float32 shapes",
+    )
     parser.add_argument("--vocab", type=int, default=150_000)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--trained", type=int, default=512, help="--fsdp_loss: trained tokens per row")
@@ -349,6 +384,13 @@ def main() -> None:
         return
     if args.rank_child:
         rank_child(json.loads(args.rank_child))
+        return
+    if args.plan_vs_measured:
+        rows = plan_vs_measured()
+        print(plan_vs_measured_table(rows))
+        Path(args.out).with_name("memory_plan_vs_measured.json").write_text(
+            json.dumps(rows, indent=1) + "\n", encoding="utf-8"
+        )
         return
     if args.fsdp_loss:
         rows = fsdp_loss_comparison(args)

@@ -130,6 +130,21 @@ def test_torch_adamw_step_counter_dtype():
     )
 
 
+def test_torch_default_store_reaches_every_rank(tmp_path):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        default = torch_private.default_store()
+        default.set("tuning/probe", "1")
+        assert default.check(["tuning/probe"]) and default.get("tuning/probe") == b"1", changed(
+            "torch", "torch.distributed.distributed_c10d._get_default_store"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
 def test_argparse_lists_actions_and_converts_like_the_command_line():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, choices=[1, 2])

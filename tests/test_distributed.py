@@ -320,3 +320,25 @@ def test_two_ranks_stopped_between_log_lines_resume_with_the_uninterrupted_log(
     assert [r["mean_token_accuracy"] for r in records[0]] == pytest.approx(
         [r["mean_token_accuracy"] for r in records[1]], abs=1e-6
     )
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_one_rank_stops_every_rank_with_one_line(tmp_path, tiny_model_dir, data):
+    """Rank 1 runs out of memory part-way through a forward (after its first decoder layer) in step 2;
+    rank 0 is then blocked in FSDP's all-gather of the next layer, which rank 1 never joins. Both ranks
+    must end with exit 1 (not hang until the collective's timeout), and the job's stderr carries the
+    one line naming the rank, the step and a flag."""
+    fault = [str(REPO / "tests" / "train_with_fault.py"), "oom-in-step", "2"]
+    args = training_args(tiny_model_dir, data, tmp_path / "out", 2, "--oom_recovery", "true")
+    started = time.monotonic()
+    result = accelerate_launch(fault, args, FAULT_RANK="1")
+    assert time.monotonic() - started < 120, "a rank waited in a collective"
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: out of device memory")]
+    assert lines == [
+        "error: out of device memory at step 2 on rank 1, in a micro-batch of "
+        + lines[0].split("micro-batch of ")[1].split(" tokens")[0]
+        + " tokens; with several processes --oom_recovery stops every rank (exit 1) instead of redoing the "
+        "step; pass --gradient_checkpointing True"
+    ], result.stderr[-3000:]
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr.split(lines[0])[0]

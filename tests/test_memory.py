@@ -360,3 +360,22 @@ def test_activation_offloading_losses_equal_and_planned(tmp_path, tiny_model_dir
     for name in ("offloaded", "checkpointed", "both"):
         assert losses[name] == pytest.approx(losses["plain"], abs=1e-6), name
     assert losses["offloaded plan"] < losses["checkpointed plan"] < losses["plain plan"]
+
+
+# --- the plan's activation and logits terms against measured peak memory (RSS growth, CPU, float32) ---
+
+MEASURED_TOLERANCE = 0.08  # docs/memory.md: plan / measured growth within 1 ± 0.08
+
+
+@pytest.mark.slow
+def test_activations_and_logits_are_within_the_stated_tolerance_of_measured_peak_memory():
+    """Each shape's forward + backward in a fresh process: peak RSS growth over the resident memory just
+    before the pass (weights and gradients already allocated), against the plan's two terms."""
+    from tests.peak_memory import SHAPES, can_measure, measure_in_subprocess, planned
+
+    reason = can_measure()
+    if reason:
+        pytest.skip(reason)
+    measured = measure_in_subprocess(SHAPES)
+    ratios = [planned(shape)["working"] / m["grown"] for shape, m in zip(SHAPES, measured, strict=True)]
+    assert all(abs(r - 1) <= MEASURED_TOLERANCE for r in ratios), ratios

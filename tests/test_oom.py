@@ -120,3 +120,67 @@ def test_flags_the_same_from_the_command_line_and_a_config_file(tmp_path):
     for bad in ("--oom_recovery", "--activation_offloading"):
         with pytest.raises(UserError, match=f"{bad}: Truthy value expected"):
             parse_config([*base, bad, "maybe"])
+
+
+RANK_SCRIPT = """
+import os, sys, time
+import torch, torch.distributed as dist
+from tuning.train.oom import StopAllRanks
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+stop = StopAllRanks(rank, 2)
+dist.barrier()
+if rank == 1:
+    class Args:
+        gradient_checkpointing, per_device_train_batch_size = True, 4
+    print(stop.stop({"input_ids": torch.zeros(4, 8, dtype=torch.long)}, 7, Args()), flush=True)
+    time.sleep(60)  # alive: rank 0 must not learn of it from a broken connection
+else:
+    dist.all_reduce(torch.ones(1))  # rank 1 never joins: blocked here for good
+print("rank 0 left the collective", flush=True)
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and transformers
+def test_a_rank_blocked_in_a_collective_stops_when_another_runs_out_of_memory(tmp_path):
+    """Two gloo processes: rank 1 posts its stop (as after an out-of-memory error) and stays alive; rank 0,
+    blocked in an all-reduce rank 1 never joins, must end with exit 1 within seconds, silently."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env["WORLD_SIZE"] = "2"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        started = time.monotonic()
+        out, err = ranks[0].communicate(timeout=50)
+        assert ranks[0].returncode == 1 and time.monotonic() - started < 40, err
+        assert out == "" and "Traceback" not in err, (out, err)
+        assert ranks[1].poll() is None  # rank 0 left because of the store, not because its peer died
+        posted = ranks[1].stdout.readline()  # rank 1 goes on once rank 0 counted itself stopped
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
+    assert posted == (
+        "out of device memory at step 7 on rank 1, in a micro-batch of 32 tokens; with several processes "
+        "--oom_recovery stops every rank (exit 1) instead of redoing the step; pass "
+        "--per_device_train_batch_size 2 with twice the --gradient_accumulation_steps\n"
+    )

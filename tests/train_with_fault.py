@@ -5,7 +5,9 @@
 FAULT is ``kill-in-step`` (SIGKILL after the first micro-batch of optimizer step STEP), ``kill-in-save``
 (SIGKILL inside the save of ``checkpoint-STEP``, after the model and optimizer files, before the RNG
 state and ``trainer_state.json``), ``sigterm-in-step`` (SIGTERM to itself at the same moment as
-kill-in-step; the process must finish the step, save and exit 143), or ``slow-save`` (the save of
+kill-in-step; the process must finish the step, save and exit 143), ``oom-in-step``
+(``torch.OutOfMemoryError`` part-way through the forward of the second micro-batch of step STEP), or
+``slow-save`` (the save of
 ``checkpoint-STEP`` takes 4 s longer: a pod still saving when its replacement starts). Faults combine
 with ``+``: ``slow-save+sigterm-in-step 3``. The process signals itself, so
 the fault lands at the same place on every machine, however loaded.
@@ -68,6 +70,30 @@ def _signal_in_step(step: int, signum: int) -> None:
         return loss
 
     SFTTrainer.training_step = training_step
+
+
+def _oom_in_step(step: int) -> None:
+    """``torch.OutOfMemoryError`` in the middle of the forward of step ``step``'s second micro-batch, right
+    after the first decoder layer (under FSDP the other rank then waits in the next layer's all-gather)."""
+    original = SFTTrainer.plain_training_step
+    seen = []
+
+    def raise_oom(*_):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    def plain_training_step(self, model, inputs, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            seen.append(1)
+        if len(seen) != 2:
+            return original(self, model, inputs, *args, **kwargs)
+        layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+        hook = layer.register_forward_hook(raise_oom)
+        try:
+            return original(self, model, inputs, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    SFTTrainer.plain_training_step = plain_training_step
 
 
 def _in_save(step: int, action) -> None:
@@ -198,6 +224,8 @@ def inject(fault: str, step: int) -> None:
         _signal_in_step(step, signal.SIGKILL)
     elif fault == "sigterm-in-step":
         _signal_in_step(step, signal.SIGTERM)
+    elif fault == "oom-in-step":
+        _oom_in_step(step)
     elif fault == "kill-in-save":
         _in_save(step, lambda: os.kill(os.getpid(), signal.SIGKILL))
     elif fault == "slow-save":

@@ -466,7 +466,8 @@ class TrainArgs(TrainingArguments):
         metadata={
             "help": "When a micro-batch runs out of device memory, split it by tokens and redo the step "
             "(the update equals the unsplit one's); exit 1 naming the sample when one sample alone does "
-            "not fit. Default: on with CUDA. One process only (docs/performance.md)."
+            "not fit. Default: on with CUDA. With several processes every rank stops together with exit 1 and "
+            "one line instead of hanging (docs/performance.md)."
         },
     )
     memory_check: Literal["error", "warn", "off"] = field(

@@ -386,20 +386,21 @@ def attention_score_bytes(setup: Setup, compute: int) -> tuple[int, int]:
 
 
 def logits_bytes(setup: Setup, compute: int, vocab: int, loss: LossDecision) -> tuple[int, str]:
-    """The output head's logits and cross-entropy buffers, per position: the float32 log-softmax kept for
-    backward and the float32 gradient (8 bytes), the logits and their gradient in the compute dtype
-    (2 × compute), and with the model's own loss also the half-precision logits it returns (measured
-    with torch's memory profiler: 12 and 14 bytes per position and vocabulary entry in bfloat16).
-    Label-only loss (tuning/train/loss.py) does this for at most one chunk of trained positions."""
+    """The output head's logits and cross-entropy buffers at their peak (the start of the head's
+    backward), per position and vocabulary entry: the float32 log-softmax kept for backward, the float32
+    gradient arriving at it and the one it passes on (12 bytes); the logits themselves are not kept (the
+    Trainer drops the model's outputs before backward, and label-only loss's chunk logits are a
+    temporary of each chunk's loss, recomputed in backward). With half-precision logits the model's own
+    loss holds one more half-precision buffer (14 bytes in bfloat16). Measured: RSS growth on CPU in
+    float32 (12 bytes with either loss: tests/test_memory.py, docs/memory.md), torch's memory profiler in
+    bfloat16 (12 label-only, 14 the model's own). Label-only loss (tuning/train/loss.py) holds this for
+    at most one chunk of trained positions."""
     w = setup.workload
-    per = 8 + 2 * compute
     if loss.loss == "standard":
-        returned = compute if compute < 4 else 0  # float32 logits are their own float32 copy
-        return (
-            per + returned
-        ) * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab ({loss.planned})"
+        per = 12 + (compute if compute < 4 else 0)
+        return per * vocab * w.tokens, f"logits of {w.tokens} tokens × {vocab} vocab ({loss.planned})"
     positions = min(w.tokens, LABEL_ONLY_CHUNK_TOKENS)
-    return per * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label_only)"
+    return 12 * vocab * positions, f"logits of ≤ {positions} trained tokens × {vocab} vocab (label_only)"
 
 
 def adapter_activation_bytes(model: Any, setup: Setup) -> int:

@@ -8,19 +8,29 @@ micro-batch add up to its loss and gradients. A backward that failed part-way ha
 layers' gradients, so the step's gradients are zeroed and its earlier micro-batches are run again (they are
 still in memory: the Trainer fetches a step's micro-batches before running them).
 
-Limits, stated in docs/performance.md: one process only (with several, a rank that fails inside a
-collective leaves the others waiting in it: the error propagates and the launcher stops the job); the
-loss must be normalised by ``num_items_in_batch``; a redone micro-batch draws new dropout masks.
+With several processes the step is not redone: a rank that fails part-way through a forward or backward
+has skipped collectives (DDP's gradient all-reduce, FSDP's all-gathers and reduce-scatters) that the
+other ranks are already blocked in, and no collective can reach them there. So every rank takes the
+same decision, stop, through the process group's key-value store instead (:class:`StopAllRanks`): the
+failed rank posts its line there and exits 1 with it; a watcher thread on every other rank sees the key
+and ends its process with exit 1, silently (only ending the process unblocks a rank stuck in a
+collective). Limits, stated in docs/performance.md: the loss must be normalised by
+``num_items_in_batch``; a redone micro-batch draws new dropout masks.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import sys
+import threading
+import time
 from typing import Any
 
 import torch
 
+from tuning.compat import torch as torch_private
 from tuning.data import IGNORE_INDEX
 from tuning.errors import UserError
 
@@ -97,15 +107,88 @@ def single_sample_error(inputs: dict[str, Any], step: int, args: Any) -> UserErr
     )
 
 
-def oom_recovery_enabled(args: Any, processes: int) -> bool:
-    """``--oom_recovery``: on by default with CUDA; one process only (see the module docstring)."""
+def oom_recovery_enabled(args: Any) -> bool:
+    """``--oom_recovery``: on by default with CUDA. One process redoes the step split; several stop
+    together (see the module docstring)."""
     requested = getattr(args, "oom_recovery", None)
-    enabled = torch.cuda.is_available() if requested is None else bool(requested)
-    if enabled and processes > 1:
-        if requested:
-            logger.warning("--oom_recovery: not with %d processes (one process only); off", processes)
-        return False
-    return enabled
+    return torch.cuda.is_available() if requested is None else bool(requested)
+
+
+OOM_KEY = "tuning/oom_stop"
+STOPPED_KEY = "tuning/oom_stopped"  # a counter: the ranks that saw the stop
+# how often a rank asks the store for a peer's stop: every rank asks the one store (rank 0's TCP store),
+# so a job of N ranks sends it N requests per interval
+WATCH_SECONDS = 1.0
+ACK_TIMEOUT_SECONDS = 30.0  # the failed rank waits this long at most for the others to stop first
+OWN_EXIT_GRACE_SECONDS = 60.0  # the failed rank's own exit path, should it wait on a collective
+
+
+class StopAllRanks:
+    """Several processes: a rank that runs out of memory stops every rank, with one line and exit 1.
+
+    Why a store and a thread, not a collective: the other ranks may be blocked in a collective the failed
+    rank will never join (its forward or backward stopped part-way), and a thread polling the store is
+    the one thing that still runs in them. ``os._exit`` because nothing else ends a thread blocked in C++.
+    The failed rank exits only after the others counted themselves stopped: its exit closes its
+    connections, and a peer that noticed that first would fail with a transport error instead.
+    """
+
+    def __init__(self, rank: int, world_size: int, store: Any = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.store = store if store is not None else torch_private.default_store()
+        self._posted = False
+        threading.Thread(target=self._watch, name="tuning-oom-watch", daemon=True).start()
+
+    def stop(self, inputs: dict[str, Any], step: int, args: Any) -> UserError:
+        """Tell the other ranks, wait until they stopped, and the line this rank exits with."""
+        self._posted = True
+        self.store.set(OOM_KEY, str(self.rank))
+        self.store.add(STOPPED_KEY, 1)  # counted like the others: two ranks may fail at once
+        deadline = time.monotonic() + ACK_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if self.store.add(STOPPED_KEY, 0) >= self.world_size:
+                    break
+            except Exception:  # noqa: BLE001 (the store went with rank 0, which hosts it outside torchrun)
+                break
+            time.sleep(WATCH_SECONDS / 4)
+        return multi_rank_error(inputs, step, self.rank, args)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(WATCH_SECONDS)
+            if self._posted:  # this rank failed: its own exit path prints the line; don't cut it short
+                time.sleep(OWN_EXIT_GRACE_SECONDS)
+                os._exit(1)
+            try:
+                posted = self.store.check([OOM_KEY])
+            except Exception:  # noqa: BLE001 (store gone: the job is ending anyway)
+                return
+            if posted and not self._posted:
+                logger.debug(
+                    "rank %s ran out of device memory: rank %d stops", self.store.get(OOM_KEY), self.rank
+                )
+                sys.stderr.flush()
+                self.store.add(STOPPED_KEY, 1)
+                os._exit(1)
+
+
+def multi_rank_error(inputs: dict[str, Any], step: int, rank: int, args: Any) -> UserError:
+    """One line: where it ran out, and the least change to the flags that lowers the peak."""
+    n = tokens(inputs)
+    batch = args.per_device_train_batch_size
+    if not args.gradient_checkpointing:
+        fix = "--gradient_checkpointing True"
+    elif batch > 1:
+        fix = f"--per_device_train_batch_size {batch // 2} with twice the --gradient_accumulation_steps"
+    elif not getattr(args, "activation_offloading", False):
+        fix = "--activation_offloading true"
+    else:
+        fix = f"--max_seq_length {max(n // 2, 1)} (truncates longer samples)"
+    return UserError(
+        f"out of device memory at step {step} on rank {rank}, in a micro-batch of {n} tokens; with several "
+        f"processes --oom_recovery stops every rank (exit 1) instead of redoing the step; pass {fix}"
+    )
 
 
 def recover_step(trainer: Any, model: Any, inputs: dict[str, Any], num_items: Any) -> torch.Tensor:

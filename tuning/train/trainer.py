@@ -34,7 +34,7 @@ from tuning.train.loss import (
     verify_label_only,
 )
 from tuning.train.online_mixing import OnlineMixingCallback, check_online_mixing, online_mixing_loader
-from tuning.train.oom import oom_recovery_enabled, recover_step
+from tuning.train.oom import StopAllRanks, oom_recovery_enabled, recover_step
 from tuning.train.optimizers import optimizer_cls_and_kwargs
 from tuning.train.progress import RunProgress
 from tuning.train.sparse_rows import with_sparse_rows
@@ -59,7 +59,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         )
         self.loss_implementation = self.loss_decision.loss
         self._verify_loss = self.loss_decision.verify  # checked on the first training batch
-        self.oom_recovery = oom_recovery_enabled(self.args, self.accelerator.num_processes)
+        self.oom_recovery = oom_recovery_enabled(self.args)
+        self.oom_stop: StopAllRanks | None = None  # several processes: started with the first step
         self.oom_logged_steps: set[int] = set()
         self.step_micro_batches: list = []
         self.split_micro_batches: dict[int, list] = {}
@@ -93,11 +94,15 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
     ) -> torch.Tensor:
         if not self.oom_recovery:
             return super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.num_processes > 1 and self.oom_stop is None:
+            self.oom_stop = StopAllRanks(self.accelerator.process_index, self.accelerator.num_processes)
         counted = self.trained_tokens
         try:
             return self.plain_training_step(model, inputs, num_items_in_batch)
         except torch.OutOfMemoryError:
             pass  # recover outside the handler: the exception's frames hold the micro-batch's tensors
+        if self.oom_stop is not None:  # peers may be blocked in a collective: stop them all (oom.py)
+            raise self.oom_stop.stop(inputs, self.state.global_step + 1, self.args)
         loss = recover_step(self, model, inputs, num_items_in_batch)
         # the redone micro-batches were counted when they first ran
         self.trained_tokens = counted + int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
