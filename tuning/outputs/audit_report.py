@@ -341,7 +341,7 @@ def _sample(i: int, sample: dict, tokenizer: Any, processor: Any, budget: list[i
     trained_count = sum(1 for t in sample["labels"] if t != IGNORE_INDEX)
     return (
         f"<p class='note'>sample {i}: {len(sample['input_ids'])} tokens, {trained_count} trained"
-        f"{f', {len(refs)} images' if refs else ''}</p>"
+        f"{f', {len(refs)} image' + 's' * (len(refs) > 1) if refs else ''}</p>"
         f"{f'<div>{above}</div>' if above else ''}<div class='sample'>{''.join(out)}</div>"
     )
 
