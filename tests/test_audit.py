@@ -6,6 +6,8 @@ the texts used), which is what makes the expected figures countable by hand."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -16,8 +18,9 @@ import pytest
 from conftest import REPO, run_cli, write_jsonl
 
 from tuning import cli
-from tuning.config import DataArgs
-from tuning.data import build_datasets, data_audit
+from tuning.config import DataArgs, ModelArgs
+from tuning.data import IMAGES, build_datasets, data_audit
+from tuning.model import load_processor
 from tuning.testing.tiny_model import build_tokenizer
 
 REAL = REPO.parent / "shared" / "real-tokenizers"
@@ -346,3 +349,51 @@ def test_counts_do_not_depend_on_the_batches_they_are_read_in(batch_rows):
     assert stats.empty_trained_text == 1  # the sample training only a space
     assert stats.duplicate_samples == 1 and len(set(stats.hashes.tolist())) == 2
     assert stats.lengths.tolist() == [2, 1, 2] and len(stats.examples) == 3
+
+
+def test_image_text_samples_show_their_images_where_their_tokens_are(tmp_path):
+    """``tuning audit`` on an image+text file (the real Qwen2.5-VL processor; the audit reads no weights):
+    each sample's image is an inline PNG thumbnail in place of its image tokens, downscaled; an image
+    that can't be read shows as a marker."""
+    real = REPO.parent / "shared" / "real-processors" / "qwen2.5-vl"
+    if not real.is_dir():
+        pytest.skip(f"{real} is absent: the image+text audit needs ../shared/real-processors")
+    pytest.importorskip("PIL", reason="image+text data needs Pillow (the `vision` extra)")
+    from PIL import Image
+
+    from tuning.outputs.audit_report import render_page
+
+    rows = []
+    for i, (name, rgb) in enumerate([("red", (200, 10, 10)), ("blue", (10, 10, 200))]):
+        Image.new("RGB", (600, 300), rgb).save(tmp_path / f"img{i}.png")  # 600 px: the page shows 128
+        user = [{"type": "image"}, {"type": "text", "text": "What color is this?"}]
+        answer = [{"role": "assistant", "content": [{"type": "text", "text": f"It is {name}."}]}]
+        rows.append({"messages": [{"role": "user", "content": user}, *answer], "images": [f"img{i}.png"]})
+    rows.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    argv = ["audit", "--model_name_or_path", str(real), "--output_dir", str(out)]
+    assert cli.main([*argv, "--training_data_path", str(data), "--max_seq_length", "512"]) == 0
+    page = (out / "data_audit.html").read_text()
+    samples = page.split("<p class='note'>sample ")[1:]
+    assert len(samples) == 3
+    for sample in samples[:2]:  # one thumbnail, inside the sample's text where <|image_pad|> was
+        assert sample.count('<img src="data:image/png;base64,') == 1
+        text = sample.split("<div class='sample'>")[1]
+        assert text.index("&lt;|vision_start|&gt;<img") < text.index("What color") < text.index("It is")
+        assert "image_pad" not in text
+        uri = sample.split('src="')[1].split('"')[0]
+        thumb = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+        assert thumb.size == (128, 64) and thumb.getpixel((5, 5))[:3] in {(200, 10, 10), (10, 10, 200)}
+    assert "<img" not in samples[2]  # a text-only row in the same file
+    assert len(page) < 40_000  # two thumbnails of a few hundred bytes, not the 600 px files
+    # a file that can't be read (gone since preparing) is a marker on the page, never a crash
+    processor = load_processor(ModelArgs(model_name_or_path=str(real)), DataArgs(training_data_path="x"))
+    ids = processor.tokenizer("<|vision_start|><|image_pad|><|image_pad|><|vision_end|>ok")["input_ids"]
+    sample = {"input_ids": ids, "labels": [-100] * (len(ids) - 1) + ids[-1:]}
+    sample[IMAGES] = [{"path": str(tmp_path / "gone.png"), "bytes": None}]
+    audit = json.loads((out / "data_audit.json").read_text())
+    name = audit["sources"][0]["name"]
+    page = render_page(audit, {name: [sample]}, processor.tokenizer, processor)
+    assert "&lt;|vision_start|&gt;<span class='image'" in page and "[image: 2 tokens]" in page
+    assert "<img" not in page

@@ -15,7 +15,14 @@ from tuning.config import output_dir_hint, parse_config
 from tuning.data import build_datasets, check_data_config
 from tuning.errors import run_command
 from tuning.logs import setup_logging
-from tuning.model import context_length, generation_stop_ids, load_model_config, load_tokenizer
+from tuning.model import (
+    context_length,
+    generation_stop_ids,
+    is_image_text,
+    load_model_config,
+    load_processor,
+    load_tokenizer,
+)
 from tuning.outputs import AUDIT_HTML_NAME, run_audit
 
 
@@ -31,10 +38,15 @@ def _audit(argv: list[str]) -> int:
     check_data_config(config.data, args.max_steps)
     tokenizer = load_tokenizer(config.model, config.data)
     model_config = load_model_config(config.model)
+    # an image-text model reads its data through its processor, as the run does (docs/vision.md)
+    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     max_len = context_length(model_config, config.data.max_seq_length)
     stop_ids = generation_stop_ids(config.model, model_config, tokenizer)
-    data = build_datasets(config.data, tokenizer, max_len, stop_ids)
+    data = build_datasets(config.data, tokenizer, max_len, stop_ids, processor)
     epochs = args.num_train_epochs if args.max_steps <= 0 else None
-    run_audit(data, config.data, tokenizer, max_len, epochs, args.output_dir, gates_first=False)
+    run_audit(
+        data, config.data, tokenizer, max_len, epochs, args.output_dir, gates_first=False, processor=processor
+    )
     print(f"data audit written: {args.output_dir}/{AUDIT_HTML_NAME} (and data_audit.json)")
     return 0

@@ -115,6 +115,7 @@ def _train(config: SFTConfig) -> dict:
         epochs,
         args.output_dir if args.should_save else None,
         gates_first=True,
+        processor=processor,
     )
     if config.data.do_dataprocessing_only:  # rank 0 writes the processed shards; training is skipped
         return write_processed(data, config.data, args.output_dir) if args.should_save else {}

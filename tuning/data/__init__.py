@@ -20,7 +20,7 @@ from tuning.data.pipeline import (
 from tuning.data.prepare import DataStats, PreparedData
 from tuning.data.shards import write_processed
 from tuning.data.tokenize import IGNORE_INDEX, trained_pieces
-from tuning.data.vision import IMAGES, VisionCollator, collapse_image_runs, image_markers
+from tuning.data.vision import IMAGES, VisionCollator, collapse_image_runs, image_markers, load_image
 
 __all__ = [
     "ENTROPY_REWARDS",
@@ -44,6 +44,7 @@ __all__ = [
     "data_audit",
     "collapse_image_runs",
     "image_markers",
+    "load_image",
     "data_sources",
     "pad_token_id",
     "preview_parts",

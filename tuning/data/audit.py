@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from tuning.config import DataArgs
 from tuning.data import chat
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK
+from tuning.data.vision import IMAGES
 from tuning.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,14 @@ class SourceCounter:
             self._count_roles(kept.column(names.index(chat.TOKEN_ROLES)), trained_flags, lengths)
         if len(self.samples) < self.examples and kept.num_rows:
             take = kept.slice(0, self.examples - len(self.samples))
-            columns = [c for c in ("input_ids", "labels", chat.TOKEN_ROLES, chat.SAMPLE_INFO) if c in names]
+            shown = (
+                "input_ids",
+                "labels",
+                chat.TOKEN_ROLES,
+                chat.SAMPLE_INFO,
+                IMAGES,
+            )  # images: the page shows them
+            columns = [c for c in shown if c in names]
             self.samples += take.select(columns).to_pylist()
 
     def _count_rows(self, batch: pa.RecordBatch, names: list[str], ok: np.ndarray) -> None:

@@ -1,26 +1,45 @@
 """The data audit's files: ``output_dir/data_audit.json`` (the document ``tuning.data`` builds) and
 ``output_dir/data_audit.html``, one self-contained page (inline CSS and SVG, nothing fetched): the
 per-source table, the gates, the trained-token share per source, length histograms and a few samples per
-source with the trained tokens highlighted as ``tuning preview`` colours them.
+source with the trained tokens highlighted as ``tuning preview`` colours them, and for image+text data each
+sample's images as small inline thumbnails where its image tokens are.
 
 The plots are drawn as SVG here rather than with matplotlib (which the loss plot uses): a few dozen
 rectangles need no library, and text SVG keeps the page small and searchable."""
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from tuning.data import IGNORE_INDEX, audit_table, check_gates, data_audit, trained_pieces
+from tuning.data import (
+    IGNORE_INDEX,
+    IMAGES,
+    audit_table,
+    check_gates,
+    collapse_image_runs,
+    data_audit,
+    load_image,
+    trained_pieces,
+)
+from tuning.errors import UserError
 from tuning.files import write_text_atomic
 from tuning.train import AUDIT_HTML_NAME, AUDIT_JSON_NAME, new_record_path
 
 logger = logging.getLogger("tuning")
 
 _SAMPLE_CHARS = 4000  # of each shown sample: a page people open, not a dump
+# Images are re-encoded as thumbnails of at most _THUMB_PX a side, inline (data: URIs, so the page stays one
+# self-contained file), and at most _IMAGE_BYTES of them (base64) per page: past that cap, and for a file
+# that can't be read or without Pillow, an image shows as its text marker only.
+_THUMB_PX = 128
+_IMAGE_BYTES = 1_000_000
+_PNG_BYTES = 12_000  # a thumbnail whose PNG is larger (a photo) is sent as JPEG instead
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;background:#fff}
@@ -34,21 +53,24 @@ border:1px solid #e1e4ea;padding:8px;max-height:320px;overflow:auto}
 mark{background:#c8f0d0;color:#0a5a1e;border-radius:2px}
 .note{color:#5a6270;font-size:12px}
 .charts{display:flex;flex-wrap:wrap;gap:16px}.wide{overflow-x:auto}
+.sample img{vertical-align:middle;border:1px solid #c9cedb;margin:2px;max-width:128px;max-height:128px}
+.image{color:#5a6270;background:#eceef3;border-radius:2px}
 """
 
 
 def write_audit(
-    audit: dict[str, Any], data: Any, tokenizer: Any, output_dir: str | Path
+    audit: dict[str, Any], data: Any, tokenizer: Any, output_dir: str | Path, processor: Any = None
 ) -> tuple[Path, Path]:
     """Write ``data_audit.json`` and ``data_audit.html`` into ``output_dir`` (a training run's pending
     records until its first commit: ``tuning/train/records.py``); returns both paths.
-    ``data`` is the PreparedData whose sources hold the samples shown."""
+    ``data`` is the PreparedData whose sources hold the samples shown; ``processor``: an image-text
+    model's, whose image tokens mark where each sample's images are shown."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_text_atomic(new_record_path(out, AUDIT_JSON_NAME), json.dumps(audit, indent=2) + "\n")
     examples = {s.name: s.stats.examples for s in data.sources}
     html_path = write_text_atomic(
-        new_record_path(out, AUDIT_HTML_NAME), render_page(audit, examples, tokenizer)
+        new_record_path(out, AUDIT_HTML_NAME), render_page(audit, examples, tokenizer, processor)
     )
     return json_path, html_path
 
@@ -62,6 +84,7 @@ def run_audit(
     output_dir: str | Path | None,
     *,
     gates_first: bool,
+    processor: Any = None,
 ) -> dict[str, Any]:
     """The audit of prepared data: built from its counters, logged as a table, written to ``output_dir``
     (None: not written) and its gates applied. ``gates_first``: a failing gate stops before anything is
@@ -74,7 +97,7 @@ def run_audit(
     if gates_first:
         check_gates(audit, "`tuning audit` with the same flags writes the audit page")
     if output_dir:
-        write_audit(audit, data, tokenizer, output_dir)
+        write_audit(audit, data, tokenizer, output_dir, processor)
     if not gates_first:
         check_gates(audit, where)
     return audit
@@ -96,8 +119,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def render_page(audit: dict[str, Any], examples: dict[str, list[dict]], tokenizer: Any) -> str:
+def render_page(
+    audit: dict[str, Any], examples: dict[str, list[dict]], tokenizer: Any, processor: Any = None
+) -> str:
     docs = audit["sources"]
+    budget = [_IMAGE_BYTES]  # left for images on this page
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
@@ -124,7 +150,7 @@ def render_page(audit: dict[str, Any], examples: dict[str, list[dict]], tokenize
         if not shown:
             parts.append("<p class='note'>no samples shown (--audit_samples)</p>")
         for i, sample in enumerate(shown):
-            parts.append(_sample(i, sample, tokenizer))
+            parts.append(_sample(i, sample, tokenizer, processor, budget))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -291,18 +317,61 @@ def _histogram(doc: dict) -> str:
     )
 
 
-def _sample(i: int, sample: dict, tokenizer: Any) -> str:
-    pieces = trained_pieces(sample["input_ids"], sample["labels"], tokenizer)
+def _sample(i: int, sample: dict, tokenizer: Any, processor: Any, budget: list[int]) -> str:
+    ids, labels, runs = sample["input_ids"], sample["labels"], []
+    refs = list(sample.get(IMAGES) or [])
+    image_token = getattr(processor, "image_token", None) if refs else None
+    if image_token:  # each image's run of tokens shown as the image itself, as the preview shows one marker
+        ids, labels, runs = collapse_image_runs(ids, labels, processor)
+    images = iter(zip(refs, runs, strict=False))
     out, used = [], 0
-    for piece, trained in pieces:
+    for piece, trained in trained_pieces(ids, labels, tokenizer):
         if used >= _SAMPLE_CHARS:
             out.append("<span class='note'> [...]</span>")
             break
         piece = piece[: _SAMPLE_CHARS - used]
         used += len(piece)
-        out.append(f"<mark>{_e(piece)}</mark>" if trained else _e(piece))
+        chunks = piece.split(image_token) if image_token else [piece]
+        text = "".join(
+            (_image(*next(images, ({}, 0)), budget) if k else "") + _e(c) for k, c in enumerate(chunks)
+        )
+        out.append(f"<mark>{text}</mark>" if trained else text)
+    # images whose tokens are not in the text shown (cut by the character cap, or no processor): above it
+    above = "".join(_image(ref, n, budget) for ref, n in [*images, *((r, 0) for r in refs[len(runs) :])])
     trained_count = sum(1 for t in sample["labels"] if t != IGNORE_INDEX)
     return (
-        f"<p class='note'>sample {i}: {len(sample['input_ids'])} tokens, {trained_count} trained</p>"
-        f"<div class='sample'>{''.join(out)}</div>"
+        f"<p class='note'>sample {i}: {len(sample['input_ids'])} tokens, {trained_count} trained"
+        f"{f', {len(refs)} image' + 's' * (len(refs) > 1) if refs else ''}</p>"
+        f"{f'<div>{above}</div>' if above else ''}<div class='sample'>{''.join(out)}</div>"
     )
+
+
+def _image(ref: dict, tokens: int, budget: list[int]) -> str:
+    """One image of a sample as an inline thumbnail, or its text marker (unreadable, no Pillow, or the
+    page's image bytes spent)."""
+    name = ref.get("path") or "image bytes"
+    label = f"image: {tokens} tokens" if tokens else "image"
+    reason = "the page's image bytes are spent"
+    if ref and budget[0] > 0:
+        try:
+            uri = _thumbnail(ref)
+        except (UserError, OSError, ValueError) as e:  # a page shows what it can; training checks images
+            reason = str(e).splitlines()[0][:200]
+        else:
+            if len(uri) <= budget[0]:
+                budget[0] -= len(uri)
+                return f'<img src="{uri}" alt="{_e(label)}" title="{_e(f"{label}: {name}")}">'
+    return f"<span class='image' title='{_e(f'{name}: {reason}')}'>[{_e(label)}]</span>"
+
+
+def _thumbnail(ref: dict) -> str:
+    image = load_image(ref, "the audit page")  # a UserError without Pillow or for a bad file
+    image.thumbnail((_THUMB_PX, _THUMB_PX))
+    data = io.BytesIO()
+    image.save(data, format="PNG", optimize=True)
+    kind = "png"
+    if data.tell() > _PNG_BYTES:
+        data = io.BytesIO()
+        image.save(data, format="JPEG", quality=80)
+        kind = "jpeg"
+    return f"data:image/{kind};base64,{base64.b64encode(data.getvalue()).decode()}"
