@@ -15,14 +15,7 @@ from tuning.config import output_dir_hint, parse_config
 from tuning.data import build_datasets, check_data_config
 from tuning.errors import run_command
 from tuning.logs import setup_logging
-from tuning.model import (
-    context_length,
-    generation_stop_ids,
-    is_image_text,
-    load_model_config,
-    load_processor,
-    load_tokenizer,
-)
+from tuning.model import load_encoding
 from tuning.outputs import AUDIT_HTML_NAME, run_audit
 
 
@@ -36,17 +29,18 @@ def _audit(argv: list[str]) -> int:
     config = parse_config(argv)
     args = config.train
     check_data_config(config.data, args.max_steps)
-    tokenizer = load_tokenizer(config.model, config.data)
-    model_config = load_model_config(config.model)
-    # an image-text model reads its data through its processor, as the run does (docs/vision.md)
-    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
-    tokenizer = processor.tokenizer if processor is not None else tokenizer
-    max_len = context_length(model_config, config.data.max_seq_length)
-    stop_ids = generation_stop_ids(config.model, model_config, tokenizer)
-    data = build_datasets(config.data, tokenizer, max_len, stop_ids, processor)
+    enc = load_encoding(config.model, config.data)  # as the run reads its data
+    data = build_datasets(config.data, enc.tokenizer, enc.max_len, enc.stop_ids, enc.processor)
     epochs = args.num_train_epochs if args.max_steps <= 0 else None
     run_audit(
-        data, config.data, tokenizer, max_len, epochs, args.output_dir, gates_first=False, processor=processor
+        data,
+        config.data,
+        enc.tokenizer,
+        enc.max_len,
+        epochs,
+        args.output_dir,
+        gates_first=False,
+        processor=enc.processor,
     )
     print(f"data audit written: {args.output_dir}/{AUDIT_HTML_NAME} (and data_audit.json)")
     return 0

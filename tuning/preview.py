@@ -29,14 +29,7 @@ from tuning.data import (
 )
 from tuning.errors import UserError, run_command
 from tuning.logs import setup_logging
-from tuning.model import (
-    context_length,
-    generation_stop_ids,
-    is_image_text,
-    load_model_config,
-    load_processor,
-    load_tokenizer,
-)
+from tuning.model import load_encoding
 
 DEFAULT_SAMPLES = 3
 _GREEN, _RESET = "\033[32;1m", "\033[0m"
@@ -61,14 +54,10 @@ def _preview(argv: list[str]) -> int:
     if extras.preview < 0:
         raise UserError(f"--preview takes a number of samples, got {extras.preview}")
     check_data_config(config.data, config.train.max_steps)
-    tokenizer = load_tokenizer(config.model, config.data)
-    model_config = load_model_config(config.model)
-    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
-    tokenizer = processor.tokenizer if processor is not None else tokenizer
-    max_len = context_length(model_config, config.data.max_seq_length)
-    stop_ids = generation_stop_ids(config.model, model_config, tokenizer)
-    parts = preview_parts(config.data, tokenizer, max_len, stop_ids, processor)
-    print(render_preview(parts, tokenizer, extras.preview, color=sys.stdout.isatty(), processor=processor))
+    enc = load_encoding(config.model, config.data)  # as the run reads its data
+    parts = preview_parts(config.data, enc.tokenizer, enc.max_len, enc.stop_ids, enc.processor)
+    color = sys.stdout.isatty()
+    print(render_preview(parts, enc.tokenizer, extras.preview, color=color, processor=enc.processor))
     return 0
 
 

@@ -33,13 +33,8 @@ from tuning.logs import disable_progress_bars, setup_logging
 from tuning.model import (
     apply_peft,
     check_memory,
-    context_length,
-    generation_stop_ids,
-    is_image_text,
+    load_encoding,
     load_model,
-    load_model_config,
-    load_processor,
-    load_tokenizer,
     precision_plan,
     quantization_config,
     setup_for,
@@ -88,18 +83,15 @@ def _train(config: SFTConfig) -> dict:
     args = config.train
     tracking = build_trackers(config)  # a tracker that isn't installed fails here, before anything loads
     controller = build_controller(config.fms.trainer_controller_config_file)  # its rules checked here too
-    tokenizer = load_tokenizer(config.model, config.data)
-    model_config = load_model_config(config.model)
-    # an image-text model reads its data through its processor (docs/vision.md), whose tokenizer is the text's
-    processor = load_processor(config.model, config.data) if is_image_text(model_config) else None
-    tokenizer = processor.tokenizer if processor is not None else tokenizer
+    # the tokenizer, or an image-text model's processor (docs/vision.md); the context length; stop tokens
+    enc = load_encoding(config.model, config.data)
+    model_config, tokenizer, processor = enc.model_config, enc.tokenizer, enc.processor
+    max_len, stop_ids = enc.max_len, enc.stop_ids
     plan = precision_plan(config.model, model_config, config.peft.peft_method, args.optim_name)
     devices = topology(args)
     quant = quantization_config(
         config.quant, model_config, config.peft.peft_method, plan.load_dtype, devices.sharded
     )
-    max_len = context_length(model_config, config.data.max_seq_length)
-    stop_ids = generation_stop_ids(config.model, model_config, tokenizer)  # where chat turns end
     if not config.data.do_dataprocessing_only:  # the plan, and a run that can't fit, before data and weights
         setup = setup_for(config, model_config, plan, devices, tokenizer, max_len)
         check_memory(setup, args.memory_check, show=args.should_save)

@@ -12,6 +12,7 @@ from tuning.model.decisions import (
     padding_free_decision,
     topology_of,
 )
+from tuning.model.encoding import Encoding, load_encoding
 from tuning.model.loading import (
     PrecisionPlan,
     context_length,
@@ -50,6 +51,8 @@ from tuning.model.vision import (
 )
 
 __all__ = [
+    "Encoding",
+    "load_encoding",
     "LABEL_ONLY_CHUNK_TOKENS",
     "VERIFIED_ARCHITECTURES",
     "LossDecision",
