@@ -69,7 +69,7 @@ def _samples(inputs):
 
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_a_split_step_equals_the_uninterrupted_one(tokenizer, tmp_path, caplog, padding_free):
-    _, reference = _train(tmp_path / "a", tokenizer, padding_free=padding_free)
+    uninterrupted, reference = _train(tmp_path / "a", tokenizer, padding_free=padding_free)
 
     def second_micro_batch_of_step_2(trainer, inputs):
         batches = trainer.step_micro_batches
@@ -83,6 +83,9 @@ def test_a_split_step_equals_the_uninterrupted_one(tokenizer, tmp_path, caplog, 
     assert caplog.text.count("out of device memory in step 2") == 1  # one line for the step
     assert trainer.trained_tokens == sum(sum(1 for t in r["labels"][1:] if t != X) for r in ROWS[:24])
     assert (weights - reference).abs().max() < 1e-6
+    # token accuracy counts each micro-batch once too (hits, trained tokens), though the step ran twice
+    assert trainer.accuracy_counts["train"] == uninterrupted.accuracy_counts["train"]
+    assert trainer.accuracy_counts["train"][1] == trainer.trained_tokens
 
 
 def test_a_single_sample_that_does_not_fit_names_itself_and_a_flag(tokenizer, tmp_path):

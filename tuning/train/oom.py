@@ -238,6 +238,7 @@ def _run_again(
     """The step's micro-batches up to the failed one, from zero gradients; (the part that ran out of
     memory or None, the last micro-batch's loss)."""
     model.zero_grad(set_to_none=True)
+    trainer.restart_step_counts()
     free_device_memory()
     loss = torch.zeros(())
     for batch in originals:

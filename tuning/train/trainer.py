@@ -62,6 +62,10 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         self.oom_recovery = oom_recovery_enabled(self.args)
         self.oom_stop: StopAllRanks | None = None  # several processes: started with the first step
         self.oom_logged_steps: set[int] = set()
+        self._step_accuracy: tuple[int, list[int]] = (
+            -1,
+            [0, 0],
+        )  # (step, token accuracy counts at its start)
         self.step_micro_batches: list = []
         self.split_micro_batches: dict[int, list] = {}
         self.online_mixing: OnlineMixingSampler | None = None  # dataprocessor type odm (build_trainer)
@@ -96,6 +100,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.num_processes > 1 and self.oom_stop is None:
             self.oom_stop = StopAllRanks(self.accelerator.process_index, self.accelerator.num_processes)
+        if self._step_accuracy[0] != self.state.global_step:  # the step's first micro-batch
+            self._step_accuracy = (self.state.global_step, list(self.accuracy_counts["train"]))
         counted = self.trained_tokens
         try:
             return self.plain_training_step(model, inputs, num_items_in_batch)
@@ -107,6 +113,11 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         # the redone micro-batches were counted when they first ran
         self.trained_tokens = counted + int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
         return loss
+
+    def restart_step_counts(self) -> None:
+        """tuning/train/oom.py runs the step again from its first micro-batch: its token accuracy is
+        counted again from the step's start (a pass that ran out of memory counted part of it)."""
+        self.accuracy_counts["train"] = list(self._step_accuracy[1])
 
     def plain_training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items: Any
