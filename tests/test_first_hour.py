@@ -194,7 +194,10 @@ def test_a_default_cpu_run_logs_only_our_lines(extra, tiny_model_dir, tmp_path):
     """Nothing but our own lines in a run that went right: no library warnings (DeepSpeed, bitsandbytes,
     transformers' deprecations), no fallback warning for a kernel nobody asked for, no per-epoch
     deletions, a rounded final loss."""
-    data = write_json(tmp_path / "d.json", io_rows(2))
+    # distinct rows: the data audit rightly warns about duplicates, and this run must have nothing to say
+    data = write_json(
+        tmp_path / "d.json", [{**r, "input": f"{r['input']} ({n})"} for n, r in enumerate(io_rows(2))]
+    )
     out = tmp_path / "out"
     args = [
         "--model_name_or_path",

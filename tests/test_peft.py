@@ -26,6 +26,7 @@ from tuning.train import read_training_logs
 
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors"}
 TOKENIZER_FILES = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
+SERVE_CHECK_FILES = {"trained_samples.json"}  # what `tuning check` compares the saved files with
 CARD_FILES = {"loss.png"}  # the model card (README.md) embeds the run's loss curve
 LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 PROMPT = torch.tensor(
@@ -138,7 +139,9 @@ def test_lora_q_v_trains_only_the_adapter_and_reloads(train, tiny_model_dir):
     assert code == 0
     assert_loss_falls(out)
     final = out / "final"
-    assert {p.name for p in final.iterdir()} == ADAPTER_FILES | TOKENIZER_FILES | CARD_FILES
+    assert {
+        p.name for p in final.iterdir()
+    } == ADAPTER_FILES | TOKENIZER_FILES | CARD_FILES | SERVE_CHECK_FILES
     for checkpoint in out.glob("checkpoint-*"):  # adapter + trainer state, never base weights
         names = {p.name for p in checkpoint.iterdir()}
         assert names >= ADAPTER_FILES and not names & {"model.safetensors", "config.json"}, names
@@ -282,7 +285,9 @@ def test_prompt_tuning_run_reloads(train, tiny_model_dir):
     assert code == 0
     assert_loss_falls(out)
     final = out / "final"
-    assert {p.name for p in final.iterdir()} == ADAPTER_FILES | TOKENIZER_FILES | CARD_FILES
+    assert {
+        p.name for p in final.iterdir()
+    } == ADAPTER_FILES | TOKENIZER_FILES | CARD_FILES | SERVE_CHECK_FILES
     assert {k: tuple(v.shape) for k, v in load_file(final / "adapter_model.safetensors").items()} == {
         "prompt_embeddings": (4, 32)
     }

@@ -111,7 +111,9 @@ SUMMARY_FIELDS = {
     "finished_at", "steps", "epochs", "train_seconds", "trained_tokens", "trained_tokens_per_second",
     "peak_memory_bytes", "final_loss", "best_loss", "mean_train_loss", "final_validation_loss",
     "best_validation_loss", "rows", "rows_kept", "samples", "samples_kept", "data_audit", "output_dir", "checkpoints", "best_model_checkpoint",
-    "save_model_dir", "loss_plot", "trackers",
+    "save_model_dir", "loss_plot", "trackers", "padding_free", "final_mean_token_accuracy",
+    "final_validation_mean_token_accuracy", "best_validation_mean_token_accuracy", "eval_generations",
+    "early_stopping", "serve_check",
 }  # fmt: skip
 
 

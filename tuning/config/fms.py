@@ -243,6 +243,8 @@ def translate_file(values: dict[str, Any]) -> dict[str, Any]:
         for new, new_tokens in translate(key, tokens, given - {key}):
             if new in ("lora_config_kwargs", "fsdp_config"):
                 merged.setdefault(new, {}).update(json.loads(new_tokens[0]))
+            elif isinstance(value, dict) and new == key:  # the flag's own check takes or refuses a mapping
+                out[new] = value
             else:  # one token as a scalar: a flag taking a list takes one item that way too
                 out[new] = new_tokens[0] if len(new_tokens) == 1 else (new_tokens or "true")
     for new, value in merged.items():

@@ -16,9 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PretrainedConfig
+from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-from transformers.models.auto.processing_auto import processor_class_from_name
 
 from tuning.compat import transformers as hf
 from tuning.config import DataArgs, ModelArgs
@@ -69,6 +68,8 @@ def load_processor(model_args: ModelArgs, data_args: DataArgs) -> Any:
 def processor_from(name: str, trust_remote_code: bool = False) -> Any:
     """``AutoProcessor`` of ``name``, built without its video part when torchvision is missing; a
     processor without an image processor is a user error."""
+    from transformers import AutoProcessor  # processor classes load only for image-text runs
+
     try:
         try:
             processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -108,6 +109,9 @@ def lora_exclusions(model: Any, user: list[str] | None) -> str | list[str] | Non
 def image_only_processor(name: str, trust_remote_code: bool = False) -> Any:
     """The model's processor class built from its image processor, tokenizer and chat template, with no
     video processor (see the module docstring)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
     config = _folder_json(name, "processor_config.json") or {}
     preprocessor = _folder_json(name, "preprocessor_config.json") or {}
     class_name = config.get("processor_class") or preprocessor.get("processor_class")

@@ -92,7 +92,8 @@ def run_audit(
     audit``: the page shows why)."""
     audit = data_audit(data, args, max_len, epochs)
     data.audit = audit
-    logger.info("%s", audit_table(audit))
+    table = "\n".join("  " + line for line in audit_table(audit).splitlines())  # rows indented, as the plan's
+    logger.info("data audit (per source; data_audit.json has every figure):\n%s", table)
     where = f"see {Path(output_dir) / AUDIT_HTML_NAME}" if output_dir and not gates_first else ""
     if gates_first:
         check_gates(audit, "`tuning audit` with the same flags writes the audit page")
