@@ -349,6 +349,7 @@ def trl_child(spec: dict) -> None:
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer  # imported before the baseline, as ours is (TRL imports lazily)
 
     rows = [json.loads(ln) for ln in Path(spec["data"]).read_text(encoding="utf-8").splitlines()]
     dataset = Dataset.from_list(
@@ -360,7 +361,7 @@ def trl_child(spec: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     baseline = rss_now()
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    config = trl.SFTConfig(
+    config = SFTConfig(
         output_dir=spec["out"],
         max_length=spec["seq_len"],
         # a pretokenized row has no prompt/completion keys, so TRL would train every token unless told
@@ -379,7 +380,7 @@ def trl_child(spec: dict) -> None:
         use_cpu=True,
         **spec["extra"],
     )
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
