@@ -412,6 +412,8 @@ def one_process_run(
     if result.returncode != 0 or line is None:
         raise SystemExit(f"{path} failed:\n{result.stderr[-3000:]}")
     measured = json.loads(line.removeprefix("RANKRESULT "))
+    if measured.get("code", 0) != 0:  # the CLI stopped with its one-line error (out of memory, say)
+        raise SystemExit(f"{path} exited {measured['code']}:\n{result.stderr[-3000:]}")
     if path.startswith("ours-"):
         summary = json.loads((out / "run_summary.json").read_text())
         measured["seconds_per_step"] = summary["train_seconds"] / summary["steps"]
@@ -448,6 +450,7 @@ def one_process_table(runs: list[dict]) -> str:
             "grown": statistics.median((r["peak"] - r["baseline"]) / mib for r in runs if r["path"] == p),
             "s": statistics.median(r["seconds_per_step"] for r in runs if r["path"] == p),
             "losses": next(r["losses"] for r in runs if r["path"] == p),
+            "plan": next((r.get("plan") or float("nan")) / mib for r in runs if r["path"] == p),
             "each": [
                 f"{(r['peak'] - r['baseline']) / mib:.0f} MiB, {r['seconds_per_step']:.1f} s"
                 for r in runs
@@ -458,15 +461,15 @@ def one_process_table(runs: list[dict]) -> str:
     }
     first = med[paths[0]]
     lines = [
-        f"| path | RSS growth (MiB) | s/step | RSS vs {paths[0]} | time vs {paths[0]} | per-step losses "
-        "| each run (RSS growth, s/step) |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        f"| path | RSS growth (MiB) | s/step | RSS vs {paths[0]} | time vs {paths[0]} | plan peak (MiB) "
+        "| plan / measured | per-step losses | each run (RSS growth, s/step) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for p in paths:
         m = med[p]
         lines.append(
             f"| {p} | {m['grown']:.0f} | {m['s']:.1f} | {m['grown'] / first['grown']:.2f}x "
-            f"| {m['s'] / first['s']:.2f}x | {', '.join(f'{v:.4f}' for v in m['losses'])} | {'; '.join(m['each'])} |"
+            f"| {m['s'] / first['s']:.2f}x | {m['plan']:.0f} | {m['plan'] / m['grown']:.2f} | {', '.join(f'{v:.4f}' for v in m['losses'])} | {'; '.join(m['each'])} |"
         )
     return "\n".join(lines)
 
