@@ -12,8 +12,9 @@ Every mode runs the real CLI in its own process (so the peak is that run's): a r
 256, 4 layers, intermediate 688) with the 32k TinyLlama vocabulary, AdamW at lr 1e-5, seed 42, rows of
 256 tokens, all trained. "measured" is the process's peak resident memory minus its resident memory
 just before the model loads (tokenizer, data and libraries are already in); "plan" is the memory plan's
-peak for that run, printed before the model loads. Loss numbers are exact on any machine; timings are
-not reported (the development machine is shared).
+peak for that run, printed before the model loads. Loss numbers are exact on any machine; the memory
+modes report no timings (the development machine is shared); --fsdp_loss and --one_process report
+seconds per step of runs made side by side, so compare them only within one run.
 """
 
 from __future__ import annotations
