@@ -5,14 +5,16 @@ prediction.
     python benchmarks/memory_benchmark.py [--steps 200] [--out benchmarks/memory_results.json]
     python benchmarks/memory_benchmark.py --quick        # 5 steps per mode: the memory columns
     python benchmarks/memory_benchmark.py --fsdp_loss --seq_len 2048 --steps 3   # label_only vs standard
+    python benchmarks/memory_benchmark.py --one_process --seq_len 2048 --steps 3   # ours vs TRL 1.16
     python benchmarks/memory_benchmark.py --plan_vs_measured   # the plan's activations + logits vs RSS
 
 Every mode runs the real CLI in its own process (so the peak is that run's): a random Llama (hidden
 256, 4 layers, intermediate 688) with the 32k TinyLlama vocabulary, AdamW at lr 1e-5, seed 42, rows of
 256 tokens, all trained. "measured" is the process's peak resident memory minus its resident memory
 just before the model loads (tokenizer, data and libraries are already in); "plan" is the memory plan's
-peak for that run, printed before the model loads. Loss numbers are exact on any machine; timings are
-not reported (the development machine is shared).
+peak for that run, printed before the model loads. Loss numbers are exact on any machine; the memory
+modes report no timings (the development machine is shared); --fsdp_loss and --one_process report
+seconds per step of runs made side by side, so compare them only within one run.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ FSDP_CONFIG = Path(__file__).resolve().parent.parent / "fixtures" / "accelerate_
 
 
 def write_wide_vocab_inputs(
-    root: Path, vocab: int, hidden: int, seq_len: int, trained: int
+    root: Path, vocab: int, hidden: int, seq_len: int, trained: int, count: int = 16
 ) -> tuple[Path, Path]:
     """A random 2-layer Llama with a ``vocab``-entry head, and pretokenized rows of ``seq_len`` tokens of
     which the last ``trained`` carry labels (a long prompt, a shorter completion)."""
@@ -222,7 +224,7 @@ def write_wide_vocab_inputs(
     build_tokenizer().save_pretrained(model_dir)  # only for loading: the rows are already token ids
     rng = random.Random(0)
     rows = []
-    for _ in range(16):
+    for _ in range(count):
         ids = [1, *(rng.randrange(3, vocab) for _ in range(seq_len - 1))]
         rows.append({"input_ids": ids, "labels": [-100] * (seq_len - trained) + ids[seq_len - trained :]})
     data = root / "wide.jsonl"
@@ -324,6 +326,155 @@ def fsdp_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- one process: ours (label-only, standard) vs TRL 1.16's SFTTrainer on the same rows (issue 25) ---
+
+TRL_PYTHON = "/tmp/trlvenv/bin/python"  # a throwaway venv: TRL never enters the project's environment
+
+
+def _one_process_argv(
+    model_dir: Path, data: Path, out: Path, args: argparse.Namespace, loss: str
+) -> list[str]:
+    """Our CLI's flags for the --one_process runs; the TRL run mirrors each of them (trl_child)."""
+    argv = ["--model_name_or_path", str(model_dir), "--training_data_path", str(data)]
+    argv += ["--output_dir", str(out), "--torch_dtype", "float32", "--max_steps", str(args.steps)]
+    argv += ["--per_device_train_batch_size", "1", "--save_strategy", "no", "--logging_steps", "1"]
+    argv += ["--max_seq_length", str(args.seq_len), "--loss_implementation", loss, "--memory_check", "warn"]
+    argv += ["--learning_rate", "1e-5", "--lr_scheduler_type", "constant", "--warmup_steps", "0"]
+    return argv + ["--weight_decay", "0.0", "--seed", "42", "--optim", "adamw_torch_fused"]
+
+
+def trl_child(spec: dict) -> None:
+    """TRL's SFTTrainer with its default loss on the rows ours trains on: the same token ids, and a
+    completion mask that is 1 exactly where our labels are not -100 (TRL turns the rest into -100)."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer  # imported before the baseline, as ours is (TRL imports lazily)
+
+    rows = [json.loads(ln) for ln in Path(spec["data"]).read_text(encoding="utf-8").splitlines()]
+    dataset = Dataset.from_list(
+        [
+            {"input_ids": r["input_ids"], "completion_mask": [int(v != -100) for v in r["labels"]]}
+            for r in rows
+        ]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    baseline = rss_now()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    config = SFTConfig(
+        output_dir=spec["out"],
+        max_length=spec["seq_len"],
+        # a pretokenized row has no prompt/completion keys, so TRL would train every token unless told
+        completion_only_loss=True,
+        per_device_train_batch_size=1,
+        max_steps=spec["steps"],
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        seed=42,
+        optim="adamw_torch_fused",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        **spec["extra"],
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    result = trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    seconds = result.metrics["train_runtime"] / spec["steps"]
+    out = {
+        "trl": trl.__version__,
+        "peak": peak,
+        "baseline": baseline,
+        "losses": losses,
+        "seconds_per_step": seconds,
+    }
+    print("RANKRESULT " + json.dumps(out), flush=True)
+
+
+def one_process_run(
+    path: str, model_dir: Path, data: Path, root: Path, args: argparse.Namespace, rep: int
+) -> dict:
+    out = root / f"{path}-{rep}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    if path.startswith("ours-"):
+        argv = _one_process_argv(model_dir, data, out, args, path.removeprefix("ours-"))
+        command = [sys.executable, __file__, "--rank_child", json.dumps(argv)]
+    else:
+        spec = {"model": str(model_dir), "data": str(data), "out": str(out), "seq_len": args.seq_len}
+        spec |= {"steps": args.steps, "extra": {}}
+        command = [TRL_PYTHON, __file__, "--trl_child", json.dumps(spec)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    line = next((ln for ln in result.stdout.splitlines() if ln.startswith("RANKRESULT ")), None)
+    if result.returncode != 0 or line is None:
+        raise SystemExit(f"{path} failed:\n{result.stderr[-3000:]}")
+    measured = json.loads(line.removeprefix("RANKRESULT "))
+    if measured.get("code", 0) != 0:  # the CLI stopped with its one-line error (out of memory, say)
+        raise SystemExit(f"{path} exited {measured['code']}:\n{result.stderr[-3000:]}")
+    if path.startswith("ours-"):
+        summary = json.loads((out / "run_summary.json").read_text())
+        measured["seconds_per_step"] = summary["train_seconds"] / summary["steps"]
+        measured["losses"] = [r["value"] for r in _logs(out)]
+    return {"path": path, "rep": rep, **measured}
+
+
+def one_process_comparison(args: argparse.Namespace) -> list[dict]:
+    """Each path once per repetition, the order reversed on odd repetitions (a, b, then b, a), so that a
+    change in the machine's other load falls on both sides."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # One row, trained once per step: both trainers shuffle with their own samplers, so with several rows
+        # they would see them in different orders and their losses could not be compared step by step
+        model_dir, data = write_wide_vocab_inputs(
+            root, args.vocab, args.hidden, args.seq_len, args.trained, 1
+        )
+        for rep in range(args.reps):
+            for path in args.paths if rep % 2 == 0 else args.paths[::-1]:
+                runs.append(one_process_run(path, model_dir, data, root, args, rep))
+                print(f"done {path} rep {rep}", file=sys.stderr, flush=True)
+    return runs
+
+
+def one_process_table(runs: list[dict]) -> str:
+    """Medians over repetitions per path, and each path's ratios to the first path's."""
+    import statistics
+
+    mib = 2**20
+    paths = list(dict.fromkeys(r["path"] for r in runs))
+    med = {
+        p: {
+            "grown": statistics.median((r["peak"] - r["baseline"]) / mib for r in runs if r["path"] == p),
+            "s": statistics.median(r["seconds_per_step"] for r in runs if r["path"] == p),
+            "losses": next(r["losses"] for r in runs if r["path"] == p),
+            "plan": next((r.get("plan") or float("nan")) / mib for r in runs if r["path"] == p),
+            "each": [
+                f"{(r['peak'] - r['baseline']) / mib:.0f} MiB, {r['seconds_per_step']:.1f} s"
+                for r in runs
+                if r["path"] == p
+            ],
+        }
+        for p in paths
+    }
+    first = med[paths[0]]
+    lines = [
+        f"| path | RSS growth (MiB) | s/step | RSS vs {paths[0]} | time vs {paths[0]} | plan peak (MiB) "
+        "| plan / measured | per-step losses | each run (RSS growth, s/step) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for p in paths:
+        m = med[p]
+        lines.append(
+            f"| {p} | {m['grown']:.0f} | {m['s']:.1f} | {m['grown'] / first['grown']:.2f}x "
+            f"| {m['s'] / first['s']:.2f}x | {m['plan']:.0f} | {m['plan'] / m['grown']:.2f} | {', '.join(f'{v:.4f}' for v in m['losses'])} | {'; '.join(m['each'])} |"
+        )
+    return "\n".join(lines)
+
+
 def plan_vs_measured() -> list[dict]:
     """The plan's activation and logits terms against the peak RSS growth of one forward + backward,
     for the shapes tests/test_memory.py checks (tests/peak_memory.py; docs/memory.md)."""
@@ -365,6 +516,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "memory_results.json"))
     parser.add_argument("--rank_child", help=argparse.SUPPRESS)
+    parser.add_argument("--trl_child", help=argparse.SUPPRESS)
     parser.add_argument(
         "--fsdp_loss",
         action="store_true",
@@ -375,6 +527,19 @@ def main() -> None:
         action="store_true",
         help="the plan's activations + logits against measured peak RSS growth, 3 float32 shapes",
     )
+    parser.add_argument(
+        "--one_process",
+        action="store_true",
+        help="one process, the --fsdp_loss model and rows: ours (label_only / standard) vs TRL's SFTTrainer",
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["ours-label_only", "trl-default"],
+        choices=["ours-label_only", "ours-standard", "trl-default"],
+        help=f"--one_process: what to run (trl-default needs TRL installed in {TRL_PYTHON}'s venv)",
+    )
+    parser.add_argument("--reps", type=int, default=2, help="--one_process: runs per path, order alternating")
     parser.add_argument("--vocab", type=int, default=150_000)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--trained", type=int, default=512, help="--fsdp_loss: trained tokens per row")
@@ -384,6 +549,16 @@ def main() -> None:
         return
     if args.rank_child:
         rank_child(json.loads(args.rank_child))
+        return
+    if args.trl_child:
+        trl_child(json.loads(args.trl_child))
+        return
+    if args.one_process:
+        runs = one_process_comparison(args)
+        print(one_process_table(runs))
+        Path(args.out).with_name(f"memory_one_process_{args.seq_len}.json").write_text(
+            json.dumps({"args": vars(args), "results": runs}, indent=1) + "\n", encoding="utf-8"
+        )
         return
     if args.plan_vs_measured:
         rows = plan_vs_measured()
