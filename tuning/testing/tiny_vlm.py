@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from tuning.tiny import TOKENIZER_FILES
+
 # What sets the size, per model_type; vocabulary, special token ids, image geometry and RoPE are the real ones.
 TEXT = {
     "hidden_size": 32,
@@ -40,18 +42,8 @@ VISION = {
     },
 }
 ROPE = {"qwen2_5_vl": {"mrope_section": [2, 1, 1]}}
-COPIED = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
-)
+# the tokenizer files `tuning tiny-model` copies, and the processor's own
+COPIED = (*TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json")
 
 
 def write_tiny_vlm(source: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
