@@ -195,3 +195,15 @@ def test_deepspeed_engine_keeps_its_parsed_config():
         "deepspeed", "DeepSpeedEngine._config"
     )
     assert deepspeed_private.zero_config(None) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("clearml") is None, reason="clearml is not installed")
+def test_clearml_task_reads_whether_to_fork_its_reporter_from_one_class_attribute():
+    from clearml import Task
+    from clearml.utilities.process import mp
+
+    assert hasattr(Task, "_report_subprocess_enabled"), changed("clearml", "Task._report_subprocess_enabled")
+    # the forked reporter starts where BackgroundMonitor reads that attribute
+    assert "task._report_subprocess_enabled" in inspect.getsource(mp.BackgroundMonitor.start_all), changed(
+        "clearml", "where BackgroundMonitor decides to fork"
+    )

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import io_rows, write_json
+from tests.conftest import io_rows, run_cli, write_json
 from tuning.config import parse_config
 from tuning.errors import UserError
-from tuning.sft_trainer import run
 from tuning.trackers import tracker_class
 from tuning.train import read_training_logs
 
@@ -29,12 +28,13 @@ def tracked(tmp_path_factory, tiny_model_dir):
             "none of wandb, clearml, HFResourceScanner installed: pip install 'tuning[wandb,clearml]'"
         )
     root = tmp_path_factory.mktemp("fms-trackers")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")
-    mp.setenv("WANDB_SILENT", "true")
-    mp.setenv("CLEARML_OFFLINE_MODE", "1")
-    mp.setenv("CLEARML_CACHE_DIR", str(root / "clearml-cache"))
-    mp.setenv("HOME", str(root / "home"))  # clearml's offline sessions and config live under ~/.clearml
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "CLEARML_OFFLINE_MODE": "1",
+        "CLEARML_CACHE_DIR": str(root / "clearml-cache"),
+        "HOME": str(root / "home"),  # clearml's offline sessions and config live under ~/.clearml
+    }
     train = write_json(root / "train.json", io_rows(3))  # 24 rows: 6 steps of 4 (the scanner reads step 5)
     out = root / "out"
     argv = [
@@ -50,10 +50,11 @@ def tracked(tmp_path_factory, tiny_model_dir):
         *("--logging_steps", "2", "--save_strategy", "no", "--tracker", ",".join(INSTALLED)),
         *("--run_uri_export_path", str(root / "links"), "--clearml_task", "tiny-task"),
     ]
-    try:
-        run(parse_config(argv))
-    finally:
-        mp.undo()
+    # The real CLI in its own process, as users run it: these packages patch process-wide state
+    # (HFResourceScanner wraps Trainer._save_checkpoint, clearml hooks frameworks), and clearml run
+    # under pytest analyses pytest's own folder as "the script's repository" for up to 5 minutes.
+    done = run_cli(argv, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     logs = read_training_logs(out)
     return root, out, [(r["step"], r["value"]) for r in logs]
 
@@ -109,6 +110,28 @@ def test_resource_scanner_writes_its_report(tracked):
     report = json.loads((out / "scanner_output.json").read_text())
     assert report["time_data"]["fwd_begin_relative"] > 0
     assert report["tps_data"]["tokens"] > 0
+
+
+@pytest.mark.skipif(
+    "hf_resource_scanner" not in INSTALLED,
+    reason="HFResourceScanner not installed: pip install 'tuning[hf_resource_scanner]'",
+)
+def test_resource_scanner_leaves_trainer_and_collectives_as_it_found_them(tmp_path):
+    import torch.distributed as dist
+    from transformers import Trainer, TrainerControl, TrainerState
+
+    from tuning.config import TrackerArgs
+    from tuning.trackers.resource_scanner_tracker import ResourceScannerTracker
+
+    before = {"trainer": dict(vars(Trainer)), "all_reduce": dist.all_reduce}
+    tracker = ResourceScannerTracker(TrackerArgs(), str(tmp_path))
+    # step 0 of a run shorter than the scanner's target step, saving nothing: the scanner patches
+    # the Trainer class and the collectives here and never puts them back itself
+    tracker.callback.on_step_begin(None, TrainerState(), TrainerControl())
+    assert dict(vars(Trainer)) != before["trainer"] and dist.all_reduce is not before["all_reduce"]
+    tracker.finish()
+    assert dict(vars(Trainer)) == before["trainer"]
+    assert dist.all_reduce is before["all_reduce"]
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from typing import Any
 
 from clearml import Task
 
+from tuning.compat import clearml as clearml_private
 from tuning.config import TrackerArgs
 from tuning.trackers.protocol import RunInfo
 
@@ -29,6 +30,7 @@ class ClearMLTracker:
         # Task.init installs ClearML's own SIGTERM/SIGINT hooks over ours (checkpoint, then exit 143/130;
         # tuning/train/signals.py); ours stay, and finish() closes the task on every way out
         kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        clearml_private.report_from_threads(Task)  # no fork of a process that trains (and runs threads)
         self.task = Task.init(
             project_name=self.project or info.experiment,
             task_name=self.task_name or info.run_name,
