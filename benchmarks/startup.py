@@ -3,7 +3,8 @@
 Two measurements, each in fresh processes, medians of ``--repeat`` runs:
 
 1. Time to the first line: ``tuning --help``, ``tuning train --help``, a mistyped flag (the error line),
-   for this checkout and, with ``--before DIR`` (an unpacked older checkout, e.g.
+   each the first time (no flag table cached yet: tuning/flag_table.py) and later (the table cached by an
+   earlier run), for this checkout and, with ``--before DIR`` (an unpacked older checkout, e.g.
    ``git archive 4ccc812 | tar -x -C /tmp/before``), for that one too, run alternately so that a busy
    machine slows both alike: compare the ratios, not the seconds.
 2. Time to the first training step of a small CPU run (the tiny Llama, 8 rows), by stage: interpreter
@@ -76,9 +77,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def first_line_seconds(tree: Path, args: list[str], work: Path) -> float:
-    """Wall time from starting the process to its answer: the usage or error line."""
-    env = {**_env(), "PYTHONPATH": str(tree)}
+def first_line_seconds(tree: Path, args: list[str], work: Path, cache: Path) -> float:
+    """Wall time from starting the process to its answer: the usage or error line. ``cache``: the
+    ``$TUNING_CACHE_DIR`` it finds (empty: the first command ever)."""
+    env = {**_env(), "PYTHONPATH": str(tree), "TUNING_CACHE_DIR": str(cache)}
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, *args],
@@ -131,16 +133,21 @@ def main() -> None:
     results: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "first_line_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print(f"{'time to the first line (median s)':<40}" + "".join(f"{t:>16}" for t in trees) + "   ratio")
-        for name, cmd in FIRST_LINE.items():
+        print(f"{'time to the first line (median s)':<52}" + "".join(f"{t:>16}" for t in trees) + "   ratio")
+        caches = {t: work / f"cache-{i}" for i, t in enumerate(trees)}  # kept: "later"
+        for (name, cmd), cold in [(item, cold) for item in FIRST_LINE.items() for cold in (True, False)]:
+            name = f"{name}, {'first time' if cold else 'later'}"
             samples: dict[str, list[float]] = {t: [] for t in trees}
-            for _ in range(args.repeat):
+            for i in range(args.repeat):
                 for tree_name, tree in trees.items():  # alternately: a busy machine slows both alike
-                    samples[tree_name].append(first_line_seconds(tree, cmd, work))
+                    cache = work / f"cold-{tree_name}-{name}-{i}" if cold else caches[tree_name]
+                    if not cold and i == 0:
+                        first_line_seconds(tree, cmd, work, cache)  # an earlier run caches the table
+                    samples[tree_name].append(first_line_seconds(tree, cmd, work, cache))
             medians = {t: statistics.median(s) for t, s in samples.items()}
             results["first_line_s"][name] = medians
             ratio = f"{medians['before'] / medians['this checkout']:.1f}x" if "before" in medians else ""
-            print(f"{name:<40}" + "".join(f"{medians[t]:>16.2f}" for t in trees) + f"   {ratio}")
+            print(f"{name:<52}" + "".join(f"{medians[t]:>16.2f}" for t in trees) + f"   {ratio}")
         runs = [first_step(work / f"run{i}") for i in range(args.repeat)]
     stages = list(runs[0]["marks"])
     results["first_step_s"] = {s: statistics.median(r["marks"][s] for r in runs) for s in stages}

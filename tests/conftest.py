@@ -20,6 +20,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # a job handed over in the environment (fms-hf-tuning's convention) would configure every parse in the suite
 for _job_variable in ("SFT_TRAINER_CONFIG_JSON_PATH", "SFT_TRAINER_CONFIG_JSON_ENV_VAR"):
     os.environ.pop(_job_variable, None)
+# the flag table (tuning/flag_table.py) the suite's parsers write: one per run, not in the user's ~/.cache
+if "TUNING_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TUNING_CACHE_DIR"] = tempfile.mkdtemp(prefix="tuning-cache-")
 
 import pytest  # noqa: E402 (the environment above must be set before torch is imported)
 import torch  # noqa: E402

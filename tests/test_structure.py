@@ -25,6 +25,7 @@ LAYERS = {
     "logs": 0,
     "dtypes": 0,
     "lock": 0,
+    "flag_table": 0,  # the flags written down, for --help and typos before the training stack imports
     "compat": 0,  # one module per library's private names; each module is its own surface
     "config": 1,
     "data": 2,

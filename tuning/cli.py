@@ -15,6 +15,11 @@ from tuning.logs import quiet_libraries
 
 
 def _train(argv: list[str]) -> int:
+    from tuning.flag_table import answer_early
+
+    early = answer_early(argv)  # --help or a mistyped flag: before torch and transformers load
+    if early is not None:
+        return early
     from tuning import sft_trainer
 
     return sft_trainer.main(argv)

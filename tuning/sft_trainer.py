@@ -17,6 +17,11 @@ if __name__ == "__main__":  # a program: this module is imported under its own n
     from tuning.errors import run_program
 
     def _start() -> int:
+        from tuning.flag_table import answer_early
+
+        early = answer_early(sys.argv[1:])  # --help or a mistyped flag: before torch and transformers
+        if early is not None:
+            return early
         from tuning import sft_trainer
 
         return sft_trainer.main(sys.argv[1:])

@@ -33,3 +33,19 @@ def put_group_first(parser: argparse.ArgumentParser, group: Any, others_title: s
     parser._action_groups.remove(group)
     parser._action_groups.insert(0, group)
     parser._optionals.title = others_title
+
+
+def action_groups(parser: argparse.ArgumentParser) -> list[Any]:
+    """The groups ``--help`` prints, in its order (``parser._action_groups``); the first two are
+    argparse's own (positional arguments, options)."""
+    return list(parser._action_groups)
+
+
+def group_actions(group: Any) -> list[argparse.Action]:
+    """The flags of one group (``group._group_actions``)."""
+    return list(group._group_actions)
+
+
+def is_help(action: argparse.Action) -> bool:
+    """Whether ``action`` is ``-h/--help`` (``argparse._HelpAction``)."""
+    return isinstance(action, argparse._HelpAction)

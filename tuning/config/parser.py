@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from tuning import flag_table
 from tuning.compat import argparse as argparse_private
 from tuning.config.args import (
     BNB_METHODS,
@@ -42,7 +43,7 @@ from tuning.config.args import (
     float_fields,
     text_fields,
 )
-from tuning.config.fms import FmsArgs, resolve_fms, translate_argv, translate_file
+from tuning.config.fms import LEGACY, LORA_PASSTHROUGH, FmsArgs, resolve_fms, translate_argv, translate_file
 from tuning.config.rules import check_values
 from tuning.errors import ArgumentParser, UserError, did_you_mean
 from tuning.files import LAUNCH_ARGS_KEY, check_writable_folder, job_from_environment, read_mapping_file
@@ -118,6 +119,7 @@ def build_parser() -> HfArgumentParser:
         hint = field_hints().get(action.dest)
         if hint is not None and _admits(hint, dict) and action.nargs is None:
             action.type = _json_object_type(action.type, text_too=_admits(hint, str))
+    flag_table.store(parser, [*LEGACY, *LORA_PASSTHROUGH])  # --help and typos, next time, in a blink
     return parser
 
 
@@ -167,44 +169,14 @@ def _json_object_type(fallback: Callable[[str], Any] | None, text_too: bool) -> 
 
 
 def peek_flag(argv: list[str], dest: str, parser: argparse.ArgumentParser | None = None) -> str | None:
-    """The value given for ``--dest`` on a command line that may not parse: the exact flag, ``--dest=V``
-    or a unique prefix of it (argparse's abbreviation rule over ``parser``'s flags). The last one wins."""
-    options = [
-        o
-        for a in argparse_private.actions(parser or build_parser())
-        for o in a.option_strings
-        if o.startswith("--")
-    ]
-    target, found = f"--{dest}", None
-    for i, arg in enumerate(argv):
-        if arg == "--":
-            break
-        name, eq, value = arg.partition("=")
-        if not name.startswith("--"):
-            continue
-        matches = [o for o in options if o.startswith(name)]
-        if name == target or matches == [target]:
-            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    return found
+    """The value given for ``--dest`` on a command line that may not parse (:func:`tuning.flag_table.peek`)."""
+    return flag_table.peek(argv, dest, parser or build_parser())
 
 
 def output_dir_hint(argv: list[str]) -> str | None:
     """``--output_dir`` of a command line, or of its ``--config`` file (or the job in the environment),
     for the termination log of a command that failed before (or while) parsing."""
-    parser = build_parser()
-    given = peek_flag(argv, "output_dir", parser)
-    if given:
-        return given
-    config_file = peek_flag(argv, "config", parser)
-    try:
-        if config_file:
-            values = read_mapping_file(config_file, "config file")
-        else:
-            values = (job_from_environment() or ("", {}))[1]
-    except UserError:
-        return None
-    value = values.get("output_dir")
-    return value if isinstance(value, str) else None
+    return flag_table.output_dir_of(argv, build_parser())
 
 
 def parse_config(argv: list[str], defaults: dict[str, Any] | None = None) -> SFTConfig:
@@ -263,9 +235,7 @@ def _command_line_values(parser: HfArgumentParser, argv: list[str]) -> dict[str,
     if remaining:
         dests = [a.dest for a in argparse_private.actions(parser) if a.dest not in ("help", "config")]
         flag = next((r for r in remaining if r.startswith("-")), remaining[0])
-        raise UserError(
-            f"unknown flag {flag}{did_you_mean(flag.split('=')[0], dests, flag=True)}; see --help"
-        )
+        raise flag_table.unknown_flag(flag, dests)
     return {k: v for k, v in vars(given).items() if v is not _UNSET and k != "help"}
 
 
