@@ -90,9 +90,13 @@ def test_what_the_table_cannot_judge_goes_the_full_way(argv, cache, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_without_a_table_everything_goes_the_full_way(cache):
+def test_without_a_usable_table_everything_goes_the_full_way(cache):
     assert flag_table.answer_early(["--help"]) is None
     assert flag_table.answer_early(["--lerning_rate", "1"]) is None
+    cache.mkdir(parents=True)
+    for damaged in ('{"groups": [{"title": "options"}]}', "[1, 2]", '{"usage": null'):
+        flag_table.table_path().write_text(damaged)
+        assert flag_table.answer_early(["--help"]) is None
 
 
 def test_an_unwritable_cache_only_costs_speed(tmp_path, monkeypatch):

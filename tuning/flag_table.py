@@ -32,8 +32,8 @@ from tuning.files import job_from_environment, read_mapping_file
 # what the flags depend on besides our config code: TrainingArguments' fields, and what they import
 _LIBRARIES = ("transformers", "peft", "accelerate")
 _CONFIG_CODE = Path(__file__).resolve().parent / "config"
-_SUPPRESS = "==SUPPRESS=="
-_GIVEN = "-given"  # where the rebuilt parser notes the flags given (no flag's destination has a dash)  # argparse.SUPPRESS's value, spelled out for the JSON
+_SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS's value, spelled out for the JSON
+_GIVEN = "-given"  # where the rebuilt parser notes the flags given (no flag's destination has a dash)
 # fms-hf-tuning's job in the environment (tuning/config/fms.py): its keys are checked the full way
 _JOB_VARIABLES = ("SFT_TRAINER_CONFIG_JSON_ENV_VAR", "SFT_TRAINER_CONFIG_JSON_PATH")
 
@@ -79,6 +79,8 @@ def describe(parser: argparse.ArgumentParser, translated: list[str]) -> dict[str
             "required": a.required,
         }
 
+    if getattr(argparse, parser.formatter_class.__name__, None) is not parser.formatter_class:
+        raise ValueError("flag table: a help formatter that is not argparse's own")
     for a in argparse_private.actions(parser):
         # what this table cannot carry; the full parser answers for such a parser
         if a.metavar is not None or (a.help and "%(" in a.help.replace("%(default)s", "")):
@@ -173,10 +175,11 @@ def answer_early(argv: list[str], prog: str | None = None) -> int | None:
     """Answer ``argv`` from the table when that is all it needs: print ``--help`` (0), or the unknown-flag
     error line (1, as the full path ends). None: the full parser must look (no table, a file, a bad value)."""
     table = load()
-    if table is None:
+    try:
+        parser = rebuild(table, prog)  # type: ignore[arg-type]
+        kept = _without_translated(argv, set(table["translated"]))  # type: ignore[index]
+    except (TypeError, KeyError, ValueError, AttributeError):  # no table, or not one this code wrote
         return None
-    parser = rebuild(table, prog)
-    kept = _without_translated(argv, set(table["translated"]))
     try:
         namespace, remaining = parser.parse_known_args(kept, namespace=argparse.Namespace())
     except _Unsure:
