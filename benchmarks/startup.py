@@ -55,7 +55,7 @@ def timed(name, fn):
         out = fn(*a, **k); mark(name); return out
     return wrapper
 st.load_config = timed("command line parsed", st.load_config)
-st.load_tokenizer = timed("tokenizer", st.load_tokenizer)
+st.load_encoding = timed("tokenizer (+ processor)", st.load_encoding)
 st.check_memory = timed("model config + memory plan", st.check_memory)
 st.build_datasets = timed("data", st.build_datasets)
 st.load_model = timed("weights", st.load_model)
@@ -118,8 +118,9 @@ def first_step(work: Path) -> dict:
         env={**_env(), "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
-        check=True,
     )
+    if done.returncode != 0:
+        raise SystemExit(f"the timed run failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

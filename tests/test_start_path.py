@@ -63,3 +63,29 @@ def test_the_tuning_command_imports_no_library_before_a_command_runs():
     # the sft_trainer entry as a program: only run_program before the stages import (inside run_command)
     source = (REPO / "tuning" / "sft_trainer.py").read_text(encoding="utf-8")
     assert source.index('if __name__ == "__main__":') < source.index("from tuning.config import")
+
+
+@pytest.mark.slow
+def test_the_startup_benchmark_still_times_every_stage_of_the_real_entry_point(tmp_path):
+    """benchmarks/startup.py wraps the entry point's stages by name: a renamed stage must fail here, not
+    on the day someone measures."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("startup", REPO / "benchmarks" / "startup.py")
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    result = startup.first_step(tmp_path)
+    assert result["code"] == 0
+    marks = list(result["marks"].items())
+    assert [name for name, _ in marks] == [
+        "python started",
+        "imports (tuning.sft_trainer)",
+        "command line parsed",
+        "tokenizer (+ processor)",
+        "model config + memory plan",
+        "data",
+        "weights",
+        "trainer",
+        "first step",
+    ]
+    assert all(a <= b for (_, a), (_, b) in zip(marks, marks[1:], strict=False))
