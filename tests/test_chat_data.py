@@ -15,7 +15,7 @@ from tuning import preview
 from tuning.config import parse_config
 from tuning.config.args import DataArgs
 from tuning.data import chat, formats
-from tuning.data.prepare import prepare_path, process_batch
+from tuning.data.prepare import encoding_context, prepare_path, process_batch
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.errors import UserError
 
@@ -25,14 +25,7 @@ HI_YO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo
 
 def run(batch: dict, tokenizer, fmt: str, max_len: int = 512, **args) -> dict:
     data_args = DataArgs(**args)
-    return process_batch(
-        batch,
-        fmt=fmt,
-        args=data_args,
-        tokenizer=tokenizer,
-        max_len=max_len,
-        settings=chat.settings_from_args(data_args),
-    )
+    return process_batch(batch, fmt=fmt, ctx=encoding_context(data_args, tokenizer, max_len, ()))
 
 
 def trained_text(tokenizer, out: dict, i: int = 0) -> str:
@@ -184,7 +177,7 @@ def test_data_file_shapes_through_prepare_path(tmp_path, tokenizer):
     args = DataArgs(training_data_path=str(path), chat_template=template)
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = template
-    ds, fmt, stats = prepare_path(str(path), args, tokenizer, 512)
+    ds, fmt, stats = prepare_path(str(path), encoding_context(args, tokenizer, 512, ()))
     assert fmt == "chat" and stats.kept == 4
     texts = [tokenizer.decode(ids) for ids in ds["input_ids"]]
     expected = [
@@ -317,12 +310,12 @@ def test_conversation_without_assistant_turn_is_dropped_and_counted(tmp_path, to
     rows = [{"messages": HI_YO}, {"messages": [{"role": "user", "content": "alone"}]}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     with caplog.at_level(logging.WARNING):
-        ds, _, stats = prepare_path(str(path), DataArgs(), tokenizer, 512)
+        ds, _, stats = prepare_path(str(path), encoding_context(DataArgs(), tokenizer, 512, ()))
     assert len(ds) == 1 and stats.dropped == {chat.NO_ASSISTANT: 1}
     assert "dropped 1 of 2 rows (no assistant turn)" in caplog.text
     only_user = write_jsonl(tmp_path / "u.jsonl", rows[1:])
     with pytest.raises(UserError, match="none of the 1 conversations has an assistant turn"):
-        prepare_path(str(only_user), DataArgs(), tokenizer, 512)
+        prepare_path(str(only_user), encoding_context(DataArgs(), tokenizer, 512, ()))
 
 
 def test_template_errors_are_user_errors(tokenizer):

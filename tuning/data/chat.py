@@ -86,9 +86,11 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 @dataclass
 class ChatSettings:
-    """The job's chat options, the same for every path (built once per job by the data stage)."""
+    """The job's chat options, the same for every path (built once per job by the data stage:
+    ``tuning.data.prepare.encoding_context``). The stop tokens have no default: settings that forgot
+    them would train every turn past the model's end of turn."""
 
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...]
     train_on: TrainOn = "responses"
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     render_budget: int = DEFAULT_RENDER_BUDGET
@@ -100,7 +102,7 @@ class ChatSettings:
 
 
 def settings_from_args(
-    args: DataArgs, stop_token_ids: Sequence[int] = (), *, keep_sample_info: bool = False
+    args: DataArgs, stop_token_ids: Sequence[int], *, keep_sample_info: bool = False
 ) -> ChatSettings:
     """The job's chat settings: its flags and the model's stop tokens."""
     return ChatSettings(
