@@ -126,7 +126,7 @@ def process_dataset(ds: DatasetConfig, config: DataConfig, ctx: EncodingContext)
     rows_read = len(data) if isinstance(data, datasets.Dataset) else 0
     context = {
         "tokenizer": ctx.tokenizer,
-        "chat_template": config.chat_template,
+        "chat_template": ctx.chat_template,
         "chat_settings": ctx.settings,
     }
     for i, step in enumerate(ds.steps):
@@ -199,9 +199,4 @@ def _finalize_stream(data: Any, fmt: str, ctx: EncodingContext) -> Any:
 def process_all(ctx: EncodingContext) -> tuple[DataConfig, list[ProcessedDataset]]:
     check(ctx.args.data_config_path, "process_all needs --data_config_path")
     config = load_data_config(ctx.args.data_config_path)
-    if config.chat_template:
-        # the saved tokenizer must carry the template the model was trained with
-        ctx.tokenizer.chat_template = config.chat_template
-        if ctx.processor is not None:
-            ctx.processor.chat_template = config.chat_template
     return config, [process_dataset(d, config, ctx) for d in config.datasets]

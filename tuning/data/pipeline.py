@@ -13,6 +13,7 @@ import datasets
 from tuning.config import DataArgs
 from tuning.data.audit import AuditSource, build_audit
 from tuning.data.batching import pack, sample_lengths
+from tuning.data.chat import read_chat_template
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
 from tuning.data.formats import resolve_format
@@ -21,6 +22,7 @@ from tuning.data.mixing import build_from_data_config
 from tuning.data.prepare import (
     DataStats,
     PreparedData,
+    carry_chat_template,
     chat_conversations,
     encoding_context,
     prepare_path,
@@ -99,6 +101,7 @@ def build_datasets(
     generated turn (the model's generation config); chat turns are trained through the first of them.
     ``processor``: an image-text model's, for chat rows with images (docs/vision.md)."""
     ctx = encoding_context(args, tokenizer, max_len, stop_token_ids, processor)
+    carry_chat_template(ctx)
     if args.data_config_path:
         data = build_from_data_config(ctx)
     else:
@@ -130,6 +133,8 @@ def check_data_config(args: DataArgs, max_steps: int) -> None:
     """Read and check the whole data config now, before any model or data is loaded; without one, that
     the data paths name files that exist (a typo is reported before the model loads and the memory plan
     prints, and before output_dir is touched)."""
+    if args.chat_template_path:
+        read_chat_template(args.chat_template_path)  # read again, once, by the data stage (encoding_context)
     if not args.data_config_path:
         for path in (args.training_data_path, args.validation_data_path):
             if path:
@@ -172,6 +177,7 @@ def preview_parts(
     """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data.
     Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
     ctx = encoding_context(args, tokenizer, max_len, stop_token_ids, processor, keep_sample_info=True)
+    carry_chat_template(ctx)
     if args.data_config_path:
         _, processed = process_all(ctx)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]

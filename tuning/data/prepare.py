@@ -18,6 +18,7 @@ import numpy as np
 from tuning.config import DataArgs
 from tuning.data import audit, chat, formats, vision
 from tuning.data.audit import AuditSource
+from tuning.data.data_config import load_data_config
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
 from tuning.errors import UserError, excerpt
@@ -101,13 +102,14 @@ def total_stats(stats: list[DataStats]) -> DataStats:
 class EncodingContext:
     """What every dataset of a job is encoded with, built once per job by :func:`encoding_context` and
     passed down whole: the data flags, the tokenizer, the context length, the chat settings (the model's
-    stop tokens included) and an image-text model's processor (None for a text model)."""
+    stop tokens included), the chat template (resolved once) and an image-text model's processor."""
 
     args: DataArgs
     tokenizer: Any
     max_len: int
     settings: chat.ChatSettings
-    processor: Any = None
+    processor: Any = None  # None for a text model
+    chat_template: str | None = None  # the job's (chat.job_chat_template); None: the tokenizer's own
 
 
 def encoding_context(
@@ -128,7 +130,18 @@ def encoding_context(
             "turns are trained through the whole of each turn's rendering"
         )
     settings = chat.settings_from_args(args, stop_token_ids, keep_sample_info=keep_sample_info)
-    return EncodingContext(args, tokenizer, max_len, settings, processor)
+    config = load_data_config(args.data_config_path) if args.data_config_path else None
+    template = chat.job_chat_template(args, config.chat_template if config else None)
+    return EncodingContext(args, tokenizer, max_len, settings, processor, template)
+
+
+def carry_chat_template(ctx: EncodingContext) -> None:
+    """The job's chat template onto its tokenizer and processor, the one place it reaches them: the saved
+    tokenizer, and a server reading it, render prompts as the model was trained."""
+    if ctx.chat_template:
+        ctx.tokenizer.chat_template = ctx.chat_template
+        if ctx.processor is not None:
+            ctx.processor.chat_template = ctx.chat_template
 
 
 def prepare_path(path: str, ctx: EncodingContext) -> tuple[datasets.Dataset, str, DataStats]:
@@ -267,11 +280,11 @@ def process_batch(
             for j in range(len(conversations))
         ]
         return vision.encode_vision_conversations(
-            conversations, refs, where, vision_data.processor, ctx.settings, ctx.max_len
+            conversations, refs, where, vision_data.processor, ctx.settings, ctx.max_len, ctx.chat_template
         )
     if conversations is not None:
         return chat.encode_conversations(
-            conversations, ctx.tokenizer, ctx.args.chat_template, ctx.settings, ctx.max_len
+            conversations, ctx.tokenizer, ctx.chat_template, ctx.settings, ctx.max_len
         )[0]
     texts, spans = render_batch(batch, fmt, ctx.args)
     found = [bool(s) for s in spans]
@@ -288,7 +301,7 @@ def chat_conversations(
     rows when there is a chat template (the instruction, then the input, as the user's turn)."""
     args, settings = ctx.args, ctx.settings
     messages = fmt == "prompt_completion" and batch["prompt"] and not isinstance(batch["prompt"][0], str)
-    chat_alpaca = fmt == "alpaca" and (args.chat_template or getattr(ctx.tokenizer, "chat_template", None))
+    chat_alpaca = fmt == "alpaca" and (ctx.chat_template or getattr(ctx.tokenizer, "chat_template", None))
     if not (fmt == "chat" or messages or chat_alpaca):
         return None  # a text format: render_batch reads the rows
     rows = formats.rows_of(batch)
