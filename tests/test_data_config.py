@@ -15,8 +15,6 @@ from tuning import preview, sft_trainer
 from tuning.config import parse_config
 from tuning.config.args import DataArgs
 from tuning.data import build_datasets
-from tuning.data.mixing import build_from_data_config
-from tuning.data.prepare import encoding_context
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.errors import UserError
 from tuning.testing.tiny_model import build_tokenizer
@@ -83,8 +81,8 @@ def io_config(tmp_path: Path, io_file: Path, *extras: str) -> Path:
 
 
 def build(config: Path, tokenizer=None, max_len: int = 512):
-    args = DataArgs(data_config_path=str(config))
-    return build_from_data_config(encoding_context(args, tokenizer or build_tokenizer(), max_len, ()))
+    # the job's entry point: it builds the encoding context and carries the job's template to the tokenizer
+    return build_datasets(DataArgs(data_config_path=str(config)), tokenizer or build_tokenizer(), max_len, ())
 
 
 def main_args(config: Path, model: Path, out: Path, *extra: str) -> list[str]:
