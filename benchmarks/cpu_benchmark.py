@@ -141,7 +141,10 @@ def run_one(path: str, workload: str, tokenizer_dir: str) -> dict:
     tmp = Path(tempfile.mkdtemp())
     write_rows(workload, tmp / "data.jsonl")
     data = build_datasets(
-        DataArgs(training_data_path=str(tmp / "data.jsonl"), chat_template=CHAT_TEMPLATE), tokenizer, 2048
+        DataArgs(training_data_path=str(tmp / "data.jsonl"), chat_template=CHAT_TEMPLATE),
+        tokenizer,
+        2048,
+        (tokenizer.eos_token_id,),
     )
     model = build_model(len(tokenizer))
     common = dict(

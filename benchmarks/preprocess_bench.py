@@ -205,6 +205,10 @@ def _with_stop_ids(fn, args, tokenizer, stop, by_ids: bool = False):
     params = inspect.signature(fn).parameters
     if by_ids and "stop_token_ids" in params:
         return lambda: fn(args, tokenizer, 4096, stop)
+    if not by_ids and "ctx" in params:  # one encoding context in place of the loose arguments
+        from tuning.data.prepare import encoding_context
+
+        return lambda: fn(encoding_context(args, tokenizer, 4096, stop))
     if not by_ids and "settings" in params:
         from tuning.data.chat import settings_from_args
 

@@ -54,8 +54,7 @@ def rows(folder: Path, n: int) -> list[dict]:
 def bench_tuning(model: Path, data: Path, out: Path, steps: int) -> dict:
     from tuning import sft_trainer
     from tuning.config import DataArgs, ModelArgs
-    from tuning.data.chat import settings_from_args
-    from tuning.data.prepare import prepare_path
+    from tuning.data.prepare import encoding_context, prepare_path
     from tuning.model import load_processor
 
     processor = load_processor(
@@ -64,7 +63,7 @@ def bench_tuning(model: Path, data: Path, out: Path, steps: int) -> dict:
     args = DataArgs(training_data_path=str(data))
     start = time.perf_counter()
     ds, _, _ = prepare_path(
-        str(data), args, processor.tokenizer, 4096, settings_from_args(args, (151645,)), processor
+        str(data), encoding_context(args, processor.tokenizer, 4096, (151645,), processor)
     )
     prep = time.perf_counter() - start
     flags = (

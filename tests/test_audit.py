@@ -43,7 +43,7 @@ def fixture_file(tmp_path_factory) -> Path:
 
 def audit_of(path: Path, max_len: int = MAX_LEN, epochs: float | None = 2.0, **flags) -> dict:
     args = DataArgs(training_data_path=str(path), **flags)
-    return data_audit(build_datasets(args, build_tokenizer(), max_len), args, max_len, epochs)
+    return data_audit(build_datasets(args, build_tokenizer(), max_len, ()), args, max_len, epochs)
 
 
 def test_counts_equal_hand_computed_ones(fixture_file):
@@ -97,7 +97,7 @@ def test_data_config_sources_mixing_and_duplicates_across_sources(tmp_path, fixt
         f"  - name: two\n    data_paths: [{other}]\n    sampling: 0.5\n"
     )
     args = DataArgs(data_config_path=str(config))
-    data = build_datasets(args, build_tokenizer(), MAX_LEN)
+    data = build_datasets(args, build_tokenizer(), MAX_LEN, ())
     audit = data_audit(data, args, MAX_LEN, None)
     one, two = audit["sources"]
     assert (one["name"], two["name"]) == ("one", "two")

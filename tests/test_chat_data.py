@@ -6,6 +6,7 @@ written by hand: a printable character c is ``ord(c) - 28`` (space=4, "A"=37, "a
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
@@ -14,10 +15,11 @@ from conftest import write_jsonl
 from tuning import preview
 from tuning.config import parse_config
 from tuning.config.args import DataArgs
-from tuning.data import chat, formats
-from tuning.data.prepare import prepare_path, process_batch
+from tuning.data import build_datasets, chat, formats
+from tuning.data.prepare import encoding_context, prepare_path, process_batch
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.errors import UserError
+from tuning.testing.tiny_model import build_tokenizer
 
 X = IGNORE_INDEX
 HI_YO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
@@ -25,14 +27,7 @@ HI_YO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo
 
 def run(batch: dict, tokenizer, fmt: str, max_len: int = 512, **args) -> dict:
     data_args = DataArgs(**args)
-    return process_batch(
-        batch,
-        fmt=fmt,
-        args=data_args,
-        tokenizer=tokenizer,
-        max_len=max_len,
-        settings=chat.settings_from_args(data_args),
-    )
+    return process_batch(batch, fmt=fmt, ctx=encoding_context(data_args, tokenizer, max_len, ()))
 
 
 def trained_text(tokenizer, out: dict, i: int = 0) -> str:
@@ -184,7 +179,7 @@ def test_data_file_shapes_through_prepare_path(tmp_path, tokenizer):
     args = DataArgs(training_data_path=str(path), chat_template=template)
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = template
-    ds, fmt, stats = prepare_path(str(path), args, tokenizer, 512)
+    ds, fmt, stats = prepare_path(str(path), encoding_context(args, tokenizer, 512, ()))
     assert fmt == "chat" and stats.kept == 4
     texts = [tokenizer.decode(ids) for ids in ds["input_ids"]]
     expected = [
@@ -256,23 +251,43 @@ def test_trl_flag_names(tmp_path):
 
 
 def test_chat_template_path_file_or_tokenizer_folder(tmp_path, tokenizer):
-    from tuning.config.args import ModelArgs
-    from tuning.model import load_tokenizer
-
     folder = tmp_path / "tok"
     tokenizer.save_pretrained(folder)
     (tmp_path / "t.jinja").write_text("{{ 'T' }}", encoding="utf-8")
-    model = ModelArgs(model_name_or_path=str(folder))
-    assert (
-        load_tokenizer(model, DataArgs(chat_template_path=str(tmp_path / "t.jinja"))).chat_template
-        == "{{ 'T' }}"
-    )
-    assert (
-        load_tokenizer(model, DataArgs(chat_template_path=str(folder))).chat_template
-        == tokenizer.chat_template
-    )
+    assert chat.job_chat_template(DataArgs(chat_template_path=str(tmp_path / "t.jinja"))) == "{{ 'T' }}"
+    assert chat.job_chat_template(DataArgs(chat_template_path=str(folder))) == tokenizer.chat_template
     with pytest.raises(UserError, match="does not exist"):
-        load_tokenizer(model, DataArgs(chat_template_path=str(tmp_path / "nope.jinja")))
+        chat.job_chat_template(DataArgs(chat_template_path=str(tmp_path / "nope.jinja")))
+    # one owner: the data stage; the tokenizer loads with its own template, whatever the flags say
+    from tuning.config.args import ModelArgs
+    from tuning.model import load_tokenizer
+
+    model = ModelArgs(model_name_or_path=str(folder))
+    loaded = load_tokenizer(model, DataArgs(chat_template_path=str(tmp_path / "t.jinja")))
+    assert loaded.chat_template == tokenizer.chat_template
+
+
+def test_the_job_template_reaches_the_tokenizer_once_and_a_data_config_template_wins(tmp_path):
+    """A data config's chat_template beats --chat_template for every row and for the saved tokenizer
+    (before, rows read as chat data used the flag's and the saved tokenizer the config's)."""
+    config = tmp_path / "data.yaml"
+    rows = tmp_path / "d.jsonl"
+    rows.write_text(json.dumps({"messages": HI_YO}) + "\n", encoding="utf-8")
+    config.write_text(
+        "dataprocessor:\n  type: default\n  chat_template: \"{% for m in messages %}[{{ m['content'] }}]"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        '{% if add_generation_prompt %}[{% endif %}"\n'
+        f"datasets:\n  - name: d\n    data_paths: [{rows}]\n",
+        encoding="utf-8",
+    )
+    tok = build_tokenizer()  # its own: the job's template is written onto it
+    args = DataArgs(data_config_path=str(config), chat_template="{{ 'flag' }}")
+    data = build_datasets(args, tok, 64, (tok.eos_token_id,))
+    assert tok.chat_template.startswith("{% for m in messages %}[")
+    ids = data.train[0]["input_ids"]
+    assert tok.decode(ids) == "[hi][yo]</s>"  # the config's template, not the flag's
+    trained = [t for t in data.train[0]["labels"] if t != X]
+    assert tok.decode(trained) == "yo]</s>"
 
 
 def test_render_budget_leaves_later_turns_untrained_and_counts_them(tokenizer, caplog):
@@ -317,12 +332,12 @@ def test_conversation_without_assistant_turn_is_dropped_and_counted(tmp_path, to
     rows = [{"messages": HI_YO}, {"messages": [{"role": "user", "content": "alone"}]}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     with caplog.at_level(logging.WARNING):
-        ds, _, stats = prepare_path(str(path), DataArgs(), tokenizer, 512)
+        ds, _, stats = prepare_path(str(path), encoding_context(DataArgs(), tokenizer, 512, ()))
     assert len(ds) == 1 and stats.dropped == {chat.NO_ASSISTANT: 1}
     assert "dropped 1 of 2 rows (no assistant turn)" in caplog.text
     only_user = write_jsonl(tmp_path / "u.jsonl", rows[1:])
     with pytest.raises(UserError, match="none of the 1 conversations has an assistant turn"):
-        prepare_path(str(only_user), DataArgs(), tokenizer, 512)
+        prepare_path(str(only_user), encoding_context(DataArgs(), tokenizer, 512, ()))
 
 
 def test_template_errors_are_user_errors(tokenizer):
@@ -359,3 +374,34 @@ def test_preview_shows_the_samples_a_conversation_becomes(tmp_path, tiny_model_d
     assert "2 samples from 1 of 1 rows kept; 1 conversations split into 2 samples" in out
     assert "-- sample 0: 3 tokens, 2 trained (part 1 of 2 of one conversation)\na[[b</s>]]" in out
     assert "-- sample 1: 9 tokens, 2 trained (part 2 of 2 of one conversation)\na[old]a[[b</s>]]" in out
+
+
+def test_stop_tokens_enter_once_and_a_missing_context_fails_at_the_call(tokenizer):
+    """The model's stop tokens reach chat encoding through the job's encoding context only, which has no
+    default for them: the old call shapes that fell back to no stop tokens are TypeErrors now."""
+    from tuning.data.handlers.chat import tokenize_and_apply_chat_template_with_masking as chat_masking
+
+    batch = {"messages": [HI_YO]}
+    with pytest.raises(TypeError):  # the loose parameters of before, without settings
+        process_batch(batch, fmt="chat", args=DataArgs(), tokenizer=tokenizer, max_len=64)
+    with pytest.raises(TypeError):
+        encoding_context(DataArgs(), tokenizer, 64)
+    with pytest.raises(TypeError):
+        chat.ChatSettings()
+    with pytest.raises(TypeError):
+        chat.settings_from_args(DataArgs())
+    with pytest.raises(TypeError):
+        chat_masking(batch, tokenizer=tokenizer, chat_template=None)
+    # what they dropped: a turn ends at the model's stop token <|end|> (not the tokenizer's EOS)
+    tok = build_tokenizer()
+    tok.add_tokens(["<|end|>"], special_tokens=True)
+    template = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}<|end|>{% endif %};{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    )
+    args = DataArgs(chat_template=template)
+    stop = tok.convert_tokens_to_ids("<|end|>")
+    with_stop = process_batch(batch, fmt="chat", ctx=encoding_context(args, tok, 64, (stop,)))
+    without = process_batch(batch, fmt="chat", ctx=encoding_context(args, tok, 64, ()))
+    assert trained_text(tok, with_stop) == "yo<|end|>"
+    assert trained_text(tok, without) == "yo<|end|>;"  # the template's separator, never generated

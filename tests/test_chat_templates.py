@@ -31,7 +31,7 @@ from tuning.data import chat
 from tuning.data.handlers.chat import tokenize_and_apply_chat_template_with_masking
 from tuning.data.handlers.templates import apply_tokenizer_chat_template
 from tuning.data.handlers.tokenizing import tokenize
-from tuning.data.prepare import process_batch
+from tuning.data.prepare import EncodingContext, process_batch
 from tuning.data.tokenize import IGNORE_INDEX, tokenize_batch
 
 REAL = REPO.parent / "shared" / "real-tokenizers"
@@ -341,9 +341,8 @@ def test_trained_runs_and_contexts_follow_the_rule(family, name):
     batch = {"messages": [messages], "tools": [tools]}
     chat_settings = settings(family, tokenizer)
     # the data-file path (--training_data_path) and the data-config handler give the same samples
-    cli = process_batch(
-        batch, fmt="chat", args=DataArgs(), tokenizer=tokenizer, max_len=10**6, settings=chat_settings
-    )
+    ctx = EncodingContext(DataArgs(), tokenizer, 10**6, chat_settings)
+    cli = process_batch(batch, fmt="chat", ctx=ctx)
     handler = tokenize_and_apply_chat_template_with_masking(
         batch, tokenizer=tokenizer, chat_template=None, chat_settings=chat_settings
     )
@@ -364,7 +363,11 @@ def test_rendered_chat_text_gets_no_second_bos(family):
     tokenizer = family.load()
     messages, _ = conversations(family)["basic"]
     text = apply_tokenizer_chat_template(
-        {"messages": [messages]}, tokenizer=tokenizer, chat_template=None, conversation_column_name="messages"
+        {"messages": [messages]},
+        tokenizer=tokenizer,
+        chat_template=None,
+        chat_settings=chat.ChatSettings(()),
+        conversation_column_name="messages",
     )["formatted_chat_data"]
     assert text == [tokenizer.apply_chat_template(messages, tokenize=False)]
     assert text[0].startswith(tokenizer.bos_token)
@@ -388,10 +391,7 @@ def run_cli_path(family: Family, name: str, **kwargs: Any) -> tuple[Any, dict]:
     out = process_batch(
         {"messages": [messages], "tools": [tools]},
         fmt="chat",
-        args=DataArgs(),
-        tokenizer=tokenizer,
-        max_len=10**6,
-        settings=settings(family, tokenizer, **kwargs),
+        ctx=EncodingContext(DataArgs(), tokenizer, 10**6, settings(family, tokenizer, **kwargs)),
     )
     return tokenizer, out
 
@@ -469,7 +469,10 @@ def test_generation_marked_template_is_trained_as_marked():
     template = (TEMPLATES / "phi3_training.jinja").read_text(encoding="utf-8")
     messages, _ = conversations(FAMILY["phi3"])["basic"]
     out = tokenize_and_apply_chat_template_with_masking(
-        {"messages": [messages]}, tokenizer=tokenizer, chat_template=template
+        {"messages": [messages]},
+        tokenizer=tokenizer,
+        chat_template=template,
+        chat_settings=chat.ChatSettings(()),
     )
     assert decoded_runs(tokenizer, out) == ["4.<|end|>\n", "6.<|end|>\n<|endoftext|>"]
 

@@ -15,7 +15,6 @@ from tuning import preview, sft_trainer
 from tuning.config import parse_config
 from tuning.config.args import DataArgs
 from tuning.data import build_datasets
-from tuning.data.mixing import build_from_data_config
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.errors import UserError
 from tuning.testing.tiny_model import build_tokenizer
@@ -82,9 +81,8 @@ def io_config(tmp_path: Path, io_file: Path, *extras: str) -> Path:
 
 
 def build(config: Path, tokenizer=None, max_len: int = 512):
-    return build_from_data_config(
-        DataArgs(data_config_path=str(config)), tokenizer or build_tokenizer(), max_len
-    )
+    # the job's entry point: it builds the encoding context and carries the job's template to the tokenizer
+    return build_datasets(DataArgs(data_config_path=str(config)), tokenizer or build_tokenizer(), max_len, ())
 
 
 def main_args(config: Path, model: Path, out: Path, *extra: str) -> list[str]:
@@ -350,10 +348,10 @@ def test_packing_applies_to_the_mixed_train_set(tmp_path, io_file):
     config = io_config(tmp_path, io_file, "")
     plain = build(config, max_len=64)
     args = DataArgs(data_config_path=str(config), packing=True, packing_strategy="wrapped")
-    packed = build_datasets(args, build_tokenizer(), 64)
+    packed = build_datasets(args, build_tokenizer(), 64, ())
     assert [len(r) for r in packed.train["input_ids"]][:-1] == [64] * (len(packed.train) - 1)
     assert sum(map(len, packed.train["input_ids"])) == sum(map(len, plain.train["input_ids"]))
     # the default, bfd: whole samples, positions restarting per sample, every token kept
-    bfd = build_datasets(DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64)
+    bfd = build_datasets(DataArgs(data_config_path=str(config), packing=True), build_tokenizer(), 64, ())
     assert sorted(map(len, bfd.train["input_ids"])) == sorted(map(len, plain.train["input_ids"]))
     assert all(p[0] == 0 for p in bfd.train["position_ids"])

@@ -8,6 +8,7 @@ import logging
 import datasets
 import pytest
 
+from tuning.data import chat
 from tuning.data.handlers import HANDLERS, get_handler, register_handler, resolve_kwargs
 from tuning.data.handlers.chat import tokenize_and_apply_chat_template_with_masking as chat_masking
 from tuning.data.handlers.columns import duplicate_columns, skip_samples_with_large_columns
@@ -55,7 +56,11 @@ def test_custom_jinja_template_sees_columns_and_special_tokens(tokenizer):
 
 def test_tokenizer_chat_template_render_only_column_and_whole_row(tokenizer):
     out = apply_tokenizer_chat_template(
-        {"messages": HI_YO}, tokenizer=tokenizer, chat_template=None, conversation_column_name="messages"
+        {"messages": HI_YO},
+        tokenizer=tokenizer,
+        chat_template=None,
+        chat_settings=chat.ChatSettings(()),
+        conversation_column_name="messages",
     )
     assert out == {"formatted_chat_data": ["<s><|user|>\nhi</s>\n<|assistant|>\nyo</s>\n"]}
     # the reference tool's templates index the whole row: messages['messages']
@@ -63,13 +68,18 @@ def test_tokenizer_chat_template_render_only_column_and_whole_row(tokenizer):
         "{% for m in messages['messages'] %}{{ m['role'] }}={{ m['content'] }}{{ eos_token }}{% endfor %}"
     )
     out = apply_tokenizer_chat_template(
-        {"messages": HI_YO, "id": [7]}, tokenizer=tokenizer, chat_template=row_template
+        {"messages": HI_YO, "id": [7]},
+        tokenizer=tokenizer,
+        chat_template=row_template,
+        chat_settings=chat.ChatSettings(()),
     )
     assert out == {"formatted_chat_data": ["user=hi</s>assistant=yo</s>"]}
 
 
 def test_chat_masking_prefix_template_trains_assistant_turn_through_its_stop_token(tokenizer):
-    out = chat_masking({"messages": HI_YO}, tokenizer=tokenizer, chat_template=None)
+    out = chat_masking(
+        {"messages": HI_YO}, tokenizer=tokenizer, chat_template=None, chat_settings=chat.ChatSettings(())
+    )
     # <s><|user|>\nhi</s>\n<|assistant|>\n + [yo</s>]: the template's "\n" after </s> is never generated
     assert out["input_ids"][0][-3:] == [93, 83, 2] and len(out["input_ids"][0]) == 31
     assert out["labels"] == [[X] * 28 + [93, 83, 2]]
@@ -81,7 +91,9 @@ def test_chat_masking_generation_template(tokenizer):
         "{% for m in messages %}{% if m['role'] == 'assistant' %}A:{% generation %}{{ m['content'] }}"
         "{{ eos_token }}{% endgeneration %}{% else %}U:{{ m['content'] }}\n{% endif %}{% endfor %}"
     )
-    out = chat_masking({"messages": HI_YO}, tokenizer=tokenizer, chat_template=template)
+    out = chat_masking(
+        {"messages": HI_YO}, tokenizer=tokenizer, chat_template=template, chat_settings=chat.ChatSettings(())
+    )
     assert ids_labels(out) == {
         "input_ids": [[57, 30, 76, 77, 3, 37, 30, 93, 83, 2]],
         "labels": [[X, X, X, X, X, X, X, 93, 83, 2]],
@@ -99,7 +111,9 @@ def test_chat_masking_header_that_tokenizes_differently_in_context(tokenizer):
         "{% if add_generation_prompt %}\n### A{% endif %}"
     )
     convo = [[{"role": "user", "content": "hi."}, {"role": "assistant", "content": "yo"}]]
-    out = chat_masking({"messages": convo}, tokenizer=tokenizer, chat_template=template)
+    out = chat_masking(
+        {"messages": convo}, tokenizer=tokenizer, chat_template=template, chat_settings=chat.ChatSettings(())
+    )
     assert ids_labels(out) == {
         "input_ids": [[76, 77, 99, 102, 4, 37, 100, 102, 4, 37, 93, 83, 2]],
         "labels": [[X] * 10 + [93, 83, 2]],
@@ -119,7 +133,9 @@ def test_chat_masking_multi_turn_and_tools_documents(tokenizer):
         {"role": "assistant", "content": "y"},
     ]
     batch = {"messages": [convo], "tools": [[{"name": "f"}]], "documents": [[{"text": "d"}, {"text": "e"}]]}
-    out = chat_masking(batch, tokenizer=tokenizer, chat_template=template)
+    out = chat_masking(
+        batch, tokenizer=tokenizer, chat_template=template, chat_settings=chat.ChatSettings(())
+    )
     # T1D2u:qa:xt:ra:y -> only "x" and "y" trained
     assert out["input_ids"] == [[56, 21, 40, 22, 89, 30, 85, 69, 30, 92, 88, 30, 86, 69, 30, 93]]
     assert out["labels"] == [[X] * 9 + [92] + [X] * 5 + [93]]
@@ -134,7 +150,9 @@ def test_chat_masking_splits_a_template_that_rewrites_earlier_turns(tokenizer):
     )
     convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
     batch = {"messages": [convo], "id": [7]}
-    out = chat_masking(batch, tokenizer=tokenizer, chat_template=template)
+    out = chat_masking(
+        batch, tokenizer=tokenizer, chat_template=template, chat_settings=chat.ChatSettings(())
+    )
     # "ab" (turn 1), then "a[old]a" + "b" (turn 3): a=69 b=70 [=63 o=83 l=80 d=72 ]=65
     assert ids_labels(out) == {
         "input_ids": [[69, 70], [69, 63, 83, 80, 72, 65, 69, 70]],

@@ -19,6 +19,7 @@ from tests.conftest import run_keeping_model, text_rows, write_json
 from tuning import sft_trainer
 from tuning.config import parse_config
 from tuning.config.args import DataArgs, ModelArgs, QuantArgs
+from tuning.data.chat import ChatSettings
 from tuning.errors import UserError
 from tuning.model import load_model, load_model_config, load_tokenizer, precision_plan, quantization
 from tuning.model.loading import (
@@ -356,7 +357,9 @@ def test_harmony_chat_trains_the_analysis_and_final_channels(tokenizer):
             [{"role": "user", "content": "2+2?"}, {"role": "assistant", "thinking": "add", "content": "4"}]
         ]
     }
-    out = tokenize_and_apply_chat_template_with_masking(batch, tokenizer=tokenizer, chat_template=HARMONY)
+    out = tokenize_and_apply_chat_template_with_masking(
+        batch, tokenizer=tokenizer, chat_template=HARMONY, chat_settings=ChatSettings(())
+    )
     trained = [t for t, label in zip(out["input_ids"][0], out["labels"][0], strict=True) if label != -100]
     assert tokenizer.decode(trained) == (
         "<|channel|>analysis<|message|>add<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"
@@ -371,7 +374,7 @@ def test_harmony_multi_turn_trains_every_turn_as_the_last_one(tokenizer):
 
     turn = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "thinking": "add", "content": "4"}]
     out = tokenize_and_apply_chat_template_with_masking(
-        {"messages": [turn * 2]}, tokenizer=tokenizer, chat_template=HARMONY
+        {"messages": [turn * 2]}, tokenizer=tokenizer, chat_template=HARMONY, chat_settings=ChatSettings(())
     )
     completion = (
         "<|channel|>analysis<|message|>add<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"

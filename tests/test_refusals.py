@@ -48,7 +48,7 @@ def chat_samples(messages: list, tokenizer, template: str) -> list:
     """The chat rule's samples of one conversation (tuning.data.chat: contexts and completions)."""
     conversation = chat.Conversation(chat.normalize_messages(messages, "messages"))
     return chat.conversation_samples(
-        conversation, chat.ChatTemplate(tokenizer, template), chat.ChatSettings(), ()
+        conversation, chat.ChatTemplate(tokenizer, template), chat.ChatSettings(()), ()
     )
 
 
@@ -67,13 +67,20 @@ def surfaces(tokenizer):
             {"messages": [MESSAGES]},
             tokenizer=tokenizer,
             chat_template=t,
+            chat_settings=chat.ChatSettings(()),
             conversation_column_name="messages",
         ),
         "render-only handler, whole row": lambda t: apply_tokenizer_chat_template(
-            {"messages": [MESSAGES]}, tokenizer=tokenizer, chat_template=t
+            {"messages": [MESSAGES]},
+            tokenizer=tokenizer,
+            chat_template=t,
+            chat_settings=chat.ChatSettings(()),
         ),
         "masking handler": lambda t: chat_masking(
-            {"messages": [MESSAGES]}, tokenizer=tokenizer, chat_template=t
+            {"messages": [MESSAGES]},
+            tokenizer=tokenizer,
+            chat_template=t,
+            chat_settings=chat.ChatSettings(()),
         ),
     }
 
@@ -462,7 +469,7 @@ def test_excerpts_are_clipped_in_column_type_errors(tmp_path, tokenizer):
 
     args = DataArgs(dataset_text_field="text")
     with pytest.raises(UserError) as info:
-        render_batch({"text": [json.loads(json.dumps([SECRET]))]}, "text", args, tokenizer)
+        render_batch({"text": [json.loads(json.dumps([SECRET]))]}, "text", args)
     assert "SECRET-TAIL" not in str(info.value)
     assert str(info.value).endswith(f"... ({len(repr([SECRET]))} chars)")
 

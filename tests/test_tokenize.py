@@ -11,7 +11,7 @@ import pytest
 from tuning.config.args import DataArgs
 from tuning.data.chat import ChatTemplate
 from tuning.data.formats import RowTemplate, combine_input_output, response_spans
-from tuning.data.prepare import process_batch
+from tuning.data.prepare import encoding_context, process_batch
 from tuning.data.tokenize import NO_TEMPLATE, OK, tokenize_batch
 from tuning.errors import UserError
 
@@ -32,7 +32,9 @@ def test_response_template_whose_newline_merges_with_previous_token(tokenizer):
     # "Q.\n### A: yes": ".\n" is one token (99), so the template's own ids [3, 102, 4, 37, 30] never
     # occur in the sequence; the character search still finds it and masks through "A:".
     args = DataArgs(dataset_text_field="text", response_template="\\n### A:")
-    out = process_batch({"text": ["Q.\n### A: yes"]}, fmt="text", args=args, tokenizer=tokenizer, max_len=64)
+    out = process_batch(
+        {"text": ["Q.\n### A: yes"]}, fmt="text", ctx=encoding_context(args, tokenizer, 64, ())
+    )
     ids, labels = ids_labels(out)
     assert ids == [1, 53, 99, 102, 4, 37, 30, 4, 93, 73, 87, 2]
     assert labels == [X, X, X, X, X, X, X, 4, 93, 73, 87, 2]
@@ -53,7 +55,7 @@ def test_truncated_sample_keeps_no_eos(tokenizer):
 def test_template_not_found_is_reported_per_row(tokenizer):
     args = DataArgs(dataset_text_field="text", response_template="### A:")
     batch = {"text": ["no marker here", "x ### A: y"]}
-    out = process_batch(batch, fmt="text", args=args, tokenizer=tokenizer, max_len=64)
+    out = process_batch(batch, fmt="text", ctx=encoding_context(args, tokenizer, 64, ()))
     assert out["status"] == [NO_TEMPLATE, OK]
     assert out["labels"][1] == [X] * 7 + [4, 93, 2]  # <s> x " " ### " " A : | " " y </s>
 
@@ -61,7 +63,7 @@ def test_template_not_found_is_reported_per_row(tokenizer):
 def test_input_output_trains_on_output_only(tokenizer):
     args = DataArgs()
     out = process_batch(
-        {"input": ["Hi"], "output": ["ok"]}, fmt="input_output", args=args, tokenizer=tokenizer, max_len=64
+        {"input": ["Hi"], "output": ["ok"]}, fmt="input_output", ctx=encoding_context(args, tokenizer, 64, ())
     )
     # "Hi" + " " + "ok": the joining space belongs to the output
     assert ids_labels(out) == ([1, 44, 77, 4, 83, 79, 2], [X, X, X, 4, 83, 79, 2])
@@ -87,7 +89,7 @@ def test_formatter_template_renders_columns_and_masks_before_label(tokenizer):
         response_template="\\n## Label:",
     )
     batch = {"input": ["hi"], "output": ["ok"]}
-    out = process_batch(batch, fmt="template", args=args, tokenizer=tokenizer, max_len=64)
+    out = process_batch(batch, fmt="template", ctx=encoding_context(args, tokenizer, 64, ()))
     ids, labels = ids_labels(out)
     assert tokenizer.decode(ids) == "<s>### Input: hi \n\n## Label: ok</s>"
     assert labels[-4:] == [4, 83, 79, 2] and set(labels[:-4]) == {X}
@@ -127,7 +129,9 @@ def test_chat_trains_assistant_turns_through_their_stop_token(tokenizer):
         {"role": "assistant", "content": "yo"},
     ]
     out = process_batch(
-        {"messages": [messages]}, fmt="chat", args=DataArgs(), tokenizer=tokenizer, max_len=64
+        {"messages": [messages]},
+        fmt="chat",
+        ctx=encoding_context(DataArgs(), tokenizer, 64, (tokenizer.eos_token_id,)),
     )
     ids, labels = ids_labels(out)
     # context "<s><|user|>\nhi</s>\n<|assistant|>\n", completion "yo</s>": the "\n" the template writes
@@ -139,10 +143,10 @@ def test_chat_trains_assistant_turns_through_their_stop_token(tokenizer):
 
 def test_pretokenized_rows_are_used_as_is():
     batch = {"input_ids": [[5, 6, 7]], "labels": [[X, 6, 7]]}
-    out = process_batch(batch, fmt="pretokenized", args=DataArgs(), tokenizer=None, max_len=2)
+    out = process_batch(batch, fmt="pretokenized", ctx=encoding_context(DataArgs(), None, 2, ()))
     assert out["input_ids"] == [[5, 6]] and out["labels"] == [[X, 6]] and out["truncated"] == [True]
     out = process_batch(
-        {"input_ids": [[5, 6]]}, fmt="pretokenized", args=DataArgs(), tokenizer=None, max_len=8
+        {"input_ids": [[5, 6]]}, fmt="pretokenized", ctx=encoding_context(DataArgs(), None, 8, ())
     )
     assert out["labels"] == [[5, 6]]
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from tuning.config import DataArgs, ModelArgs
-from tuning.data.chat import settings_from_args
-from tuning.data.prepare import prepare_path
+from tuning.data.prepare import encoding_context, prepare_path
 from tuning.data.tokenize import IGNORE_INDEX
 from tuning.errors import UserError
 
@@ -111,8 +110,9 @@ def run_prepare(tmp_path: Path, family: str, rows: list[dict], processor=None, s
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = DataArgs(training_data_path=str(data), **data_args)
     p = processor or proc(family)
-    settings = settings_from_args(args, stops or STOPS[family])
-    ds, fmt, stats = prepare_path(str(data), args, p.tokenizer, 4096, settings, p)
+    ds, fmt, stats = prepare_path(
+        str(data), encoding_context(args, p.tokenizer, 4096, stops or STOPS[family], p)
+    )
     return ds, stats
 
 
@@ -327,7 +327,7 @@ def test_image_column_without_image_model(tmp_path, tokenizer):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [user("hi", 1), assistant("yo")], "images": ["a.png"]}) + "\n")
     with pytest.raises(UserError, match="takes no images"):
-        prepare_path(str(data), DataArgs(training_data_path=str(data)), tokenizer, 64)
+        prepare_path(str(data), encoding_context(DataArgs(training_data_path=str(data)), tokenizer, 64, ()))
 
 
 # --- the model stage and the real CLI on tiny random VLMs ------------------------------------------------

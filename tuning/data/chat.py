@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Literal
 
 from tuning.compat import transformers as hf
@@ -86,9 +87,11 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 
 @dataclass
 class ChatSettings:
-    """The job's chat options, the same for every path (built once per job by the data stage)."""
+    """The job's chat options, the same for every path (built once per job by the data stage:
+    ``tuning.data.prepare.encoding_context``). The stop tokens have no default: settings that forgot
+    them would train every turn past the model's end of turn."""
 
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...]
     train_on: TrainOn = "responses"
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     render_budget: int = DEFAULT_RENDER_BUDGET
@@ -100,7 +103,7 @@ class ChatSettings:
 
 
 def settings_from_args(
-    args: DataArgs, stop_token_ids: Sequence[int] = (), *, keep_sample_info: bool = False
+    args: DataArgs, stop_token_ids: Sequence[int], *, keep_sample_info: bool = False
 ) -> ChatSettings:
     """The job's chat settings: its flags and the model's stop tokens."""
     return ChatSettings(
@@ -110,6 +113,38 @@ def settings_from_args(
         render_budget=args.chat_render_budget,
         keep_sample_info=keep_sample_info,
     )
+
+
+def job_chat_template(args: DataArgs, data_config_template: str | None = None) -> str | None:
+    """The chat template the job trains with, and that its saved tokenizer carries: a data config's
+    ``chat_template``, else ``--chat_template``, else ``--chat_template_path``'s; None: the tokenizer's
+    own. Decided here only (``tuning.data.prepare.encoding_context`` calls it once per job)."""
+    if data_config_template:
+        return data_config_template
+    if args.chat_template:
+        return args.chat_template
+    return read_chat_template(args.chat_template_path) if args.chat_template_path else None
+
+
+def read_chat_template(path: str) -> str:
+    """``--chat_template_path``: a template file, or a tokenizer folder's template (its
+    ``chat_template.jinja`` or the ``chat_template`` of its ``tokenizer_config.json``)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    if p.is_dir():
+        if (p / "chat_template.jinja").is_file():
+            return (p / "chat_template.jinja").read_text(encoding="utf-8")
+        config = p / "tokenizer_config.json"
+        template = (
+            json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        )
+        if isinstance(template, str):
+            return template
+        raise UserError(
+            f"--chat_template_path {path}: the folder holds no chat_template.jinja or chat_template"
+        )
+    raise UserError(f"--chat_template_path {path} does not exist; pass a .jinja file or a tokenizer folder")
 
 
 @dataclass

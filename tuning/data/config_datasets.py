@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from tuning.data.data_config import (
     local_path,
 )
 from tuning.data.handlers.registry import expand_rows, input_columns
-from tuning.data.prepare import DataStats, prepare, process_batch
+from tuning.data.prepare import DataStats, EncodingContext, prepare, process_batch
 from tuning.data.tokenize import OK
 from tuning.data.vision import VisionData
 from tuning.errors import UserError, check, did_you_mean, excerpt, first_line
@@ -119,21 +119,16 @@ def apply_step(data: Any, step: HandlerStep, context: dict[str, Any], where: str
         raise UserError(f"{where}: {e}") from None
 
 
-def process_dataset(
-    ds: DatasetConfig,
-    config: DataConfig,
-    args: DataArgs,
-    tokenizer: Any,
-    max_len: int,
-    settings: chat.ChatSettings | None = None,
-    processor: Any = None,
-) -> ProcessedDataset:
+def process_dataset(ds: DatasetConfig, config: DataConfig, ctx: EncodingContext) -> ProcessedDataset:
     """Load one dataset, run its handlers, then tokenize/truncate/drop as the CLI path does (with an
-    image-text model's ``processor``, chat rows and their images take the image-text path)."""
-    settings = settings or chat.settings_from_args(args)
+    image-text model's processor, chat rows and their images take the image-text path)."""
     data = load_dataset_paths(ds, config)
     rows_read = len(data) if isinstance(data, datasets.Dataset) else 0
-    context = {"tokenizer": tokenizer, "chat_template": config.chat_template, "chat_settings": settings}
+    context = {
+        "tokenizer": ctx.tokenizer,
+        "chat_template": ctx.chat_template,
+        "chat_settings": ctx.settings,
+    }
     for i, step in enumerate(ds.steps):
         where = f"data config {config.path}: dataset '{ds.name}': data_handlers[{i}] ({step.name})"
         data = apply_step(data, step, context, where)
@@ -142,31 +137,21 @@ def process_dataset(
             f"data config {config.path}: dataset '{ds.name}' has no rows left after its data handlers; "
             "check their arguments"
         )
-    fmt, fmt_args = final_format(column_names(data), _text_columns(data), args)
+    fmt, fmt_args = final_format(column_names(data), _text_columns(data), ctx.args)
+    ctx = replace(ctx, args=fmt_args)
     if isinstance(data, datasets.IterableDataset):
-        if processor is not None:
+        if ctx.processor is not None:
             raise UserError(
                 f"data config {config.path}: dataset '{ds.name}' is streamed, and image-text rows are "
                 "prepared ahead of training; set streaming: false"
             )
-        return ProcessedDataset(
-            ds.name, _finalize_stream(data, fmt, fmt_args, tokenizer, max_len, settings), DataStats(), ds
-        )
+        return ProcessedDataset(ds.name, _finalize_stream(data, fmt, ctx), DataStats(), ds)
     vision_data = None
-    if processor is not None:  # relative image paths: from the folder of the dataset's (first) data file
+    if ctx.processor is not None:  # relative image paths: from the folder of the dataset's (first) data file
         first = local_path(ds.data_paths[0], Path(config.path).resolve().parent).resolve()  # as data is found
         base = first if first.is_dir() else first.parent
-        vision_data = VisionData(processor, args.dataset_image_field, str(base))
-    processed, stats = prepare(
-        data,
-        fmt,
-        fmt_args,
-        tokenizer,
-        max_len,
-        name=f"dataset '{ds.name}'",
-        settings=settings,
-        vision_data=vision_data,
-    )
+        vision_data = VisionData(ctx.processor, ctx.args.dataset_image_field, str(base))
+    processed, stats = prepare(data, fmt, ctx, name=f"dataset '{ds.name}'", vision_data=vision_data)
     stats.rows_read = rows_read
     return ProcessedDataset(ds.name, processed, stats, ds, fmt)
 
@@ -200,13 +185,9 @@ def final_format(columns: list[str], text_columns: list[str], args: DataArgs) ->
     return formats.resolve_format(args, columns), args
 
 
-def _finalize_stream(
-    data: Any, fmt: str, args: DataArgs, tokenizer: Any, max_len: int, settings: chat.ChatSettings
-) -> Any:
+def _finalize_stream(data: Any, fmt: str, ctx: EncodingContext) -> Any:
     def process(batch: dict[str, list]) -> dict[str, list]:
-        out = process_batch(
-            batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings
-        )
+        out = process_batch(batch, fmt=fmt, ctx=ctx)
         for column in (chat.SAMPLE_INFO, *audit.COLUMNS[1:]):  # counts are not computed when streaming
             out.pop(column, None)
         return out
@@ -215,20 +196,7 @@ def _finalize_stream(
     return data.filter(lambda s: s == OK, input_columns="status").remove_columns(["status"])
 
 
-def process_all(
-    args: DataArgs,
-    tokenizer: Any,
-    max_len: int,
-    settings: chat.ChatSettings | None = None,
-    processor: Any = None,
-) -> tuple[DataConfig, list[ProcessedDataset]]:
-    check(args.data_config_path, "process_all needs --data_config_path")
-    config = load_data_config(args.data_config_path)
-    if config.chat_template:
-        # the saved tokenizer must carry the template the model was trained with
-        tokenizer.chat_template = config.chat_template
-        if processor is not None:
-            processor.chat_template = config.chat_template
-    return config, [
-        process_dataset(d, config, args, tokenizer, max_len, settings, processor) for d in config.datasets
-    ]
+def process_all(ctx: EncodingContext) -> tuple[DataConfig, list[ProcessedDataset]]:
+    check(ctx.args.data_config_path, "process_all needs --data_config_path")
+    config = load_data_config(ctx.args.data_config_path)
+    return config, [process_dataset(d, config, ctx) for d in config.datasets]

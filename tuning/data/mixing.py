@@ -9,13 +9,11 @@ from typing import Any
 import datasets
 import numpy as np
 
-from tuning.config import DataArgs
 from tuning.data.audit import AuditSource
-from tuning.data.chat import ChatSettings
 from tuning.data.config_datasets import ProcessedDataset, process_all
 from tuning.data.data_config import DataConfig
 from tuning.data.odm import MixingPlan
-from tuning.data.prepare import PreparedData, total_stats
+from tuning.data.prepare import EncodingContext, PreparedData, total_stats
 from tuning.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -85,15 +83,9 @@ def _mix_counted(parts: list[tuple[Any, float | None]], config: DataConfig) -> t
     return mixed.remove_columns(SOURCE_COLUMN), [int(n) for n in drawn]
 
 
-def build_from_data_config(
-    args: DataArgs,
-    tokenizer: Any,
-    max_len: int,
-    settings: ChatSettings | None = None,
-    processor: Any = None,
-) -> PreparedData:
+def build_from_data_config(ctx: EncodingContext) -> PreparedData:
     """The data stage for ``--data_config_path``: every dataset processed, split, mixed."""
-    config, processed = process_all(args, tokenizer, max_len, settings, processor)
+    config, processed = process_all(ctx)
     train_parts, validation_parts, sources, trained_sources = [], [], [], []
     validation_by_name: dict[str, Any] = {}
     for part in processed:

@@ -13,7 +13,7 @@ import datasets
 from tuning.config import DataArgs
 from tuning.data.audit import AuditSource, build_audit
 from tuning.data.batching import pack, sample_lengths
-from tuning.data.chat import settings_from_args
+from tuning.data.chat import read_chat_template
 from tuning.data.config_datasets import process_all
 from tuning.data.data_config import load_data_config
 from tuning.data.formats import resolve_format
@@ -22,7 +22,9 @@ from tuning.data.mixing import build_from_data_config
 from tuning.data.prepare import (
     DataStats,
     PreparedData,
+    carry_chat_template,
     chat_conversations,
+    encoding_context,
     prepare_path,
     process_batch,
     total_stats,
@@ -52,18 +54,18 @@ def serving_view(
     raw = load_data(args.training_data_path)
     raw = raw.select(range(min(limit, len(raw))))
     fmt = resolve_format(args, raw.column_names)
-    settings = settings_from_args(args, stop_token_ids)
+    ctx = encoding_context(args, tokenizer, max_len, stop_token_ids)
     batch = raw[:]
     # the function training maps over the rows, called directly: datasets.map would first hash the
     # tokenizer for its cache fingerprint (11 s for a 150k vocabulary, for 16 rows)
-    out = process_batch(batch, fmt=fmt, args=args, tokenizer=tokenizer, max_len=max_len, settings=settings)
+    out = process_batch(batch, fmt=fmt, ctx=ctx)
     rows = [
         {"input_ids": list(ids), "labels": list(labels)}
         for ids, labels, status in zip(out["input_ids"], out["labels"], out["status"], strict=True)
         if status == OK
     ]
     prompts: list[list[int]] = []
-    conversations = chat_conversations(batch, fmt, args, tokenizer, settings)
+    conversations = chat_conversations(batch, fmt, ctx)
     if conversations and args.train_on == "responses":
         for c in conversations:
             for turn, message in enumerate(c.messages):
@@ -92,25 +94,22 @@ def build_datasets(
     args: DataArgs,
     tokenizer: Any,
     max_len: int,
-    stop_token_ids: Sequence[int] = (),
+    stop_token_ids: Sequence[int],
     processor: Any = None,
 ) -> PreparedData:
     """Load, format, tokenize and mask the training (and validation) data. ``stop_token_ids`` end a
     generated turn (the model's generation config); chat turns are trained through the first of them.
     ``processor``: an image-text model's, for chat rows with images (docs/vision.md)."""
-    settings = settings_from_args(args, stop_token_ids)
+    ctx = encoding_context(args, tokenizer, max_len, stop_token_ids, processor)
+    carry_chat_template(ctx)
     if args.data_config_path:
-        data = build_from_data_config(args, tokenizer, max_len, settings, processor)
+        data = build_from_data_config(ctx)
     else:
-        train, fmt, stats = prepare_path(
-            args.training_data_path, args, tokenizer, max_len, settings, processor
-        )
+        train, fmt, stats = prepare_path(args.training_data_path, ctx)
         sources = [AuditSource(args.training_data_path, fmt, stats, "train", stats.kept, stats.kept)]
         validation = None
         if args.validation_data_path:
-            validation, vfmt, vstats = prepare_path(
-                args.validation_data_path, args, tokenizer, max_len, settings, processor
-            )
+            validation, vfmt, vstats = prepare_path(args.validation_data_path, ctx)
             sources.append(AuditSource(args.validation_data_path, vfmt, vstats, "validation"))
         data = PreparedData(train, validation, fmt, stats, sources)
     if args.packing:  # one place for both paths: packing cuts the final (mixed) training set
@@ -134,6 +133,8 @@ def check_data_config(args: DataArgs, max_steps: int) -> None:
     """Read and check the whole data config now, before any model or data is loaded; without one, that
     the data paths name files that exist (a typo is reported before the model loads and the memory plan
     prints, and before output_dir is touched)."""
+    if args.chat_template_path:
+        read_chat_template(args.chat_template_path)  # read again, once, by the data stage (encoding_context)
     if not args.data_config_path:
         for path in (args.training_data_path, args.validation_data_path):
             if path:
@@ -170,16 +171,17 @@ def preview_parts(
     args: DataArgs,
     tokenizer: Any,
     max_len: int,
-    stop_token_ids: Sequence[int] = (),
+    stop_token_ids: Sequence[int],
     processor: Any = None,
 ) -> list[tuple[str, Any, DataStats | None]]:
     """(name, processed dataset, counts) per dataset: a data config's datasets, or the training data.
     Chat samples keep their ``chat_sample`` column ([part, parts, ...]) for the preview to show."""
-    settings = settings_from_args(args, stop_token_ids, keep_sample_info=True)
+    ctx = encoding_context(args, tokenizer, max_len, stop_token_ids, processor, keep_sample_info=True)
+    carry_chat_template(ctx)
     if args.data_config_path:
-        _, processed = process_all(args, tokenizer, max_len, settings, processor)
+        _, processed = process_all(ctx)
         return [(p.name, p.dataset, p.stats if hasattr(p.dataset, "__len__") else None) for p in processed]
-    ds, _, stats = prepare_path(args.training_data_path, args, tokenizer, max_len, settings, processor)
+    ds, _, stats = prepare_path(args.training_data_path, ctx)
     return [(args.training_data_path, ds, stats)]
 
 

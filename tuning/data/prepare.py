@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from tuning.config import DataArgs
 from tuning.data import audit, chat, formats, vision
 from tuning.data.audit import AuditSource
+from tuning.data.data_config import load_data_config
 from tuning.data.loading import load_data
 from tuning.data.tokenize import IGNORE_INDEX, NO_TEMPLATE, OK, tokenize_batch
 from tuning.errors import UserError, excerpt
@@ -96,40 +98,76 @@ def total_stats(stats: list[DataStats]) -> DataStats:
     return total
 
 
-def prepare_path(
-    path: str,
+@dataclass(frozen=True)
+class EncodingContext:
+    """What every dataset of a job is encoded with, built once per job by :func:`encoding_context` and
+    passed down whole: the data flags, the tokenizer, the context length, the chat settings (the model's
+    stop tokens included), the chat template (resolved once) and an image-text model's processor."""
+
+    args: DataArgs
+    tokenizer: Any
+    max_len: int
+    settings: chat.ChatSettings
+    processor: Any = None  # None for a text model
+    chat_template: str | None = None  # the job's (chat.job_chat_template); None: the tokenizer's own
+
+
+def encoding_context(
     args: DataArgs,
     tokenizer: Any,
     max_len: int,
-    settings: chat.ChatSettings | None = None,
+    stop_token_ids: Sequence[int],
     processor: Any = None,
-) -> tuple[datasets.Dataset, str, DataStats]:
+    *,
+    keep_sample_info: bool = False,
+) -> EncodingContext:
+    """The job's :class:`EncodingContext`. ``stop_token_ids`` (the model's generation config and the
+    tokenizer's EOS) has no default: chat turns are trained through the first of them, and a job with
+    nothing to end a turn is told so here, once."""
+    if not stop_token_ids and tokenizer is not None and not tokenizer.eos_token:
+        logger.warning(
+            "no stop token: neither the model's generation config nor the tokenizer names one, so chat "
+            "turns are trained through the whole of each turn's rendering"
+        )
+    settings = chat.settings_from_args(args, stop_token_ids, keep_sample_info=keep_sample_info)
+    config = load_data_config(args.data_config_path) if args.data_config_path else None
+    template = chat.job_chat_template(args, config.chat_template if config else None)
+    return EncodingContext(args, tokenizer, max_len, settings, processor, template)
+
+
+def carry_chat_template(ctx: EncodingContext) -> None:
+    """The job's chat template onto its tokenizer and processor, the one place it reaches them: the saved
+    tokenizer, and a server reading it, render prompts as the model was trained."""
+    if ctx.chat_template:
+        ctx.tokenizer.chat_template = ctx.chat_template
+        if ctx.processor is not None:
+            ctx.processor.chat_template = ctx.chat_template
+
+
+def prepare_path(path: str, ctx: EncodingContext) -> tuple[datasets.Dataset, str, DataStats]:
     """Load one data path, pick its format by the rule, tokenize: (dataset, format, counts). With an
-    image-text model's ``processor``, chat rows and their images take the image-text path."""
+    image-text model's processor, chat rows and their images take the image-text path."""
     raw = load_data(path)
-    fmt = formats.resolve_format(args, raw.column_names)
+    fmt = formats.resolve_format(ctx.args, raw.column_names)
     local = Path(path).expanduser().resolve()  # references stay valid from any folder (shards, workers)
     base_dir = str(local if local.is_dir() else local.parent)  # relative image paths start here
-    vision_data = vision.VisionData(processor, args.dataset_image_field, base_dir) if processor else None
-    ds, stats = prepare(
-        raw, fmt, args, tokenizer, max_len, name=path, settings=settings, vision_data=vision_data
+    vision_data = (
+        vision.VisionData(ctx.processor, ctx.args.dataset_image_field, base_dir) if ctx.processor else None
     )
+    ds, stats = prepare(raw, fmt, ctx, name=path, vision_data=vision_data)
     return ds, fmt, stats
 
 
 def prepare(
     raw: datasets.Dataset,
     fmt: str,
-    args: DataArgs,
-    tokenizer: Any,
-    max_len: int,
+    ctx: EncodingContext,
     *,
     name: str,
-    settings: chat.ChatSettings | None = None,
     vision_data: vision.VisionData | None = None,
 ) -> tuple[datasets.Dataset, DataStats]:
     """Tokenize one dataset; drop and count rows that would train on nothing."""
-    settings = settings or chat.settings_from_args(args)
+    args = ctx.args
     images = vision.image_column_of(args.dataset_image_field, raw.column_names)
     if images and vision_data is None:
         raise UserError(
@@ -145,19 +183,10 @@ def prepare(
         if images and isinstance(raw.features.get(images), (datasets.Image, datasets.Sequence, list)):
             raw = _undecoded_images(raw, images)
         vision_data = replace(vision_data, image_column=images)
-        settings = vision.vision_settings(settings, tokenizer)
+        ctx = replace(ctx, settings=vision.vision_settings(ctx.settings, ctx.tokenizer))
     else:
         vision_data = None
-    fn = partial(
-        process_batch,
-        fmt=fmt,
-        args=args,
-        tokenizer=tokenizer,
-        max_len=max_len,
-        settings=settings,
-        vision_data=vision_data,
-        name=name,
-    )
+    fn = partial(process_batch, fmt=fmt, ctx=ctx, vision_data=vision_data, name=name)
     ds = raw.map(
         fn,
         batched=True,
@@ -166,9 +195,9 @@ def prepare(
         desc=f"tokenizing {name}",
     )
     # the mapped table, before any filter: one read of its counters
-    stats = count(ds, tokenizer, examples=args.audit_samples)
+    stats = count(ds, ctx.tokenizer, examples=args.audit_samples)
     if stats.kept == 0:
-        raise UserError(_nothing_to_train_message(raw, fmt, args, tokenizer, Counter(stats.dropped)))
+        raise UserError(_nothing_to_train_message(raw, fmt, args, Counter(stats.dropped)))
     unit = "rows" if stats.samples == stats.rows else "samples"  # a chat row can become several samples
     for reason, n in stats.dropped.items():
         logger.warning("%s: dropped %d of %d %s (%s)", name, n, stats.samples, unit, reason.replace("_", " "))
@@ -181,11 +210,11 @@ def prepare(
             "%d trained tokens cut)",
             name,
             stats.truncated,
-            max_len,
+            ctx.max_len,
             stats.trained_lost,
         )
     drop = [c for c in audit.COLUMNS if c in ds.column_names]
-    if chat.SAMPLE_INFO in ds.column_names and not settings.keep_sample_info:
+    if chat.SAMPLE_INFO in ds.column_names and not ctx.settings.keep_sample_info:
         drop.append(chat.SAMPLE_INFO)
     return ds.remove_columns(drop), stats
 
@@ -231,10 +260,7 @@ def process_batch(
     indices: list[int] | None = None,
     *,
     fmt: str,
-    args: DataArgs,
-    tokenizer: Any,
-    max_len: int,
-    settings: chat.ChatSettings | None = None,
+    ctx: EncodingContext,
     vision_data: vision.VisionData | None = None,
     name: str = "data",
 ) -> dict[str, list]:
@@ -242,9 +268,8 @@ def process_batch(
     columns (and, for chat rows, :data:`chat.SAMPLE_INFO` and :data:`chat.TOKEN_ROLES`; for image-text
     rows, ``images``): one row per sample, so a chat row can become several."""
     if fmt == "pretokenized":
-        return _pretokenized_batch(batch, max_len)
-    settings = settings or chat.settings_from_args(args)
-    conversations = chat_conversations(batch, fmt, args, tokenizer, settings)
+        return _pretokenized_batch(batch, ctx.max_len)
+    conversations = chat_conversations(batch, fmt, ctx)
     if vision_data is not None and conversations is not None:
         column = vision_data.image_column
         where = [f"row {i} of {name}" for i in (indices or range(len(conversations)))]
@@ -255,25 +280,28 @@ def process_batch(
             for j in range(len(conversations))
         ]
         return vision.encode_vision_conversations(
-            conversations, refs, where, vision_data.processor, settings, max_len
+            conversations, refs, where, vision_data.processor, ctx.settings, ctx.max_len, ctx.chat_template
         )
     if conversations is not None:
-        return chat.encode_conversations(conversations, tokenizer, args.chat_template, settings, max_len)[0]
-    texts, spans = render_batch(batch, fmt, args, tokenizer)
+        return chat.encode_conversations(
+            conversations, ctx.tokenizer, ctx.chat_template, ctx.settings, ctx.max_len
+        )[0]
+    texts, spans = render_batch(batch, fmt, ctx.args)
     found = [bool(s) for s in spans]
-    out = tokenize_batch(tokenizer, texts, [s or [(0, 0)] for s in spans], max_len=max_len)
+    out = tokenize_batch(ctx.tokenizer, texts, [s or [(0, 0)] for s in spans], max_len=ctx.max_len)
     out["status"] = [st if ok else NO_TEMPLATE for st, ok in zip(out["status"], found, strict=True)]
     return out
 
 
 def chat_conversations(
-    batch: dict[str, list], fmt: str, args: DataArgs, tokenizer: Any, settings: chat.ChatSettings
+    batch: dict[str, list], fmt: str, ctx: EncodingContext
 ) -> list[chat.Conversation] | None:
     """The batch's rows as conversations when they are chat data, else None: ``messages``/``conversations``
     (ShareGPT included), prompt/completion given as lists of messages (the prompt is context), and alpaca
     rows when there is a chat template (the instruction, then the input, as the user's turn)."""
+    args, settings = ctx.args, ctx.settings
     messages = fmt == "prompt_completion" and batch["prompt"] and not isinstance(batch["prompt"][0], str)
-    chat_alpaca = fmt == "alpaca" and (args.chat_template or getattr(tokenizer, "chat_template", None))
+    chat_alpaca = fmt == "alpaca" and (ctx.chat_template or getattr(ctx.tokenizer, "chat_template", None))
     if not (fmt == "chat" or messages or chat_alpaca):
         return None  # a text format: render_batch reads the rows
     rows = formats.rows_of(batch)
@@ -296,7 +324,7 @@ def chat_conversations(
 
 
 def render_batch(
-    batch: dict[str, list], fmt: str, args: DataArgs, tokenizer: Any
+    batch: dict[str, list], fmt: str, args: DataArgs
 ) -> tuple[list[str], list[list[formats.Span]]]:
     """Rows of one text-format batch → texts and their trained spans (an empty list: marker not found),
     after ``--train_on``: ``last_response`` keeps the last span, ``all`` trains the whole text."""
@@ -362,9 +390,7 @@ def _pretokenized_batch(batch: dict[str, list], max_len: int) -> dict[str, list]
     return out
 
 
-def _nothing_to_train_message(
-    raw: datasets.Dataset, fmt: str, args: DataArgs, tokenizer: Any, status: Counter
-) -> str:
+def _nothing_to_train_message(raw: datasets.Dataset, fmt: str, args: DataArgs, status: Counter) -> str:
     if chat.NO_ASSISTANT in status and len(status) == 1:
         return (
             f"none of the {len(raw)} conversations has an assistant turn to train"
@@ -372,7 +398,7 @@ def _nothing_to_train_message(
             + "; check the roles (assistant turns are trained, see docs/data.md)"
         )
     if NO_TEMPLATE in status:
-        sample = render_batch(raw[:1], fmt, args, tokenizer)[0][0]
+        sample = render_batch(raw[:1], fmt, args)[0][0]
         return (
             f"--response_template {args.response_template!r} was not found in any of {len(raw)} rows; "
             f"first row renders as {excerpt(sample)}; pass a marker that occurs in the text"

@@ -284,12 +284,14 @@ def encode_vision_conversations(
     processor: Any,
     settings: chat.ChatSettings,
     max_len: int,
+    chat_template: str | None,
 ) -> dict[str, list]:
     """Conversations with their images → ``input_ids``, ``labels``, ``images`` (references), ``status``,
-    ``truncated`` and :data:`chat.SAMPLE_INFO`, one row per sample."""
+    ``truncated`` and :data:`chat.SAMPLE_INFO`, one row per sample. ``chat_template``: the job's (None:
+    the processor's own, else its tokenizer's)."""
     tokenizer = processor.tokenizer
     template = chat.ChatTemplate(
-        tokenizer, getattr(processor, "chat_template", None) or tokenizer.chat_template
+        tokenizer, chat_template or getattr(processor, "chat_template", None) or tokenizer.chat_template
     )
     stops = chat.stop_strings(tokenizer, settings.stop_token_ids)
     image_token = getattr(processor, "image_token", None)

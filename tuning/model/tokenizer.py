@@ -3,15 +3,12 @@ model's stop tokens (what ends a generated turn)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, GenerationConfig
 
 from tuning.config import DataArgs, ModelArgs
-from tuning.errors import UserError
 from tuning.model.sources import check_source, model_source, source_error
 
 logger = logging.getLogger(__name__)
@@ -29,10 +26,6 @@ def load_tokenizer(model_args: ModelArgs, data_args: DataArgs) -> Any:
     except (OSError, ValueError) as e:
         fix = "; pass a folder with tokenizer files or a Hub id via --tokenizer_name_or_path"
         raise source_error(name, flag, "a tokenizer", e, fix) from None
-    if data_args.chat_template:
-        tokenizer.chat_template = data_args.chat_template
-    elif data_args.chat_template_path:
-        tokenizer.chat_template = read_chat_template(data_args.chat_template_path)
     if data_args.add_special_tokens:
         new = [t for t in data_args.add_special_tokens if t not in tokenizer.get_vocab()]
         added = tokenizer.add_special_tokens(
@@ -42,27 +35,6 @@ def load_tokenizer(model_args: ModelArgs, data_args: DataArgs) -> Any:
     if tokenizer.eos_token_id is None:
         logger.warning("tokenizer %s has no EOS token: samples will not learn where to stop", name)
     return tokenizer
-
-
-def read_chat_template(path: str) -> str:
-    """``--chat_template_path``: a template file, or a tokenizer folder's template (its
-    ``chat_template.jinja`` or the ``chat_template`` of its ``tokenizer_config.json``)."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p.read_text(encoding="utf-8")
-    if p.is_dir():
-        if (p / "chat_template.jinja").is_file():
-            return (p / "chat_template.jinja").read_text(encoding="utf-8")
-        config = p / "tokenizer_config.json"
-        template = (
-            json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
-        )
-        if isinstance(template, str):
-            return template
-        raise UserError(
-            f"--chat_template_path {path}: the folder holds no chat_template.jinja or chat_template"
-        )
-    raise UserError(f"--chat_template_path {path} does not exist; pass a .jinja file or a tokenizer folder")
 
 
 def generation_stop_ids(model_args: ModelArgs, model_config: Any, tokenizer: Any) -> tuple[int, ...]:

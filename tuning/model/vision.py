@@ -37,10 +37,8 @@ def is_image_text(config: PretrainedConfig) -> bool:
 
 
 def load_processor(model_args: ModelArgs, data_args: DataArgs) -> Any:
-    """The model's processor (tokenizer, image processor, chat template), with ``--chat_template`` /
-    ``--chat_template_path`` applied as for text models."""
-    from tuning.model.tokenizer import read_chat_template
-
+    """The model's processor (tokenizer, image processor, chat template: its own, else its tokenizer's;
+    the job's ``--chat_template`` or data config template is applied by the data stage)."""
     if data_args.add_special_tokens:
         raise UserError(
             "--add_special_tokens is not supported for image-text models yet (the processor's tokenizer and "
@@ -56,10 +54,6 @@ def load_processor(model_args: ModelArgs, data_args: DataArgs) -> Any:
             "Llama 3.2 Vision (Mllama) is not supported for image+text training yet (its cross-attention "
             "mask is not built); see docs/vision.md for the supported families"
         )
-    if data_args.chat_template:
-        processor.chat_template = data_args.chat_template
-    elif data_args.chat_template_path:
-        processor.chat_template = read_chat_template(data_args.chat_template_path)
     if not getattr(processor, "chat_template", None):
         processor.chat_template = processor.tokenizer.chat_template
     return processor

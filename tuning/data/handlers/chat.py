@@ -27,7 +27,7 @@ def tokenize_and_apply_chat_template_with_masking(
     *,
     tokenizer: Any,
     chat_template: str | None,
-    chat_settings: chat.ChatSettings | None = None,
+    chat_settings: chat.ChatSettings,
     conversation_column_name: str = "messages",
 ) -> dict[str, list]:
     """Loss on each assistant turn, from its reasoning to its stop token; system, user and tool turns
@@ -35,10 +35,9 @@ def tokenize_and_apply_chat_template_with_masking(
     becomes several rows (counted in the job's data line). Works with ``{% generation %}`` templates
     too. A row's ``tools``, ``documents`` and ``chat_template_kwargs`` go to the template."""
     require_chat_template(tokenizer, chat_template, "tokenize_and_apply_chat_template_with_masking")
-    settings = chat_settings or chat.ChatSettings()
-    conversations = chat.conversations_from_rows(rows_of(batch), conversation_column_name, settings)
+    conversations = chat.conversations_from_rows(rows_of(batch), conversation_column_name, chat_settings)
     # no truncation here: the pipeline truncates (and counts) after the last handler
-    out, rows = chat.encode_conversations(conversations, tokenizer, chat_template, settings, sys.maxsize)
+    out, rows = chat.encode_conversations(conversations, tokenizer, chat_template, chat_settings, sys.maxsize)
     return {
         "input_ids": out["input_ids"],
         "labels": out["labels"],

@@ -51,7 +51,7 @@ def apply_tokenizer_chat_template(
     *,
     tokenizer: Any,
     chat_template: str | None,
-    chat_settings: chat.ChatSettings | None = None,
+    chat_settings: chat.ChatSettings,
     formatted_text_column_name: str = "formatted_chat_data",
     conversation_column_name: str | None = None,
 ) -> dict[str, list]:
@@ -60,11 +60,10 @@ def apply_tokenizer_chat_template(
     reference tool (its templates index ``messages['messages']``). A row's ``tools``, ``documents`` and
     ``chat_template_kwargs`` go to the template."""
     require_chat_template(tokenizer, chat_template, "apply_tokenizer_chat_template")
-    settings = chat_settings or chat.ChatSettings()
     template = chat.ChatTemplate(tokenizer, chat_template)
     texts = []
     for row in rows_of(batch):
         column = conversation_column_name
         messages = row if column is None else chat.normalize_messages(row[column], column)
-        texts.append(template.render(messages, chat.conversation_from_row(row, [], settings)))
+        texts.append(template.render(messages, chat.conversation_from_row(row, [], chat_settings)))
     return {formatted_text_column_name: texts}
