@@ -465,7 +465,7 @@ def test_no_error_quotes_more_than_an_excerpt_of_a_row(tmp_path, tiny_model_dir,
 
 def test_excerpts_are_clipped_in_column_type_errors(tmp_path, tokenizer):
     from tuning.config.args import DataArgs
-    from tuning.data.prepare import render_batch
+    from tuning.data.formats import render_batch
 
     args = DataArgs(dataset_text_field="text")
     with pytest.raises(UserError) as info:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from tuning.compat import transformers as hf
 from tuning.config import DataArgs
+from tuning.data import formats
 from tuning.data.sandbox import template_errors
 from tuning.data.tokenize import (
     IGNORE_INDEX,
@@ -250,6 +251,36 @@ def conversations_from_rows(
 ) -> list[Conversation]:
     """Rows whose ``column`` holds a conversation (messages, ShareGPT included) → conversations."""
     return [conversation_from_row(r, normalize_messages(r[column], column), settings) for r in rows]
+
+
+def conversations_of_batch(
+    batch: dict[str, list], fmt: str, args: DataArgs, settings: ChatSettings, templated: bool
+) -> list[Conversation] | None:
+    """The batch's rows as conversations when they are chat data, else None: ``messages``/``conversations``
+    (ShareGPT included), prompt/completion given as lists of messages (the prompt is context), and alpaca
+    rows when the job has a chat template (``templated``: the instruction, then the input, as the user's
+    turn)."""
+    messages = fmt == "prompt_completion" and batch["prompt"] and not isinstance(batch["prompt"][0], str)
+    chat_alpaca = fmt == "alpaca" and templated
+    if not (fmt == "chat" or messages or chat_alpaca):
+        return None  # a text format: formats.render_batch reads the rows
+    rows = formats.rows_of(batch)
+    if fmt == "chat":
+        return conversations_from_rows(rows, formats.conversation_column(args, list(batch)), settings)
+    if messages:
+        out = []
+        for r in rows:
+            prompt = normalize_messages(r["prompt"], "prompt")
+            completion = normalize_messages(r["completion"], "completion")
+            out.append(conversation_from_row(r, prompt + completion, settings, len(prompt)))
+        return out
+    out = []
+    for r in rows:  # alpaca with a chat template: the instruction (and input) as the user's turn
+        system = [{"role": "system", "content": r["system"]}] if r.get("system") else []
+        user = {"role": "user", "content": formats.alpaca_user_message(r)}
+        assistant = {"role": "assistant", "content": formats.require_text(r["output"], "output")}
+        out.append(conversation_from_row(r, [*system, user, assistant], settings, len(system) + 1))
+    return out
 
 
 # --- the template ----------------------------------------------------------------------------------

@@ -185,3 +185,33 @@ class RowTemplate:
                 raise UserError(
                     f"{self.what} refers to a missing column ({e.message}); available columns: {list(row)}"
                 ) from None
+
+
+# --- a batch of text-format rows ------------------------------------------------------------------
+
+
+def render_batch(batch: dict[str, list], fmt: str, args: DataArgs) -> tuple[list[str], list[list[Span]]]:
+    """Rows of one text-format batch → texts and their trained spans (an empty list: marker not found),
+    after ``--train_on``: ``last_response`` keeps the last span, ``all`` trains the whole text."""
+    rows = rows_of(batch)
+    if fmt in ("input_output", "prompt_completion", "alpaca"):
+        if fmt == "input_output":
+            pairs = [combine_input_output(r["input"], r["output"]) for r in rows]
+        elif fmt == "prompt_completion":
+            pairs = [prompt_completion_text(r["prompt"], r["completion"]) for r in rows]
+        else:
+            pairs = [prompt_completion_text(alpaca_prompt(r), r["output"]) for r in rows]
+        texts, spans = [t for t, _ in pairs], [[s] for _, s in pairs]
+    else:
+        if fmt == "template":
+            template = RowTemplate(args.data_formatter_template or "")
+            texts = [template.render(r) for r in rows]
+        else:
+            column = args.dataset_text_field or DEFAULT_TEXT_FIELD
+            texts = [require_text(r[column], column) for r in rows]
+        spans = [response_spans(t, args.response_template, args.instruction_template) for t in texts]
+    if args.train_on == "all":
+        return texts, [[(0, len(t))] for t in texts]
+    if args.train_on == "last_response":
+        return texts, [s[-1:] for s in spans]
+    return texts, spans

@@ -23,7 +23,6 @@ from tuning.data.prepare import (
     DataStats,
     PreparedData,
     carry_chat_template,
-    chat_conversations,
     encoding_context,
     prepare_path,
     process_batch,
@@ -65,7 +64,7 @@ def serving_view(
         if status == OK
     ]
     prompts: list[list[int]] = []
-    conversations = chat_conversations(batch, fmt, ctx)
+    conversations = ctx.conversations(batch, fmt)
     if conversations and args.train_on == "responses":
         for c in conversations:
             for turn, message in enumerate(c.messages):

@@ -111,6 +111,11 @@ class EncodingContext:
     processor: Any = None  # None for a text model
     chat_template: str | None = None  # the job's (chat.job_chat_template); None: the tokenizer's own
 
+    def conversations(self, batch: dict[str, list], fmt: str) -> list[chat.Conversation] | None:
+        """A batch's rows as conversations when the chat path encodes them (:func:`chat.conversations_of_batch`)."""
+        templated = bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
+        return chat.conversations_of_batch(batch, fmt, self.args, self.settings, templated)
+
 
 def encoding_context(
     args: DataArgs,
@@ -269,7 +274,7 @@ def process_batch(
     rows, ``images``): one row per sample, so a chat row can become several."""
     if fmt == "pretokenized":
         return _pretokenized_batch(batch, ctx.max_len)
-    conversations = chat_conversations(batch, fmt, ctx)
+    conversations = ctx.conversations(batch, fmt)
     if vision_data is not None and conversations is not None:
         column = vision_data.image_column
         where = [f"row {i} of {name}" for i in (indices or range(len(conversations)))]
@@ -286,70 +291,11 @@ def process_batch(
         return chat.encode_conversations(
             conversations, ctx.tokenizer, ctx.chat_template, ctx.settings, ctx.max_len
         )[0]
-    texts, spans = render_batch(batch, fmt, ctx.args)
+    texts, spans = formats.render_batch(batch, fmt, ctx.args)
     found = [bool(s) for s in spans]
     out = tokenize_batch(ctx.tokenizer, texts, [s or [(0, 0)] for s in spans], max_len=ctx.max_len)
     out["status"] = [st if ok else NO_TEMPLATE for st, ok in zip(out["status"], found, strict=True)]
     return out
-
-
-def chat_conversations(
-    batch: dict[str, list], fmt: str, ctx: EncodingContext
-) -> list[chat.Conversation] | None:
-    """The batch's rows as conversations when they are chat data, else None: ``messages``/``conversations``
-    (ShareGPT included), prompt/completion given as lists of messages (the prompt is context), and alpaca
-    rows when there is a chat template (the instruction, then the input, as the user's turn)."""
-    args, settings = ctx.args, ctx.settings
-    messages = fmt == "prompt_completion" and batch["prompt"] and not isinstance(batch["prompt"][0], str)
-    chat_alpaca = fmt == "alpaca" and (ctx.chat_template or getattr(ctx.tokenizer, "chat_template", None))
-    if not (fmt == "chat" or messages or chat_alpaca):
-        return None  # a text format: render_batch reads the rows
-    rows = formats.rows_of(batch)
-    if fmt == "chat":
-        return chat.conversations_from_rows(rows, formats.conversation_column(args, list(batch)), settings)
-    if messages:
-        out = []
-        for r in rows:
-            prompt = chat.normalize_messages(r["prompt"], "prompt")
-            completion = chat.normalize_messages(r["completion"], "completion")
-            out.append(chat.conversation_from_row(r, prompt + completion, settings, len(prompt)))
-        return out
-    out = []
-    for r in rows:  # alpaca with a chat template: the instruction (and input) as the user's turn
-        system = [{"role": "system", "content": r["system"]}] if r.get("system") else []
-        user = {"role": "user", "content": formats.alpaca_user_message(r)}
-        assistant = {"role": "assistant", "content": formats.require_text(r["output"], "output")}
-        out.append(chat.conversation_from_row(r, [*system, user, assistant], settings, len(system) + 1))
-    return out
-
-
-def render_batch(
-    batch: dict[str, list], fmt: str, args: DataArgs
-) -> tuple[list[str], list[list[formats.Span]]]:
-    """Rows of one text-format batch → texts and their trained spans (an empty list: marker not found),
-    after ``--train_on``: ``last_response`` keeps the last span, ``all`` trains the whole text."""
-    rows = formats.rows_of(batch)
-    if fmt in ("input_output", "prompt_completion", "alpaca"):
-        if fmt == "input_output":
-            pairs = [formats.combine_input_output(r["input"], r["output"]) for r in rows]
-        elif fmt == "prompt_completion":
-            pairs = [formats.prompt_completion_text(r["prompt"], r["completion"]) for r in rows]
-        else:
-            pairs = [formats.prompt_completion_text(formats.alpaca_prompt(r), r["output"]) for r in rows]
-        texts, spans = [t for t, _ in pairs], [[s] for _, s in pairs]
-    else:
-        if fmt == "template":
-            template = formats.RowTemplate(args.data_formatter_template or "")
-            texts = [template.render(r) for r in rows]
-        else:
-            column = args.dataset_text_field or formats.DEFAULT_TEXT_FIELD
-            texts = [formats.require_text(r[column], column) for r in rows]
-        spans = [formats.response_spans(t, args.response_template, args.instruction_template) for t in texts]
-    if args.train_on == "all":
-        return texts, [[(0, len(t))] for t in texts]
-    if args.train_on == "last_response":
-        return texts, [s[-1:] for s in spans]
-    return texts, spans
 
 
 def _undecoded_images(raw: datasets.Dataset, column: str) -> datasets.Dataset:
@@ -398,7 +344,7 @@ def _nothing_to_train_message(raw: datasets.Dataset, fmt: str, args: DataArgs, s
             + "; check the roles (assistant turns are trained, see docs/data.md)"
         )
     if NO_TEMPLATE in status:
-        sample = render_batch(raw[:1], fmt, args)[0][0]
+        sample = formats.render_batch(raw[:1], fmt, args)[0][0]
         return (
             f"--response_template {args.response_template!r} was not found in any of {len(raw)} rows; "
             f"first row renders as {excerpt(sample)}; pass a marker that occurs in the text"
