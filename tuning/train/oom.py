@@ -95,12 +95,7 @@ def single_sample_error(inputs: dict[str, Any], step: int, args: Any) -> UserErr
     labels = inputs.get("labels")
     trained = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else 0
     n = tokens(inputs)
-    if not args.gradient_checkpointing:
-        fix = "--gradient_checkpointing True"
-    elif not getattr(args, "activation_offloading", False):
-        fix = "--activation_offloading true"
-    else:
-        fix = f"--max_seq_length {max(n // 2, 1)} (truncates longer samples)"
+    fix = _least_fix(args, n, batch=1)
     return UserError(
         f"out of device memory at step {step} on a single sample of {n} tokens ({trained} trained) "
         f"even after splitting its micro-batch (--oom_recovery); pass {fix}, or use a device with more memory"
@@ -176,15 +171,7 @@ class StopAllRanks:
 def multi_rank_error(inputs: dict[str, Any], step: int, rank: int, args: Any) -> UserError:
     """One line: where it ran out, and the least change to the flags that lowers the peak."""
     n = tokens(inputs)
-    batch = args.per_device_train_batch_size
-    if not args.gradient_checkpointing:
-        fix = "--gradient_checkpointing True"
-    elif batch > 1:
-        fix = f"--per_device_train_batch_size {batch // 2} with twice the --gradient_accumulation_steps"
-    elif not getattr(args, "activation_offloading", False):
-        fix = "--activation_offloading true"
-    else:
-        fix = f"--max_seq_length {max(n // 2, 1)} (truncates longer samples)"
+    fix = _least_fix(args, n, batch=args.per_device_train_batch_size)
     return UserError(
         f"out of device memory at step {step} on rank {rank}, in a micro-batch of {n} tokens; with several "
         f"processes --oom_recovery stops every rank (exit 1) instead of redoing the step; pass {fix}"
@@ -252,3 +239,15 @@ def _run_again(
                 continue
             return failed, loss  # outside the handler: its frames (the part's tensors) are released
     return None, loss
+
+
+def _least_fix(args: Any, n: int, batch: int) -> str:
+    """The first flag down the ladder that lowers the peak of a micro-batch of ``batch`` samples and
+    ``n`` tokens: checkpointing, a smaller batch, offloading, then shorter samples."""
+    if not args.gradient_checkpointing:
+        return "--gradient_checkpointing True"
+    if batch > 1:
+        return f"--per_device_train_batch_size {batch // 2} with twice the --gradient_accumulation_steps"
+    if not getattr(args, "activation_offloading", False):
+        return "--activation_offloading true"
+    return f"--max_seq_length {max(n // 2, 1)} (truncates longer samples)"
