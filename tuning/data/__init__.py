@@ -3,7 +3,7 @@
 The surface the later stages and the commands use; everything else is this package's own.
 """
 
-from tuning.data.audit import audit_table, check_gates
+from tuning.data.audit import audit_table, check_gates, epochs_of
 from tuning.data.batching import TokenBudgetBatchSampler, sample_lengths
 from tuning.data.chat import SAMPLE_INFO, TOKEN_ROLES
 from tuning.data.collate import PaddingCollator, PaddingFreeCollator, pad_token_id
@@ -42,6 +42,7 @@ __all__ = [
     "check_data_config",
     "check_gates",
     "data_audit",
+    "epochs_of",
     "collapse_image_runs",
     "image_markers",
     "load_image",

@@ -402,6 +402,14 @@ def check_gates(audit: dict, hint: str = "") -> None:
             raise UserError(gate_line(gate) + (f"; {hint}" if hint else ""))
 
 
+def epochs_of(doc: dict[str, Any]) -> float | None:
+    """How many times a source's samples are seen, as the audit's tables show it: the whole run's
+    count, else one pass of the mixing (a ``--max_steps`` run has no epoch count); None unmixed."""
+    mixing = doc["mixing"] or {}
+    epochs = mixing.get("effective_epochs")
+    return mixing.get("epochs_per_pass") if epochs is None else epochs
+
+
 def audit_table(audit: dict) -> str:
     """The audit as a fixed-width table for the log."""
     header = (
@@ -423,10 +431,7 @@ def audit_table(audit: dict) -> str:
     )
     lines = []
     for doc in [*audit["sources"], audit["total"]]:
-        mixing = doc["mixing"] or {}
-        epochs = mixing.get("effective_epochs")
-        if epochs is None:
-            epochs = mixing.get("epochs_per_pass")
+        epochs = epochs_of(doc)
         lines.append(
             (
                 doc["name"],

@@ -24,6 +24,7 @@ from tuning.data import (
     check_gates,
     collapse_image_runs,
     data_audit,
+    epochs_of,
     load_image,
     trained_pieces,
 )
@@ -192,8 +193,7 @@ def _source_table(docs: list[dict]) -> str:
     )
     rows = []
     for d in docs:
-        lengths, mixing, template = d["lengths"], d["mixing"] or {}, d["response_template"]
-        epochs = mixing.get("effective_epochs", mixing.get("epochs_per_pass"))
+        lengths, template, epochs = d["lengths"], d["response_template"], epochs_of(d)
         cells = (
             d["name"],
             d["format"],
