@@ -171,12 +171,12 @@ def unknown_flag(flag: str, dests: list[str]) -> UserError:
     return UserError(f"unknown flag {flag}{did_you_mean(flag.split('=')[0], dests, flag=True)}; see --help")
 
 
-def answer_early(argv: list[str], prog: str | None = None) -> int | None:
+def answer_early(argv: list[str]) -> int | None:
     """Answer ``argv`` from the table when that is all it needs: print ``--help`` (0), or the unknown-flag
     error line (1, as the full path ends). None: the full parser must look (no table, a file, a bad value)."""
     table = load()
     try:
-        parser = rebuild(table, prog)  # type: ignore[arg-type]
+        parser = rebuild(table)  # type: ignore[arg-type]
         kept = _without_translated(argv, set(table["translated"]))  # type: ignore[index]
     except (TypeError, KeyError, ValueError, AttributeError):  # no table, or not one this code wrote
         return None
